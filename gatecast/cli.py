@@ -1,0 +1,147 @@
+"""The `gatecast` command: train, evaluate, serve, forecast.
+
+Each subcommand imports its own package lazily, so `gatecast serve` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatecast.errors import UserError
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML or YAML file of training settings; flags override it")
+    p.add_argument("--data", type=Path, help="CSV or Parquet file with a time column and value columns")
+    p.add_argument("--target", dest="targets", action="append", help="target column (repeatable)")
+    p.add_argument("--covariate", dest="covariates", action="append", help="input-only column (repeatable)")
+    p.add_argument("--time-column", help="name of the time column (default: the first column)")
+    p.add_argument("--fill", choices=["error", "ffill", "interpolate", "zero"], help="missing-value policy")
+    p.add_argument("--cell", choices=["lstm", "gru", "rnn"])
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--relative", action=argparse.BooleanOptionalAction, default=None,
+                   help="forecast relative to the last observed value (default on)")
+    p.add_argument("--context", type=int, help="window length in rows")
+    p.add_argument("--horizon", type=int, help="rows forecast")
+    p.add_argument("--train-stride", type=int)
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "plateau", "none"])
+    p.add_argument("--clip-norm", type=float)
+    p.add_argument("--clip-value", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--test-fraction", type=float)
+    p.add_argument("--val-start", help="first timestamp of the validation split")
+    p.add_argument("--test-start", help="first timestamp of the test split")
+    p.add_argument("--eval-stride", type=int, help="rows between test forecast origins")
+    p.add_argument("--season", dest="seasons", type=int, action="append",
+                   help="seasonal-naive season (repeatable); the first scales MASE")
+    p.add_argument("--plot-windows", type=int)
+    p.add_argument("--name", help="model name in the repository")
+    p.add_argument("--repo", type=Path, help="model repository folder (default models/)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import build_config
+    from training.pipeline import run
+
+    keys = [a.dest for a in _TRAIN_PARSER._actions if a.dest not in ("help", "config", "command")]
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    published = run(build_config(args.config, overrides))
+    print(published.table)
+    print(f"wrote {published.path}/ (model.onnx, manifest.json, forecast.png)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_model_dir
+
+    _, table = evaluate_model_dir(args.model_dir, args.data, args.test_fraction, args.stride, args.seasons, args.fill)
+    print(table)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.main import serve
+
+    return serve(args.settings, repo=args.repo, port=args.port, metrics_port=args.metrics_port, host=args.host)
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from service.client import forecast_cli
+
+    return forecast_cli(args)
+
+
+_TRAIN_PARSER = argparse.ArgumentParser(add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatecast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fit a forecaster, score it, export it to the model repository")
+    _train_args(train)
+    _train_args(_TRAIN_PARSER)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score an exported model with onnxruntime on a data file")
+    ev.add_argument("model_dir", type=Path, help="models/<name>/<version>/")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--test-fraction", type=float, default=0.15)
+    ev.add_argument("--stride", type=int, default=48)
+    ev.add_argument("--season", dest="seasons", type=int, action="append")
+    ev.add_argument("--fill", choices=["error", "ffill", "interpolate", "zero"], default="error")
+    ev.set_defaults(func=cmd_evaluate)
+
+    serve = sub.add_parser("serve", help="run the gRPC server over a model repository")
+    serve.add_argument("--settings", type=Path, help="settings file (TOML); GATECAST_* variables override it")
+    serve.add_argument("--repo", type=Path)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    fc = sub.add_parser("forecast", help="read a CSV, ask a running server for a forecast, print it")
+    fc.add_argument("--data", type=Path, required=True, help="CSV with a time column and the model's features")
+    fc.add_argument("--model", required=True)
+    fc.add_argument("--version", type=int, default=0)
+    fc.add_argument("--server", default="localhost:8500")
+    fc.add_argument("--rows", type=int, help="use the last N rows (default: the model's context length)")
+    fc.add_argument("--format", choices=["table", "json"], default="table")
+    fc.add_argument("--timeout", type=float, default=10.0)
+    fc.set_defaults(func=cmd_forecast)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except UserError as e:  # anything else keeps its traceback: it is a bug
+        print(f"gatecast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The model card written beside every exported graph, read by the server.
+
+One pydantic model is the contract between training (which writes it) and serving (which reads it);
+neither side keeps its own idea of the fields. It imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"
+FORMAT_VERSION = 1
+
+Cell = Literal["lstm", "gru", "rnn"]
+InputForm = Literal["level", "seasonal"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StateSpec(_Strict):
+    """One recurrent state tensor: fed as `input`, returned as `output`, shape [dims[0], batch, dims[1]].
+
+    Inputs and outputs are paired here explicitly, never by the order of their names.
+    """
+
+    input: str
+    output: str
+    dims: tuple[int, int]
+
+
+class Scaler(_Strict):
+    """Per-feature standardisation fitted on the training split only; applied inside the graph."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class Score(_Strict):
+    mae: float
+    rmse: float
+    smape: float  # percent, 0-200 scale
+    mase: float
+
+
+class Evaluation(_Strict):
+    """Rolling-origin scores on the test split for the model and its baselines."""
+
+    split: str = "test"
+    origins: int
+    stride: int
+    mase_season: int
+    scores: dict[str, Score]  # forecaster name ("model", "naive", "seasonal_naive_48", ...) -> score
+
+
+class DataFingerprint(_Strict):
+    file: str
+    sha256: str
+    rows: int
+    time_column: str
+    first_time: str
+    last_time: str
+    train_rows: int
+    validation_rows: int
+    test_rows: int
+
+
+class OnnxInfo(_Strict):
+    file: str = ONNX_FILE
+    sha256: str
+    opset: int
+    input: str = "x"
+    output: str = "y"
+
+
+class Manifest(_Strict):
+    format_version: int = FORMAT_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: int = Field(ge=1)
+    cell: Cell
+    layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    dropout: float = 0.0
+    residual: bool = False
+    features: list[str] = Field(min_length=1)  # column order of x; targets come first
+    targets: list[str] = Field(min_length=1)  # column order of y
+    horizon: int = Field(ge=1)
+    context_length: int = Field(ge=1)
+    input_form: InputForm = "level"  # "seasonal": fed differences to one season back, forecast relative to it
+    season: int = Field(0, ge=0)
+    quantiles: list[float] = []
+    states: list[StateSpec] = Field(min_length=1)
+    scaler: Scaler
+    data: DataFingerprint
+    evaluation: Evaluation
+    onnx: OnnxInfo
+    training: dict[str, float | int | str | bool] = {}
+    created: datetime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.features[: len(self.targets)] != self.targets:
+            raise ValueError(f"targets {self.targets} must be the first columns of features {self.features}")
+        n = len(self.features)
+        if len(self.scaler.mean) != n or len(self.scaler.std) != n:
+            raise ValueError(f"scaler must have one mean and one std per feature ({n})")
+        return self
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.targets)
+
+    def write(self, directory: Path) -> Path:
+        path = directory / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        return cls.model_validate(json.loads((directory / MANIFEST_FILE).read_text()))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def next_version(repo: Path, name: str) -> int:
+    """The next integer version under repo/name (1 when there is none)."""
+    folder = repo / name
+    versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return max(versions, default=0) + 1

@@ -1,0 +1,1 @@
+"""The gRPC forecasting server. It runs ONNX graphs on onnxruntime and never imports torch."""

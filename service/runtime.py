@@ -1,0 +1,79 @@
+"""One onnxruntime session per model version: providers from settings, the provider actually used
+reported, warm-up at load."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gatecast.manifest import Manifest, sha256_file
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded graph. `run` is blocking and thread-safe (onnxruntime sessions allow concurrent run)."""
+
+    manifest: Manifest
+    path: Path
+    session: ort.InferenceSession
+    provider: str
+    _output_names: list[str]
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings) -> ModelRuntime:
+        manifest = Manifest.read(folder)
+        onnx_path = folder / manifest.onnx.file
+        if sha256_file(onnx_path) != manifest.onnx.sha256:
+            raise ModelLoadError(f"{onnx_path}: sha256 differs from the manifest's; refusing to load")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+        opts.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = [p for p in settings.providers if p in available]
+        if not wanted:
+            raise ModelLoadError(f"none of the providers {settings.providers} is available; onnxruntime has {available}")
+        session = ort.InferenceSession(str(onnx_path), opts, providers=wanted)
+        # onnxruntime falls back to CPU without raising: the first active provider is the truth
+        provider = session.get_providers()[0]
+        names = {i.name for i in session.get_inputs()}
+        expected = {manifest.onnx.input, *(s.input for s in manifest.states)}
+        if names != expected:
+            raise ModelLoadError(f"{onnx_path}: graph inputs {sorted(names)} != manifest {sorted(expected)}")
+        outputs = [manifest.onnx.output, *(s.output for s in manifest.states)]
+        rt = cls(manifest, folder, session, provider, outputs)
+        rt.warm_up()
+        log.info("loaded %s v%d from %s on %s", manifest.name, manifest.version, folder, provider)
+        return rt
+
+    def zero_states(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in self.manifest.states]
+
+    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x [batch, time, features], states [dim0, batch, dim1] each -> y [batch, horizon, targets], states."""
+        feed = {self.manifest.onnx.input: x}
+        for spec, s in zip(self.manifest.states, states, strict=True):
+            feed[spec.input] = s
+        out = self.session.run(self._output_names, feed)
+        return out[0], list(out[1:])
+
+    def warm_up(self) -> None:
+        m = self.manifest
+        for batch, time in ((1, 1), (1, m.context_length), (8, 1)):
+            x = np.tile(np.asarray(m.scaler.mean, np.float32), (batch, time, 1))
+            self.run(x, self.zero_states(batch))
+
+

@@ -1,0 +1,278 @@
+"""The Forecaster servicer: protobuf in, plain calls into the repository, batcher and sessions, protobuf
+out. Errors are ours (service.errors) and become gRPC statuses in one place (`_call`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
+
+from .convert import check_session_id, to_array, to_matrix
+from .errors import InvalidArgument, NotFound, ServiceError
+from .metrics import Metrics
+from .repository import ModelVersion, Repository
+from .sessions import Session, SessionTable
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Call:
+    """Per-request bookkeeping: the model label for metrics is known only once the request is read."""
+
+    __slots__ = ("model", "start")
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.start = time.monotonic()
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class ForecasterServicer(pb_grpc.ForecasterServicer):
+    def __init__(self, settings: Settings, repo: Repository, sessions: SessionTable, metrics: Metrics) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.sessions = sessions
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
+
+    # --- accounting and error mapping, in one place -------------------------------------------------
+
+    def _count(self, rpc: str, call: _Call, code: grpc.StatusCode) -> None:
+        key = (rpc, call.model, code.name)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(*key)
+        counter.inc()
+        lkey = (rpc, call.model)
+        hist = self._latency.get(lkey)
+        if hist is None:
+            hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
+        hist.observe(time.monotonic() - call.start)
+
+    async def _call(
+        self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[_Call], Awaitable[Any]]
+    ) -> Any:
+        call = _Call()
+        try:
+            result = await handler(call)
+        except ServiceError as e:
+            self._count(rpc, call, e.code)
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            self._count(rpc, call, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception:
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("%s failed (request id %s)", rpc, request_id)
+            self._count(rpc, call, grpc.StatusCode.INTERNAL)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        self._count(rpc, call, grpc.StatusCode.OK)
+        return result
+
+    # --- the work, transport-free but for the messages ----------------------------------------------
+
+    def _model_of(self, session: Session) -> ModelVersion:
+        return self.repo.resolve(session.model, session.version)
+
+    async def _step(
+        self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
+    ) -> np.ndarray:
+        """Applies rows to a session's state. The session lock is held until the step has really
+        finished (not merely until the caller stops waiting), so two steps never overlap."""
+        await session.lock.acquire()
+        try:
+            if session.closed:
+                raise NotFound(f"session {session.id!r} not found: it was closed")
+            if seq is not None and session.check_sequence(seq):
+                assert session.forecast is not None
+                return session.forecast  # a retry: answered again, not applied twice
+            commit = session.committer(seq, x.shape[0]) if seq is not None else None
+            fut = mv.batcher.submit(x, session.slot, deadline, commit)
+        except BaseException:
+            session.lock.release()
+            raise
+        fut.add_done_callback(lambda _: session.lock.release())
+        session.last_used = time.monotonic()
+        return await asyncio.shield(fut)
+
+    async def _observe(self, req: pb.ObserveRequest, deadline: float | None, call: _Call) -> pb.ObserveResponse:
+        session = self.sessions.get(check_session_id(req.session_id))
+        call.model = session.model
+        if req.sequence == 0:
+            raise InvalidArgument("sequence must be set: 1 for the first observation, then counting up by one")
+        mv = self._model_of(session)
+        x = to_array(req.rows, mv.runtime.manifest.n_features, "rows", self.settings.max_rows)
+        y = await self._step(session, mv, x, deadline, req.sequence)
+        return pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(y))
+
+    # --- RPCs -----------------------------------------------------------------------------------------
+
+    async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> pb.ForecastResponse:
+        async def handle(call: _Call) -> pb.ForecastResponse:
+            call.model = request.model
+            mv = self.repo.resolve(request.model, request.version)
+            if not request.series:
+                raise InvalidArgument("no series given; expected one or more histories (rows x features)")
+            if len(request.series) > self.settings.max_series:
+                raise InvalidArgument(
+                    f"{len(request.series)} series in one request; at most {self.settings.max_series} are accepted"
+                )
+            n_f = mv.runtime.manifest.n_features
+            xs = [to_array(s, n_f, f"series[{i}]", self.settings.max_rows) for i, s in enumerate(request.series)]
+            deadline = _deadline(context)
+            futures: list[asyncio.Future[np.ndarray]] = []
+            try:
+                for x in xs:
+                    futures.append(mv.batcher.submit(x, None, deadline))
+                ys = await asyncio.gather(*futures)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+            return pb.ForecastResponse(model=mv.name, version=mv.version, forecasts=[to_matrix(y) for y in ys])
+
+        return await self._call("Forecast", context, handle)  # type: ignore[no-any-return]
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        async def handle(call: _Call) -> pb.OpenSessionResponse:
+            call.model = request.model
+            mv = self.repo.resolve(request.model, request.version)
+            history = None
+            if request.HasField("history") and request.history.rows > 0:
+                history = to_array(request.history, mv.runtime.manifest.n_features, "history", self.settings.max_rows)
+            session = self.sessions.open(mv.name, mv.version, mv.pool)
+            response = pb.OpenSessionResponse(
+                session_id=session.id, model=mv.name, version=mv.version, next_sequence=1
+            )
+            if history is not None:
+                try:
+                    y = await self._step(session, mv, history, _deadline(context), None)
+                except BaseException:
+                    self.sessions.discard(session)
+                    raise
+                session.steps += history.shape[0]
+                response.forecast.CopyFrom(to_matrix(y))
+            return response
+
+        return await self._call("OpenSession", context, handle)  # type: ignore[no-any-return]
+
+    async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
+        async def handle(call: _Call) -> pb.ObserveResponse:
+            return await self._observe(request, _deadline(context), call)
+
+        return await self._call("Observe", context, handle)  # type: ignore[no-any-return]
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        async def handle(call: _Call) -> pb.CloseSessionResponse:
+            session = await self.sessions.close(check_session_id(request.session_id))
+            call.model = session.model
+            return pb.CloseSessionResponse(session_id=session.id, steps=session.steps)
+
+        return await self._call("CloseSession", context, handle)  # type: ignore[no-any-return]
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.ObserveRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """Each message is handled in its own task; a session's answers come in order because its steps
+        are serialised by its lock and each answer is queued before that lock is let go."""
+        out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        deadline = _deadline(context)
+
+        async def one(req: pb.ObserveRequest) -> None:
+            call = _Call()
+            response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
+            try:
+                answer = await self._observe(req, deadline, call)
+                response.forecast.CopyFrom(answer.forecast)
+                self._count("Stream", call, grpc.StatusCode.OK)
+            except ServiceError as e:
+                response.error.code = e.code.value[0]
+                response.error.message = e.message
+                self._count("Stream", call, e.code)
+            except Exception:
+                request_id = uuid.uuid4().hex[:12]
+                log.exception("Stream message failed (request id %s)", request_id)
+                response.error.code = grpc.StatusCode.INTERNAL.value[0]
+                response.error.message = f"internal error (request id {request_id})"
+                self._count("Stream", call, grpc.StatusCode.INTERNAL)
+            out.put_nowait(response)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    task = asyncio.create_task(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def handle(call: _Call) -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(models=[self._info(mv) for mv in self.repo.versions()])
+
+        return await self._call("ListModels", context, handle)  # type: ignore[no-any-return]
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async def handle(call: _Call) -> pb.ModelInfo:
+            call.model = request.name
+            return self._info(self.repo.resolve(request.name, request.version))
+
+        return await self._call("GetModel", context, handle)  # type: ignore[no-any-return]
+
+    def _info(self, mv: ModelVersion) -> pb.ModelInfo:
+        m = mv.runtime.manifest
+        return pb.ModelInfo(
+            name=m.name,
+            version=m.version,
+            is_default=self.repo.default_version(m.name) == m.version,
+            cell=m.cell,
+            layers=m.layers,
+            hidden_size=m.hidden_size,
+            features=m.features,
+            targets=m.targets,
+            context_length=m.context_length,
+            horizon=m.horizon,
+            provider=mv.runtime.provider,
+            test_metrics=[
+                pb.ForecastScore(forecaster=k, mae=s.mae, rmse=s.rmse, smape=s.smape, mase=s.mase)
+                for k, s in m.evaluation.scores.items()
+            ],
+            mase_season=m.evaluation.mase_season,
+            input_form=m.input_form,
+            created=m.created.isoformat(),
+            onnx_sha256=m.onnx.sha256,
+            live_sessions=mv.pool.used,
+        )

@@ -1,0 +1,130 @@
+"""Streaming sessions: an id, a pool slot holding the recurrent state, and sequence bookkeeping.
+
+Sequence numbers make retries safe: the last applied number is answered again from the stored
+forecast; the next number is applied; anything else is an error naming the number expected. A lock
+per session keeps at most one step in flight, and the batcher records an applied step (`commit`) on
+the event loop even when the caller has gone away, so state and sequence number never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import FailedPrecondition, NotFound, ResourceExhausted
+from .metrics import Metrics
+from .pool import StatePool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    model: str
+    version: int
+    slot: int
+    pool: StatePool
+    last_seq: int = 0
+    steps: int = 0  # rows applied
+    forecast: np.ndarray | None = None  # answer to last_seq
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+    def check_sequence(self, seq: int) -> bool:
+        """True when `seq` is a retry of the last applied step; raises unless it is the next one."""
+        if seq == self.last_seq and seq > 0 and self.forecast is not None:
+            return True
+        if seq != self.last_seq + 1:
+            raise FailedPrecondition(
+                f"session {self.id}: sequence {seq} is out of order; expected {self.last_seq + 1}"
+                + (f" (or {self.last_seq} to repeat the last step)" if self.last_seq else "")
+            )
+        return False
+
+    def committer(self, seq: int, rows: int):  # type: ignore[no-untyped-def]
+        def commit(y: np.ndarray) -> None:
+            self.last_seq = seq
+            self.steps += rows
+            self.forecast = y
+            self.last_used = time.monotonic()
+
+        return commit
+
+
+class SessionTable:
+    """All live sessions of the server, keyed by id; slots come from each model version's pool."""
+
+    def __init__(self, metrics: Metrics, idle_s: float) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._metrics = metrics
+        self.idle_s = idle_s
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def count(self, model: str, version: int) -> int:
+        return sum(1 for s in self._sessions.values() if s.model == model and s.version == version)
+
+    def open(self, model: str, version: int, pool: StatePool) -> Session:
+        labels = (model, str(version))
+        try:
+            slot = pool.acquire()
+        except ResourceExhausted:
+            self._metrics.sessions_rejected.labels(*labels).inc()
+            raise
+        session = Session(id=secrets.token_hex(16), model=model, version=version, slot=slot, pool=pool)
+        self._sessions[session.id] = session
+        self._metrics.sessions_opened.labels(*labels).inc()
+        self._metrics.live_sessions.labels(*labels).inc()
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(
+                f"session {session_id!r} not found: it was closed, expired after {self.idle_s:.0f} s idle, "
+                "or never existed; open a new one"
+            )
+        return session
+
+    def _remove(self, session: Session) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        session.closed = True
+        session.pool.release(session.slot)
+        self._metrics.live_sessions.labels(session.model, str(session.version)).dec()
+
+    async def close(self, session_id: str) -> Session:
+        session = self.get(session_id)
+        async with session.lock:  # let an in-flight step finish before the slot is freed
+            if session.closed:
+                raise NotFound(f"session {session_id!r} not found: it was closed")
+            self._remove(session)
+        self._metrics.sessions_closed.labels(session.model, str(session.version)).inc()
+        return session
+
+    def discard(self, session: Session) -> None:
+        """Removes a session whose opening failed."""
+        self._remove(session)
+
+    def expire(self, now: float | None = None) -> int:
+        """Removes sessions idle longer than idle_s that have no step in flight."""
+        now = time.monotonic() if now is None else now
+        expired = [s for s in self._sessions.values() if now - s.last_used > self.idle_s and not s.lock.locked()]
+        for s in expired:
+            self._remove(s)
+            self._metrics.sessions_expired.labels(s.model, str(s.version)).inc()
+        if expired:
+            log.info("expired %d idle session(s)", len(expired))
+        return len(expired)

@@ -1,0 +1,77 @@
+"""Server settings: one pydantic-settings class, from GATECAST_* variables over an optional TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gatecast.errors import UserError
+
+
+class SettingsError(UserError):
+    """A setting is invalid; the server does not start."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATECAST_", extra="forbid")
+
+    repo: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/")
+    host: str = "127.0.0.1"
+    port: int = Field(8500, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(9100, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
+    repo_poll_s: float = Field(5.0, gt=0, description="how often the repository is rescanned")
+    # runtime
+    providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads; 0: onnxruntime's choice")
+    inter_op_threads: int = Field(1, ge=0)
+    allow_spinning: bool = Field(False, description="onnxruntime thread spin-wait (burns an idle core)")
+    # batching
+    max_batch_size: int = Field(64, ge=1)
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_size: int = Field(4096, ge=1, description="queued items per model version before RESOURCE_EXHAUSTED")
+    # sessions
+    max_sessions: int = Field(100_000, ge=1, description="live sessions per model version")
+    initial_session_slots: int = Field(1024, ge=1)
+    session_idle_s: float = Field(600.0, gt=0, description="a session idle this long expires")
+    session_sweep_s: float = Field(5.0, gt=0)
+    # limits on what a client may send
+    max_rows: int = Field(100_000, ge=1, description="rows in one series or one observation")
+    max_series: int = Field(4096, ge=1, description="series in one Forecast request")
+    max_message_mb: int = Field(64, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.providers:
+            raise ValueError("providers must name at least one onnxruntime execution provider")
+        if self.initial_session_slots > self.max_sessions:
+            object.__setattr__(self, "initial_session_slots", self.max_sessions)
+        return self
+
+
+def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults < TOML file < GATECAST_* environment < explicit overrides (CLI flags)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        if not file.is_file():
+            raise SettingsError(f"settings file {file}: no such file")
+        try:
+            values = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"settings file {file}: {e}") from e
+    try:
+        env = Settings()  # reads GATECAST_*; validates them on their own
+        merged = {**values, **env.model_dump(exclude_unset=True)}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'GATECAST_' + str(err['loc'][0]).upper() if err['loc'] else 'settings'}: {err['msg']} "
+            f"(got {err.get('input')!r})"
+            for err in e.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from e

@@ -1,0 +1,184 @@
+"""ONNX export with the recurrent state as explicit inputs and outputs, checked before it is kept.
+
+The graph: x [batch, time, features] raw values, h0 [layers, batch, hidden] (and c0 for an LSTM) ->
+y [batch, horizon, targets] raw values, hn (and cn). Batch and time are dynamic. The TorchScript
+exporter (dynamo=False) is used: it emits native LSTM/GRU/RNN nodes, and the dynamo exporter can freeze
+the time axis when a second recurrent model is exported in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from gatecast.errors import UserError
+from gatecast.manifest import ONNX_FILE, StateSpec, next_version
+
+from .model import Forecaster
+
+OPSET = 17
+TOLERANCE = 1e-4
+
+
+class ExportError(UserError, RuntimeError):
+    """The exported graph does not behave like the torch model; nothing is written."""
+
+
+class _Graph(nn.Module):
+    """Fixes the graph's signature: x then the state tensors in manifest order, y then their successors."""
+
+    def __init__(self, model: Forecaster) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        h = states[0]
+        c = states[1] if m.is_lstm else None
+        s = states[-1] if m.cfg.season else None
+        out = m(x, h, c, s)
+        return (out.y, *(t for t in (out.h, out.c, out.s) if t is not None))
+
+
+def state_specs(model: Forecaster) -> list[StateSpec]:
+    dims = (model.cfg.layers, model.cfg.hidden_size)
+    specs = [StateSpec(input="h0", output="hn", dims=dims)]
+    if model.is_lstm:
+        specs.append(StateSpec(input="c0", output="cn", dims=dims))
+    if model.cfg.season:
+        specs.append(StateSpec(input="s0", output="sn", dims=(model.cfg.season, model.cfg.n_features + 1)))
+    return specs
+
+
+def _torch_states(model: Forecaster, states: dict[str, np.ndarray]) -> tuple[Tensor | None, ...]:
+    h = torch.from_numpy(states["h0"])
+    c = torch.from_numpy(states["c0"]) if "c0" in states else None
+    s = torch.from_numpy(states["s0"]) if "s0" in states else None
+    return h, c, s
+
+
+def export_onnx(model: Forecaster, path: Path, example_time: int) -> None:
+    model.eval()
+    x = torch.randn(2, example_time, model.cfg.n_features)
+    specs = state_specs(model)
+    graph = _Graph(model)
+    args = (x, *(t for t in model.zero_state(2) if t is not None))
+    dynamic = {"x": {0: "batch", 1: "time"}, "y": {0: "batch"}}
+    for s in specs:
+        dynamic[s.input] = {1: "batch"}
+        dynamic[s.output] = {1: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            input_names=["x", *(s.input for s in specs)],
+            output_names=["y", *(s.output for s in specs)],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _ort_run(sess: ort.InferenceSession, x: np.ndarray, states: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(a) for a in sess.run(None, {"x": x, **states})]
+
+
+def verify(model: Forecaster, path: Path, context: int, seed: int = 1234) -> float:
+    """Raises ExportError unless onnxruntime matches torch and a window equals the same rows stepped one
+    at a time with carried state. Differences are measured in standardised units. Returns the worst one."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    specs = state_specs(model)
+    rng = np.random.default_rng(seed)
+    mean = model.mean.numpy()  # type: ignore[operator]
+    std = model.std.numpy()  # type: ignore[operator]
+    n_t, worst = model.cfg.n_targets, 0.0
+
+    def check(what: str, a: np.ndarray, b: np.ndarray, scale: np.ndarray | float = 1.0) -> None:
+        nonlocal worst
+        diff = float(np.max(np.abs((a - b) / scale)))
+        worst = max(worst, diff)
+        if not diff <= TOLERANCE:
+            raise ExportError(f"{path.name}: {what} differs by {diff:.3g} (tolerance {TOLERANCE})")
+
+    for batch in (1, 37):
+        for time_len in (1, context):
+            x = (mean + std * rng.standard_normal((batch, time_len, len(mean)))).astype(np.float32)
+            states = {s.input: _random_state(rng, s, batch, mean, std) for s in specs}
+            with torch.no_grad():
+                out = model(torch.from_numpy(x), *_torch_states(model, states))
+            expected = [t.numpy() for t in (out.h, out.c, out.s) if t is not None]
+            got = _ort_run(sess, x, states)
+            where = f"batch {batch}, time {time_len}"
+            check(f"y ({where})", got[0], out.y.numpy(), std[:n_t])
+            for spec, g, e in zip(specs, got[1:], expected, strict=True):
+                check(f"{spec.output} ({where})", g, e, 1.0 if spec.input != "s0" else _buffer_scale(std))
+
+    # one call over a window == the same rows one at a time with the state carried between calls
+    batch = 5
+    x = (mean + std * rng.standard_normal((batch, context, len(mean)))).astype(np.float32)
+    zero = {s.input: np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in specs}
+    whole = _ort_run(sess, x, zero)
+    states = zero
+    step: list[np.ndarray] = []
+    for t in range(context):
+        step = _ort_run(sess, x[:, t : t + 1], states)
+        states = {s.input: step[1 + i] for i, s in enumerate(specs)}
+    check("window vs one row at a time: y", whole[0], step[0], std[:n_t])
+    for i, s in enumerate(specs):
+        scale = 1.0 if s.input != "s0" else _buffer_scale(std)
+        check(f"window vs one row at a time: {s.output}", whole[1 + i], step[1 + i], scale)
+    return worst
+
+
+def _buffer_scale(std: np.ndarray) -> np.ndarray:
+    return np.concatenate([std, [1.0]]).astype(np.float32)
+
+
+def _random_state(rng: np.random.Generator, spec: StateSpec, batch: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    if spec.input != "s0":
+        return rng.uniform(-0.5, 0.5, (spec.dims[0], batch, spec.dims[1])).astype(np.float32)
+    # a season buffer: plausible raw values, and a "seen" flag that is 0 for the oldest rows
+    values = mean + std * rng.standard_normal((spec.dims[0], batch, len(mean)))
+    seen = (np.arange(spec.dims[0])[:, None, None] >= rng.integers(0, spec.dims[0], (1, batch, 1))).astype(float)
+    return np.concatenate([values * seen, seen], axis=2).astype(np.float32)
+
+
+def publish(staging: Path, repo: Path, name: str, write_manifest: Callable[[Path, int], None]) -> Path:
+    """Moves a finished version folder into repo/name/<next version> with one rename, so a server polling
+    the repository never sees half a version. The manifest is written for the version claimed."""
+    for _ in range(10):
+        version = next_version(repo, name)
+        write_manifest(staging, version)
+        target = repo / name / str(version)
+        try:
+            os.rename(staging, target)
+            return target
+        except OSError:
+            continue  # another export claimed that version first
+    raise ExportError(f"could not claim a version folder under {repo / name}")
+
+
+def staging_dir(repo: Path, name: str) -> Path:
+    """A scratch folder beside the versions; its name is not a number, so servers ignore it."""
+    (repo / name).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".staging-", dir=repo / name))
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = ["ONNX_FILE", "ExportError", "discard", "export_onnx", "publish", "staging_dir", "verify"]

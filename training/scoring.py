@@ -1,0 +1,97 @@
+"""Forecast accuracy and the naive baselines, in numpy only (the ONNX evaluator uses them too).
+
+sMAPE is in percent on the 0-200 scale. MASE divides the MAE by the in-sample (training split) MAE of
+the seasonal-naive forecast with season m, so 1.0 means "as good as repeating last season in-sample".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from gatecast.manifest import Evaluation, Score
+
+from .data import Split, origins, windows
+
+Predict = Callable[[np.ndarray], np.ndarray]  # x [n, context, features] -> y [n, horizon, targets]
+
+
+def mase_scale(train: np.ndarray, season: int) -> np.ndarray:
+    """In-sample seasonal-naive MAE per target column of the training rows [rows, targets]."""
+    if train.shape[0] <= season:
+        raise ValueError(f"the training split ({train.shape[0]} rows) is shorter than the MASE season {season}")
+    scale = np.abs(train[season:] - train[:-season]).mean(axis=0)
+    return np.where(scale > 0, scale, 1.0)
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, scale: np.ndarray) -> Score:
+    """y [n, horizon, targets]; scale [targets]. Each metric is averaged over all points and targets."""
+    err = y_pred.astype(np.float64) - y_true.astype(np.float64)
+    denom = np.abs(y_true) + np.abs(y_pred)
+    smape = np.where(denom > 0, 2.0 * np.abs(err) / np.where(denom > 0, denom, 1.0), 0.0)
+    return Score(
+        mae=float(np.abs(err).mean()),
+        rmse=float(np.sqrt((err**2).mean())),
+        smape=float(100.0 * smape.mean()),
+        mase=float((np.abs(err).mean(axis=(0, 1)) / scale).mean()),
+    )
+
+
+def naive(values: np.ndarray, at: np.ndarray, horizon: int, n_targets: int) -> np.ndarray:
+    """The last observed value, repeated."""
+    last = values[at - 1, :n_targets]  # [n, targets]
+    return np.repeat(last[:, None, :], horizon, axis=1)
+
+
+def seasonal_naive(values: np.ndarray, at: np.ndarray, horizon: int, n_targets: int, season: int) -> np.ndarray:
+    """y(o + h) = y(o + h - season * k), with k the smallest count of seasons that reaches the past."""
+    h = np.arange(horizon)
+    lag = season * (h // season + 1)
+    idx = at[:, None] + h[None, :] - lag[None, :]
+    return values[idx][:, :, :n_targets]
+
+
+def evaluate(
+    predict: Predict,
+    values: np.ndarray,
+    split: Split,
+    context: int,
+    horizon: int,
+    n_targets: int,
+    stride: int,
+    seasons: list[int],
+    start: int | None = None,
+) -> tuple[Evaluation, dict[str, np.ndarray], np.ndarray]:
+    """Rolling-origin evaluation over the test split (or from `start`), model and baselines.
+
+    Returns the manifest's Evaluation, the forecasts by forecaster name and the origins used.
+    MASE uses the first season of `seasons`.
+    """
+    first = split.val_end if start is None else start
+    at = origins(first, values.shape[0], max(context, *seasons), horizon, stride)
+    if at.size == 0:
+        raise ValueError(
+            f"no test origins: the test part needs {horizon} rows and {max(context, *seasons)} rows of history"
+        )
+    x, y_true = windows(values, at, context, horizon, n_targets)
+    forecasts: dict[str, np.ndarray] = {"model": predict(x), "naive": naive(values, at, horizon, n_targets)}
+    for m in seasons:
+        forecasts[f"seasonal_naive_{m}"] = seasonal_naive(values, at, horizon, n_targets, m)
+    scale = mase_scale(values[: split.train_end, :n_targets], seasons[0])
+    scores = {name: score(y_true, f, scale) for name, f in forecasts.items()}
+    forecasts["truth"] = y_true
+    evaluation = Evaluation(origins=int(at.size), stride=stride, mase_season=seasons[0], scores=scores)
+    return evaluation, forecasts, at
+
+
+def format_table(evaluation: Evaluation, title: str = "") -> str:
+    """The scores as a fixed-width text table."""
+    lines = [title] if title else []
+    lines.append(
+        f"{'forecaster':<22}{'MAE':>12}{'RMSE':>12}{'sMAPE %':>10}{f'MASE(m={evaluation.mase_season})':>14}"
+    )
+    for name, s in evaluation.scores.items():
+        lines.append(f"{name:<22}{s.mae:>12.2f}{s.rmse:>12.2f}{s.smape:>10.3f}{s.mase:>14.4f}")
+    lines.append(f"({evaluation.origins} origins, stride {evaluation.stride})")
+    return "\n".join(lines)
