@@ -26,8 +26,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--dropout", type=float)
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--relative", action=argparse.BooleanOptionalAction, default=None,
-                   help="forecast relative to the last observed value (default on)")
+    p.add_argument(
+        "--relative",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="forecast relative to the last observed value (default on)",
+    )
     p.add_argument("--context", type=int, help="window length in rows")
     p.add_argument("--horizon", type=int, help="rows forecast")
     p.add_argument("--train-stride", type=int)
@@ -46,8 +50,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-start", help="first timestamp of the validation split")
     p.add_argument("--test-start", help="first timestamp of the test split")
     p.add_argument("--eval-stride", type=int, help="rows between test forecast origins")
-    p.add_argument("--season", dest="seasons", type=int, action="append",
-                   help="seasonal-naive season (repeatable); the first scales MASE")
+    p.add_argument(
+        "--season",
+        dest="seasons",
+        type=int,
+        action="append",
+        help="seasonal-naive season (repeatable); the first scales MASE",
+    )
     p.add_argument("--plot-windows", type=int)
     p.add_argument("--name", help="model name in the repository")
     p.add_argument("--repo", type=Path, help="model repository folder (default models/)")
@@ -55,11 +64,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.config import build_config
+    from training.config import TrainConfig, build_config
     from training.pipeline import run
 
-    keys = [a.dest for a in _TRAIN_PARSER._actions if a.dest not in ("help", "config", "command")]
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in TrainConfig.model_fields if hasattr(args, k)}
     published = run(build_config(args.config, overrides))
     print(published.table)
     print(f"wrote {published.path}/ (model.onnx, manifest.json, forecast.png)")
@@ -86,9 +94,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     return forecast_cli(args)
 
 
-_TRAIN_PARSER = argparse.ArgumentParser(add_help=False)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatecast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -96,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fit a forecaster, score it, export it to the model repository")
     _train_args(train)
-    _train_args(_TRAIN_PARSER)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="score an exported model with onnxruntime on a data file")

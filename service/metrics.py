@@ -45,9 +45,7 @@ class Metrics:
             buckets=_BATCH,
             registry=registry,
         )
-        self.live_sessions = Gauge(
-            "gatecast_live_sessions", "Open sessions", ["model", "version"], registry=registry
-        )
+        self.live_sessions = Gauge("gatecast_live_sessions", "Open sessions", ["model", "version"], registry=registry)
         self.sessions_opened = Counter(
             "gatecast_sessions_opened", "Sessions opened", ["model", "version"], registry=registry
         )

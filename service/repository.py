@@ -41,7 +41,7 @@ class ModelVersion:
 
 def scan(repo: Path) -> list[tuple[str, int, Path]]:
     """(name, version, folder) for every complete version folder; staging folders are skipped."""
-    found = []
+    found: list[tuple[str, int, Path]] = []
     if not repo.is_dir():
         return found
     for model_dir in sorted(repo.iterdir()):
@@ -111,8 +111,15 @@ class Repository:
         self.metrics.model_loaded.labels(m.name, str(m.version), runtime.provider).set(1)
         log.info(
             "serving %s v%d (%s %dx%d, context %d, horizon %d) on %s; default version now %d",
-            m.name, m.version, m.cell, m.layers, m.hidden_size, m.context_length, m.horizon,
-            runtime.provider, self.default_version(m.name),
+            m.name,
+            m.version,
+            m.cell,
+            m.layers,
+            m.hidden_size,
+            m.context_length,
+            m.horizon,
+            runtime.provider,
+            self.default_version(m.name),
         )
 
     async def close(self) -> None:

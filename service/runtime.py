@@ -45,7 +45,9 @@ class ModelRuntime:
         available = ort.get_available_providers()
         wanted = [p for p in settings.providers if p in available]
         if not wanted:
-            raise ModelLoadError(f"none of the providers {settings.providers} is available; onnxruntime has {available}")
+            raise ModelLoadError(
+                f"none of the providers {settings.providers} is available; onnxruntime has {available}"
+            )
         session = ort.InferenceSession(str(onnx_path), opts, providers=wanted)
         # onnxruntime falls back to CPU without raising: the first active provider is the truth
         provider = session.get_providers()[0]
@@ -75,5 +77,3 @@ class ModelRuntime:
         for batch, time in ((1, 1), (1, m.context_length), (8, 1)):
             x = np.tile(np.asarray(m.scaler.mean, np.float32), (batch, time, 1))
             self.run(x, self.zero_states(batch))
-
-

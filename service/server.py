@@ -58,7 +58,10 @@ class App:
         ]
         log.info(
             "gatecast listening on %s:%d (metrics on %s), %d model version(s)",
-            self.settings.host, self.port, self.metrics_port, len(self.repo.versions()),
+            self.settings.host,
+            self.port,
+            self.metrics_port,
+            len(self.repo.versions()),
         )
 
     async def _sweep(self) -> None:
@@ -98,9 +101,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    forecaster_pb2_grpc.add_ForecasterServicer_to_server(
-        ForecasterServicer(settings, repo, sessions, metrics), server
-    )
+    forecaster_pb2_grpc.add_ForecasterServicer_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -95,6 +95,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         """Applies rows to a session's state. The session lock is held until the step has really
         finished (not merely until the caller stops waiting), so two steps never overlap."""
         await session.lock.acquire()
+        submitted = False
         try:
             if session.closed:
                 raise NotFound(f"session {session.id!r} not found: it was closed")
@@ -103,9 +104,10 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 return session.forecast  # a retry: answered again, not applied twice
             commit = session.committer(seq, x.shape[0]) if seq is not None else None
             fut = mv.batcher.submit(x, session.slot, deadline, commit)
-        except BaseException:
-            session.lock.release()
-            raise
+            submitted = True
+        finally:
+            if not submitted:
+                session.lock.release()
         fut.add_done_callback(lambda _: session.lock.release())
         session.last_used = time.monotonic()
         return await asyncio.shield(fut)
@@ -158,9 +160,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             if request.HasField("history") and request.history.rows > 0:
                 history = to_array(request.history, mv.runtime.manifest.n_features, "history", self.settings.max_rows)
             session = self.sessions.open(mv.name, mv.version, mv.pool)
-            response = pb.OpenSessionResponse(
-                session_id=session.id, model=mv.name, version=mv.version, next_sequence=1
-            )
+            response = pb.OpenSessionResponse(session_id=session.id, model=mv.name, version=mv.version, next_sequence=1)
             if history is not None:
                 try:
                     y = await self._step(session, mv, history, _deadline(context), None)

@@ -159,9 +159,7 @@ def split_rows(
     """Chronological split by fractions, or by explicit start timestamps of validation and test."""
     n = series.rows
     if n < context + horizon:
-        raise DataError(
-            f"{series.path}: the series has {n} rows, shorter than context + horizon = {context + horizon}"
-        )
+        raise DataError(f"{series.path}: the series has {n} rows, shorter than context + horizon = {context + horizon}")
     if val_start is not None or test_start is not None:
         if val_start is None or test_start is None:
             raise DataError("give both --val-start and --test-start, or neither")

@@ -147,7 +147,9 @@ def _buffer_scale(std: np.ndarray) -> np.ndarray:
     return np.concatenate([std, [1.0]]).astype(np.float32)
 
 
-def _random_state(rng: np.random.Generator, spec: StateSpec, batch: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def _random_state(
+    rng: np.random.Generator, spec: StateSpec, batch: int, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
     if spec.input != "s0":
         return rng.uniform(-0.5, 0.5, (spec.dims[0], batch, spec.dims[1])).astype(np.float32)
     # a season buffer: plausible raw values, and a "seen" flag that is 0 for the oldest rows

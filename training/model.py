@@ -13,6 +13,7 @@ reference the data already gives, which keeps a drifting level out of the networ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 CellName = Literal["lstm", "gru", "rnn"]
-_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_CELLS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 @dataclass

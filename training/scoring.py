@@ -88,9 +88,7 @@ def evaluate(
 def format_table(evaluation: Evaluation, title: str = "") -> str:
     """The scores as a fixed-width text table."""
     lines = [title] if title else []
-    lines.append(
-        f"{'forecaster':<22}{'MAE':>12}{'RMSE':>12}{'sMAPE %':>10}{f'MASE(m={evaluation.mase_season})':>14}"
-    )
+    lines.append(f"{'forecaster':<22}{'MAE':>12}{'RMSE':>12}{'sMAPE %':>10}{f'MASE(m={evaluation.mase_season})':>14}")
     for name, s in evaluation.scores.items():
         lines.append(f"{name:<22}{s.mae:>12.2f}{s.rmse:>12.2f}{s.smape:>10.3f}{s.mase:>14.4f}")
     lines.append(f"({evaluation.origins} origins, stride {evaluation.stride})")

@@ -1,0 +1,165 @@
+"""Training to ONNX in seconds, export parity, state carry, reproducibility, and `gatecast evaluate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from gatecast.cli import main
+from gatecast.manifest import Manifest
+from tests.conftest import TAYLOR, tiny_config
+from training.evaluate import evaluate_model_dir
+from training.export import ExportError, export_onnx, verify
+from training.model import CellName, Forecaster, ModelConfig
+from training.pipeline import run
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_train_writes_a_versioned_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "train",
+            "--data",
+            str(TAYLOR),
+            "--target",
+            "demand_mw",
+            "--cell",
+            "gru",
+            "--name",
+            "X",
+            "--max-epochs",
+            "1",
+            "--context",
+            "48",
+            "--horizon",
+            "12",
+            "--hidden-size",
+            "8",
+            "--train-stride",
+            "16",
+            "--season",
+            "48",
+            "--repo",
+            str(tmp_path),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "seasonal_naive_48" in out and "MASE(m=48)" in out
+    folder = tmp_path / "X" / "1"
+    for name in ("model.onnx", "manifest.json", "forecast.png"):
+        assert (folder / name).is_file(), name
+    m = Manifest.read(folder)
+    assert (m.name, m.version, m.cell, m.horizon, m.context_length) == ("X", 1, "gru", 12, 48)
+    assert set(m.evaluation.scores) == {"model", "naive", "seasonal_naive_48"}
+    assert m.data.train_rows < m.data.train_rows + m.data.validation_rows < m.data.rows
+    assert [s.input for s in m.states] == ["h0"]
+    # the scaler comes from the training split only
+    values = np.loadtxt(TAYLOR, delimiter=",", skiprows=1, usecols=1)
+    assert m.scaler.mean[0] == pytest.approx(values[: m.data.train_rows].mean(), rel=1e-6)
+    assert main(["train", "--config", str(_toml(tmp_path)), "--repo", str(tmp_path), "--name", "X"]) == 0
+    assert Manifest.read(tmp_path / "X" / "2").version == 2
+    assert not [p for p in (tmp_path / "X").iterdir() if p.name.startswith(".staging")]
+
+
+def _toml(tmp_path: Path) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        f'data = "{TAYLOR}"\ncontext = 48\nhorizon = 12\nhidden_size = 8\nmax_epochs = 1\n'
+        "train_stride = 16\nseasons = [48]\nprogress = false\nplot_windows = 0\n"
+    )
+    return p
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    a = run(tiny_config(tmp_path, name="a", plot_windows=0)).manifest.evaluation.scores["model"]
+    b = run(tiny_config(tmp_path, name="b", plot_windows=0)).manifest.evaluation.scores["model"]
+    assert a == b
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("season", [0, 10])
+def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, season: int) -> None:
+    torch.manual_seed(0)
+    model = Forecaster(
+        ModelConfig(
+            cell=cell,
+            n_features=2,
+            n_targets=1,
+            hidden_size=8,
+            layers=2,
+            horizon=5,
+            season=season,
+            mean=[300.0, 2.0],
+            std=[40.0, 0.5],
+        )
+    )
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, example_time=3)
+    assert verify(model, path, context=24) < 1e-4
+    # independently of verify(): a window in one call == the same rows one at a time, at a new length
+    sess = _session(path)
+    names = [i.name for i in sess.get_inputs()]
+    rng = np.random.default_rng(5)
+    x = (np.array([300.0, 2.0]) + np.array([40.0, 0.5]) * rng.standard_normal((3, 31, 2))).astype(np.float32)
+    zero = {
+        n: np.zeros((i.shape[0] if isinstance(i.shape[0], int) else 0, 3, i.shape[2]), np.float32)
+        for n, i in zip(names, sess.get_inputs(), strict=True)
+        if n != "x"
+    }
+    whole = sess.run(None, {"x": x, **zero})
+    states = zero
+    for t in range(x.shape[1]):
+        step = sess.run(None, {"x": x[:, t : t + 1], **states})
+        states = dict(zip([n for n in names if n != "x"], step[1:], strict=True))
+    np.testing.assert_allclose(step[0], whole[0], atol=1e-3, rtol=1e-5)  # raw units ~300 -> 3e-6 relative
+    assert whole[0].shape == (3, 5, 1)
+
+
+def test_export_check_fails_on_a_wrong_graph(tmp_path: Path) -> None:
+    a = Forecaster(ModelConfig(cell="gru", hidden_size=4, horizon=3))
+    b = Forecaster(ModelConfig(cell="gru", hidden_size=4, horizon=3))
+    export_onnx(a, tmp_path / "a.onnx", 4)
+    with pytest.raises(ExportError, match="differs by"):
+        verify(b, tmp_path / "a.onnx", context=8)
+
+
+def test_evaluate_command_scores_the_onnx_model_like_training(
+    model_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = model_repo / "tiny_lstm" / "1"
+    m = Manifest.read(folder)
+    evaluation, _ = evaluate_model_dir(folder, TAYLOR, test_fraction=0.15, stride=48, seasons=[48])
+    # same rows as the training run's test split, so the onnxruntime scores match the torch ones
+    assert evaluation.scores["model"].mae == pytest.approx(m.evaluation.scores["model"].mae, rel=1e-4)
+    assert main(["evaluate", str(folder), "--data", str(TAYLOR)]) == 0
+    assert "seasonal_naive" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("t,y\n2020-01-01,1\n2020-01-02,x\n")
+    assert main(["train", "--data", str(bad), "--target", "y", "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv: column 'y', row 3: 'x' is not a number" in err
+    assert "Traceback" not in err
+    assert main(["evaluate", str(tmp_path), "--data", str(bad)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_manifest_round_trip(model_repo: Path) -> None:
+    folder = model_repo / "tiny_lstm" / "1"
+    raw = json.loads((folder / "manifest.json").read_text())
+    assert Manifest.model_validate(raw) == Manifest.read(folder)
+    assert [s.input for s in Manifest.read(folder).states] == ["h0", "c0", "s0"]
