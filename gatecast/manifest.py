@@ -42,6 +42,7 @@ class Scaler(_Strict):
 
     mean: list[float]
     std: list[float]
+    diff_std: list[float] = []  # std of seasonal differences (seasonal input form)
 
 
 class Score(_Strict):

@@ -132,20 +132,27 @@ class Batcher:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            if self._inflight is not None:
-                await asyncio.wait([self._inflight])
-                batch = self._take(batch)  # top up with what arrived while the model was busy
-            if not batch:
-                continue
-            now = time.monotonic()
-            for it in batch:
-                self._m_wait.observe(now - it.enqueued)
-            self._m_batch.observe(len(batch))
-            self._inflight = loop.run_in_executor(self._executor, self._execute, batch)
-            self._inflight.add_done_callback(lambda f, b=batch: self._deliver(b, f))  # type: ignore[misc]
+            try:
+                await self._dispatch_next()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep serving: a bug in one dispatch must not stop the model
+                log.exception("batcher dispatch failed for %s", self.runtime.path)
+
+    async def _dispatch_next(self) -> None:
+        batch = await self._collect()
+        if self._inflight is not None:
+            await asyncio.wait([self._inflight])
+            batch = self._take(batch)  # top up with what arrived while the model was busy
+        if not batch:
+            return
+        now = time.monotonic()
+        for it in batch:
+            self._m_wait.observe(now - it.enqueued)
+        self._m_batch.observe(len(batch))
+        self._inflight = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
+        self._inflight.add_done_callback(lambda f, b=batch: self._deliver(b, f))  # type: ignore[misc]
 
     def _execute(self, batch: list[WorkItem]) -> list[np.ndarray | BaseException]:
         """Worker thread: one run per distinct length; states gathered from and scattered to the pool."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from benchmarks.load import start_server
 from gatecast.cli import main
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -153,22 +153,8 @@ def test_bad_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_sigterm_finishes_in_flight_work_and_exits(model_repo: Path, tmp_path: Path) -> None:
     repo = _only_taylor(tmp_path, model_repo)
-    env = {**os.environ, "GATECAST_PROVIDERS": '["CPUExecutionProvider"]', "GATECAST_MAX_QUEUE_DELAY_MS": "300"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gatecast.cli", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "0"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc, port = start_server(repo, {"GATECAST_MAX_QUEUE_DELAY_MS": "300"})
     try:
-        assert proc.stderr is not None
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"listening on [\d.]+:(\d+)", line):
-                port = int(m.group(1))
-                break
-        assert port, "the server never said where it listens"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.ForecasterStub(ch)
             with concurrent.futures.ThreadPoolExecutor(1) as ex:
@@ -203,9 +189,9 @@ def test_forecast_cli(server: RunningServer, capsys: pytest.CaptureFixture[str])
     )
     out = json.loads(capsys.readouterr().out)
     with grpc.insecure_channel(server.address) as ch:
-        want = pb_grpc.ForecasterStub(ch).Forecast(
-            pb.ForecastRequest(model="taylor", series=[matrix(taylor_values()[-336:])])
-        )
+        stub = pb_grpc.ForecasterStub(ch)
+        context = stub.GetModel(pb.GetModelRequest(name="taylor")).context_length
+        want = stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(taylor_values()[-context:])]))
     np.testing.assert_allclose(np.array(out["forecast"]), array(want.forecasts[0]), rtol=1e-6)
     assert main(["forecast", "--data", str(TAYLOR), "--model", "nope", "--server", server.address]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err

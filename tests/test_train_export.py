@@ -163,3 +163,41 @@ def test_manifest_round_trip(model_repo: Path) -> None:
     raw = json.loads((folder / "manifest.json").read_text())
     assert Manifest.model_validate(raw) == Manifest.read(folder)
     assert [s.input for s in Manifest.read(folder).states] == ["h0", "c0", "s0"]
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.rnns.parameters()])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("clip", [{"clip_value": 1e-12, "clip_norm": None}, {"clip_norm": 1e-12}])
+def test_gradient_clipping_is_applied(tmp_path: Path, clip: dict[str, float | None]) -> None:
+    from training.train import seed_everything, train
+
+    seed_everything(0)
+    start = _weights(Forecaster(ModelConfig(cell="gru", hidden_size=8, horizon=12)))
+    free = train(tiny_config(tmp_path, weight_decay=0.0, clip_norm=None, schedule="none"))
+    clipped = train(tiny_config(tmp_path, weight_decay=0.0, schedule="none", **clip))
+    moved_free = (_weights(free.model) - start).abs().max()
+    moved_clipped = (_weights(clipped.model) - start).abs().max()
+    assert moved_free > 1e-3
+    assert moved_clipped < 1e-5  # Adam turns a 1e-12 gradient into a step of ~1e-4 * lr
+
+
+@pytest.mark.parametrize(("schedule", "changes"), [("none", False), ("cosine", True), ("plateau", False)])
+def test_learning_rate_schedule(tmp_path: Path, schedule: str, changes: bool) -> None:
+    from training.train import train
+
+    result = train(tiny_config(tmp_path, schedule=schedule, max_epochs=2, lr=1e-3))
+    assert (result.lrs[-1] != 1e-3) == changes
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
+    from training.data import origins, windows
+    from training.train import _val_loss, train
+
+    result = train(tiny_config(tmp_path, max_epochs=8, patience=2, lr=0.3, clip_norm=None, schedule="none"))
+    vals = [v for _, v in result.history]
+    assert result.best_val == min(vals) and result.best_epoch == vals.index(min(vals)) + 1
+    at = origins(result.split.train_end, result.split.val_end, 64, 12)
+    x, y = windows(result.series.values, at, 64, 12, 1)
+    assert _val_loss(result.model, torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(result.best_val, rel=1e-6)

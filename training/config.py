@@ -38,6 +38,7 @@ class TrainConfig(BaseModel):
     residual: bool = False
     relative: bool = True
     season: int = Field(0, ge=0, description="> 0: seasonal input form with this season (rows)")
+    level_input: bool = True
     # optimisation
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)

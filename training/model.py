@@ -36,8 +36,10 @@ class ModelConfig:
     residual: bool = False  # add each stacked layer's input to its output (layers >= 2)
     relative: bool = True  # forecast = last observed target + network output
     season: int = 0  # > 0: seasonal input form, see the module docstring
+    level_input: bool = True  # seasonal form: also feed the standardised level, not only differences
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
+    diff_std: list[float] | None = None  # std of seasonal differences per feature (seasonal form)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -62,7 +64,9 @@ class Forecaster(nn.Module):
         self.cfg = cfg
         if cfg.season and cfg.season < cfg.horizon:
             raise ValueError(f"season {cfg.season} must be at least the horizon {cfg.horizon}")
-        n_in = 2 * cfg.n_features + 1 if cfg.season else cfg.n_features
+        n_in = cfg.n_features
+        if cfg.season:
+            n_in = (2 if cfg.level_input else 1) * cfg.n_features + 1
         cls = _CELLS[cfg.cell]
         self.rnns = nn.ModuleList(
             [cls(n_in if i == 0 else cfg.hidden_size, cfg.hidden_size, batch_first=True) for i in range(cfg.layers)]
@@ -71,6 +75,7 @@ class Forecaster(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.horizon * cfg.n_targets)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32))
+        self.register_buffer("diff_std", torch.tensor(cfg.diff_std or cfg.std, dtype=torch.float32))
 
     @property
     def is_lstm(self) -> bool:
@@ -87,6 +92,7 @@ class Forecaster(nn.Module):
         n_t, n_f = self.cfg.n_targets, self.cfg.n_features
         mean: Tensor = self.mean  # type: ignore[assignment]
         std: Tensor = self.std  # type: ignore[assignment]
+        d_std: Tensor = self.diff_std  # type: ignore[assignment]
         z = (x - mean) / std  # [B, T, F]
         s_n = None
         if self.cfg.season:
@@ -95,8 +101,8 @@ class Forecaster(nn.Module):
             rows = torch.cat([s, seen], dim=0)  # [S + T, B, F + 1], oldest first
             past = rows[: -self.cfg.season].transpose(0, 1)  # [B, T, F + 1]: the row one season before each x
             known = past[:, :, n_f:]  # [B, T, 1]
-            diff = (x - past[:, :, :n_f]) * known / std  # seasonal difference, 0 where unknown
-            z = torch.cat([z, diff, known], dim=2)  # [B, T, 2F + 1]
+            diff = (x - past[:, :, :n_f]) * known / d_std  # seasonal difference, 0 where unknown
+            z = torch.cat([z, diff, known] if self.cfg.level_input else [diff, known], dim=2)  # [B, T, (2)F + 1]
             s_n = rows[-self.cfg.season :]  # [S, B, F + 1]
         hs, cs = [], []
         for i, rnn in enumerate(self.rnns):
@@ -115,6 +121,7 @@ class Forecaster(nn.Module):
         y = delta * std[:n_t]
         ref = x[:, -1:, :n_t] if self.cfg.relative else mean[:n_t]  # [B, 1, targets] or [targets]
         if s_n is not None:
+            y = delta * d_std[:n_t]  # the correction to a season-ago value is on the scale of seasonal changes
             ahead = s_n[: self.cfg.horizon].transpose(0, 1)  # [B, horizon, F + 1]: one season before each y
             ref = torch.where(ahead[:, :, n_f:] > 0, ahead[:, :, :n_t], x[:, -1:, :n_t])
         h_n = torch.cat(hs, dim=0)  # [layers, B, H]

@@ -91,7 +91,7 @@ def build_manifest(
         input_form="seasonal" if cfg.season else "level",
         season=cfg.season,
         states=state_specs(model),
-        scaler=Scaler(mean=list(model.cfg.mean), std=list(model.cfg.std)),
+        scaler=Scaler(mean=list(model.cfg.mean), std=list(model.cfg.std), diff_std=list(model.cfg.diff_std or [])),
         data=fingerprint(result.series, result.split),
         evaluation=evaluation,
         onnx=OnnxInfo(file=ONNX_FILE, sha256=sha256_file(onnx_path), opset=OPSET),
@@ -105,6 +105,9 @@ def build_manifest(
             "batch_size": cfg.batch_size,
             "schedule": cfg.schedule,
             "relative": cfg.relative,
+            "level_input": cfg.level_input,
+            "weight_decay": cfg.weight_decay,
+            "train_stride": cfg.train_stride,
         },
         created=datetime.now(UTC),
     )

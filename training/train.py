@@ -29,6 +29,7 @@ class TrainResult:
     best_val: float
     seconds: float
     history: list[tuple[float, float]] = field(default_factory=list)  # (train loss, val loss) per epoch
+    lrs: list[float] = field(default_factory=list)  # learning rate at the end of each epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +70,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     values, n_t = series.values, len(series.targets)
     mean, std = fit_scaler(values[: split.train_end])
+    diff_std = None
+    if cfg.season:
+        train_rows = values[: split.train_end]
+        diff_std = fit_scaler(train_rows[cfg.season :] - train_rows[: -cfg.season])[1]
     model = Forecaster(
         ModelConfig(
             cell=cfg.cell,
@@ -81,8 +86,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             residual=cfg.residual,
             relative=cfg.relative,
             season=cfg.season,
+            level_input=cfg.level_input,
             mean=mean,
             std=std,
+            diff_std=diff_std,
         )
     )
     tr_at = origins(0, split.train_end, cfg.context, cfg.horizon, cfg.train_stride)
@@ -93,14 +100,24 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(tr_at) + cfg.batch_size - 1) // cfg.batch_size
-    cosine = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch, pct_start=0.1
+    # build only the schedule asked for: OneCycleLR rewrites the optimizer's lr as soon as it exists
+    cosine = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch, pct_start=0.1
+        )
+        if cfg.schedule == "cosine"
+        else None
     )
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 3))
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 3))
+        if cfg.schedule == "plateau"
+        else None
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
 
     best_val, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     history: list[tuple[float, float]] = []
+    lrs: list[float] = []
     start = time.monotonic()
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.cell}", disable=not cfg.progress, unit="epoch")
     for epoch in bar:
@@ -115,14 +132,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             if cfg.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             opt.step()
-            if cfg.schedule == "cosine":
+            if cosine is not None:
                 cosine.step()
             total += float(loss.detach()) * len(idx)
         train_loss = total / len(tr_at)
         val = _val_loss(model, xv, yv)
-        if cfg.schedule == "plateau":
+        if plateau is not None:
             plateau.step(val)
         history.append((train_loss, val))
+        lrs.append(float(opt.param_groups[0]["lr"]))
         if val < best_val:
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best_val:.4f}@{best_epoch}")
@@ -140,4 +158,5 @@ def train(cfg: TrainConfig) -> TrainResult:
         best_val=best_val,
         seconds=time.monotonic() - start,
         history=history,
+        lrs=lrs,
     )
