@@ -201,3 +201,27 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
     at = origins(result.split.train_end, result.split.val_end, 64, 12)
     x, y = windows(result.series.values, at, 64, 12, 1)
     assert _val_loss(result.model, torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(result.best_val, rel=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fast_seasonal_window_is_the_same_computation(cell: CellName) -> None:
+    from training.train import forward_window
+
+    torch.manual_seed(0)
+    model = Forecaster(
+        ModelConfig(
+            cell=cell,
+            n_features=2,
+            hidden_size=8,
+            layers=2,
+            horizon=4,
+            season=12,
+            level_input=False,
+            mean=[100.0, 1.0],
+            std=[10.0, 1.0],
+            diff_std=[3.0, 1.0],
+        )
+    )
+    x = 100 + 10 * torch.randn(5, 20, 2)
+    slow = model(x, *model.zero_state(5)).y
+    torch.testing.assert_close(forward_window(model, x), slow, atol=1e-5, rtol=1e-5)

@@ -48,6 +48,7 @@ class TrainConfig(BaseModel):
     patience: int = Field(6, ge=1)
     clip_norm: float | None = Field(1.0, gt=0)
     clip_value: float | None = Field(None, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="> 0: keep an EMA of the weights, validate and export it")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     # evaluation

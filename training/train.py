@@ -42,6 +42,26 @@ def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=gen).split(size))
 
 
+def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
+    """The forecast for windows x [B, T, F] from a zero state, i.e. `model(x, *zero_state).y`.
+
+    With the seasonal form and no level input, the first `season` rows of a window only fill the buffer:
+    the network sees constant zeros there, so its state after them is the same for every window. That
+    state is computed once at batch 1 and broadcast, and the buffer is filled directly, which makes a
+    training step cost T - season recurrent steps instead of T. The result is the same computation.
+    """
+    cfg = model.cfg
+    if not (cfg.season and not cfg.level_input and x.shape[1] > cfg.season):
+        return model(x, *model.zero_state(x.shape[0])).y
+    b, s = x.shape[0], cfg.season
+    h, c, buf = model.zero_state(1)
+    idle = model(x[:1, :s], h, c, buf)  # inputs are all zero while nothing is known
+    fill = torch.cat([x[:, :s], torch.ones_like(x[:, :s, :1])], dim=2).transpose(0, 1)  # [S, B, F + 1]
+    h_b = idle.h.expand(-1, b, -1).contiguous()
+    c_b = idle.c.expand(-1, b, -1).contiguous() if idle.c is not None else None
+    return model(x[:, s:], h_b, c_b, fill).y
+
+
 @torch.no_grad()
 def predict(model: Forecaster, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Forecasts from a zero state for windows x [n, time, features]."""
@@ -49,14 +69,14 @@ def predict(model: Forecaster, x: np.ndarray, batch: int = 512) -> np.ndarray:
     out = []
     for i in range(0, x.shape[0], batch):
         xb = torch.from_numpy(x[i : i + batch])
-        out.append(model(xb, *model.zero_state(xb.shape[0])).y.numpy())
+        out.append(forward_window(model, xb).numpy())
     return np.concatenate(out, axis=0)
 
 
 def _val_loss(model: Forecaster, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         model.eval()
-        return float(model.scaled_error(model(x, *model.zero_state(x.shape[0])).y, y))
+        return float(model.scaled_error(forward_window(model, x), y))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -115,6 +135,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    # an exponential moving average of the weights (ema_decay > 0) is what gets validated and kept:
+    # on small, noisy series it is steadier than the last step's weights
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
+        )
+        if cfg.ema_decay > 0
+        else None
+    )
+    scored: Forecaster = ema.module if ema is not None else model  # type: ignore[assignment]
     best_val, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
     history: list[tuple[float, float]] = []
     lrs: list[float] = []
@@ -124,7 +154,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.train()
         total = 0.0
         for idx in _batches(len(tr_at), cfg.batch_size, gen):
-            loss = model.scaled_error(model(xt[idx], *model.zero_state(len(idx))).y, yt[idx])
+            loss = model.scaled_error(forward_window(model, xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_value is not None:
@@ -132,17 +162,19 @@ def train(cfg: TrainConfig) -> TrainResult:
             if cfg.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             if cosine is not None:
                 cosine.step()
             total += float(loss.detach()) * len(idx)
         train_loss = total / len(tr_at)
-        val = _val_loss(model, xv, yv)
+        val = _val_loss(scored, xv, yv)
         if plateau is not None:
             plateau.step(val)
         history.append((train_loss, val))
         lrs.append(float(opt.param_groups[0]["lr"]))
         if val < best_val:
-            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+            best_val, best_epoch, best_state = val, epoch, copy.deepcopy(scored.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best_val:.4f}@{best_epoch}")
         if epoch - best_epoch >= cfg.patience:
             log.info("early stop at epoch %d; best validation %.4f at epoch %d", epoch, best_val, best_epoch)
