@@ -176,7 +176,9 @@ def publish(staging: Path, repo: Path, name: str, write_manifest: Callable[[Path
 def staging_dir(repo: Path, name: str) -> Path:
     """A scratch folder beside the versions; its name is not a number, so servers ignore it."""
     (repo / name).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".staging-", dir=repo / name))
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo / name))
+    staging.chmod(0o755)  # mkdtemp makes it private; a published version must be readable by the server's user
+    return staging
 
 
 def discard(staging: Path) -> None:
