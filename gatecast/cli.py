@@ -32,6 +32,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="forecast relative to the last observed value (default on)",
     )
+    p.add_argument(
+        "--input-season",
+        dest="season",
+        type=int,
+        help="seasonal input form: carry this many rows as state, feed differences to one season back",
+    )
+    p.add_argument("--level-input", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--ema-decay", type=float, help="keep and export an EMA of the weights (0: off)")
     p.add_argument("--context", type=int, help="window length in rows")
     p.add_argument("--horizon", type=int, help="rows forecast")
     p.add_argument("--train-stride", type=int)
