@@ -106,10 +106,15 @@ async def bench_sessions(
     for all of that round's answers (closed loop), so every session always has one step in flight."""
     channels = [grpc.aio.insecure_channel(address) for _ in range(min(streams, 16))]
     stubs = [pb_grpc.ForecasterStub(c) for c in channels]
-    opened = await asyncio.gather(
-        *(stubs[i % len(stubs)].OpenSession(pb.OpenSessionRequest(model=model)) for i in range(sessions))
-    )
-    ids = [o.session_id for o in opened]
+    ids: list[str] = []
+    for start in range(0, sessions, 256):  # open in waves: one OpenSession per session
+        opened = await asyncio.gather(
+            *(
+                stubs[i % len(stubs)].OpenSession(pb.OpenSessionRequest(model=model), timeout=30)
+                for i in range(start, min(sessions, start + 256))
+            )
+        )
+        ids.extend(o.session_id for o in opened)
     rows = [_matrix(values[i : i + 1]) for i in range(1024)]
     lat: list[float] = []
     errors = 0
@@ -132,13 +137,16 @@ async def bench_sessions(
                     errors += 1
                 lat.append(time.monotonic() - sent)
         queue.put_nowait(None)
-        async for _ in call:
+        while await call.read() is not grpc.aio.EOF:
             pass
 
     t0 = time.monotonic()
     await asyncio.gather(*(stream(k) for k in range(streams)))
     elapsed = time.monotonic() - t0
-    await asyncio.gather(*(stubs[0].CloseSession(pb.CloseSessionRequest(session_id=s)) for s in ids))
+    for start in range(0, len(ids), 256):
+        await asyncio.gather(
+            *(stubs[0].CloseSession(pb.CloseSessionRequest(session_id=s)) for s in ids[start : start + 256])
+        )
     for c in channels:
         await c.close()
     return {
@@ -199,7 +207,11 @@ def main() -> None:
     values = np.loadtxt(DATA, delimiter=",", skiprows=1, usecols=1, dtype=np.float32)[:, None]
     ctx = manifest.context_length
     windows = np.stack([values[i : i + ctx] for i in range(0, len(values) - ctx, 7)])
-    env = {"GATECAST_MAX_SESSIONS": str(max(args.sessions) + 10)}
+    # every live session may have one step queued: size the queue for the largest session count
+    env = {
+        "GATECAST_MAX_SESSIONS": str(max(args.sessions) + 10),
+        "GATECAST_MAX_QUEUE_SIZE": str(max(args.sessions) + 1024),
+    }
     proc, port = start_server(args.repo, env)
     address = f"127.0.0.1:{port}"
     try:
@@ -220,7 +232,7 @@ def main() -> None:
         "model": f"{manifest.name} v{manifest.version} ({manifest.cell} {manifest.layers}x{manifest.hidden_size}, "
         f"context {ctx}, horizon {manifest.horizon}, input {manifest.input_form})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU provider; client and server share the cores",
-        "server_settings": "max_batch_size 64, max_queue_delay_ms 2, intra_op_threads 2",
+        "server_settings": f"defaults (max_batch_size 64, max_queue_delay_ms 2, intra_op_threads 2), {env}",
         "seconds_per_point": args.seconds,
         "forecast": forecast,
         "sessions": sessions,
