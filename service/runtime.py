@@ -51,6 +51,8 @@ class ModelRuntime:
         session = ort.InferenceSession(str(onnx_path), opts, providers=wanted)
         # onnxruntime falls back to CPU without raising: the first active provider is the truth
         provider = session.get_providers()[0]
+        if provider != wanted[0]:
+            log.warning("%s: asked for %s, running on %s (onnxruntime fell back)", onnx_path, wanted[0], provider)
         names = {i.name for i in session.get_inputs()}
         expected = {manifest.onnx.input, *(s.input for s in manifest.states)}
         if names != expected:
