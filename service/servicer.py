@@ -89,36 +89,48 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
     def _model_of(self, session: Session) -> ModelVersion:
         return self.repo.resolve(session.model, session.version)
 
-    async def _step(
+    def _start_step(
         self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
-    ) -> np.ndarray:
-        """Applies rows to a session's state. The session lock is held until the step has really
-        finished (not merely until the caller stops waiting), so two steps never overlap."""
-        await session.lock.acquire()
-        submitted = False
+    ) -> asyncio.Future[np.ndarray] | np.ndarray:
+        """For the holder of the session's turn: the stored forecast for a retry, else the future of the
+        step. The turn passes on when the step has really finished (not when its caller stops waiting)."""
         try:
             if session.closed:
                 raise NotFound(f"session {session.id!r} not found: it was closed")
             if seq is not None and session.check_sequence(seq):
                 assert session.forecast is not None
+                session.release()
                 return session.forecast  # a retry: answered again, not applied twice
             commit = session.committer(seq, x.shape[0]) if seq is not None else None
             fut = mv.batcher.submit(x, session.slot, deadline, commit)
-            submitted = True
-        finally:
-            if not submitted:
-                session.lock.release()
-        fut.add_done_callback(lambda _: session.lock.release())
+        except BaseException:
+            session.release()
+            raise
+        fut.add_done_callback(lambda _: session.release())
         session.last_used = time.monotonic()
-        return await asyncio.shield(fut)
+        return fut
 
-    async def _observe(self, req: pb.ObserveRequest, deadline: float | None, call: _Call) -> pb.ObserveResponse:
+    async def _step(
+        self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
+    ) -> np.ndarray:
+        """Applies rows to a session's state in its turn, so two steps never overlap."""
+        await session.take()
+        started = self._start_step(session, mv, x, deadline, seq)
+        if isinstance(started, np.ndarray):
+            return started
+        return await asyncio.shield(started)  # a cancelled caller does not cancel an applied step
+
+    def _prepare_observe(self, req: pb.ObserveRequest, call: _Call) -> tuple[Session, ModelVersion, np.ndarray]:
         session = self.sessions.get(check_session_id(req.session_id))
         call.model = session.model
         if req.sequence == 0:
             raise InvalidArgument("sequence must be set: 1 for the first observation, then counting up by one")
         mv = self._model_of(session)
         x = to_array(req.rows, mv.runtime.manifest.n_features, "rows", self.settings.max_rows)
+        return session, mv, x
+
+    async def _observe(self, req: pb.ObserveRequest, deadline: float | None, call: _Call) -> pb.ObserveResponse:
+        session, mv, x = self._prepare_observe(req, call)
         y = await self._step(session, mv, x, deadline, req.sequence)
         return pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(y))
 
@@ -192,41 +204,93 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.ObserveRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        """Each message is handled in its own task; a session's answers come in order because its steps
-        are serialised by its lock and each answer is queued before that lock is let go."""
+        """No task per message: each message takes a ticket for its session's turn, its step starts from
+        the ticket's callback (at once when the session is free), and it is answered from the step's done
+        callback. A session's answers are therefore queued in the order its steps applied."""
         out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
+        waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
+        pending = 0
+        reading = True
         deadline = _deadline(context)
 
-        async def one(req: pb.ObserveRequest) -> None:
-            call = _Call()
+        def answer(req: pb.ObserveRequest, call: _Call, y: np.ndarray | None, error: BaseException | None) -> None:
+            nonlocal pending
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
-            try:
-                answer = await self._observe(req, deadline, call)
-                response.forecast.CopyFrom(answer.forecast)
+            if error is None:
+                assert y is not None
+                response.forecast.CopyFrom(to_matrix(y))
                 self._count("Stream", call, grpc.StatusCode.OK)
-            except ServiceError as e:
-                response.error.code = e.code.value[0]
-                response.error.message = e.message
-                self._count("Stream", call, e.code)
-            except Exception:
+            elif isinstance(error, ServiceError):
+                response.error.code = error.code.value[0]
+                response.error.message = error.message
+                self._count("Stream", call, error.code)
+            else:
                 request_id = uuid.uuid4().hex[:12]
-                log.exception("Stream message failed (request id %s)", request_id)
+                log.error("Stream message failed (request id %s): %r", request_id, error)
                 response.error.code = grpc.StatusCode.INTERNAL.value[0]
                 response.error.message = f"internal error (request id {request_id})"
                 self._count("Stream", call, grpc.StatusCode.INTERNAL)
             out.put_nowait(response)
+            pending -= 1
+            if not reading and pending == 0:
+                out.put_nowait(None)
+
+        def on_done(req: pb.ObserveRequest, call: _Call, fut: asyncio.Future[np.ndarray]) -> None:
+            if fut.cancelled():
+                answer(req, call, None, ServiceError("the step was cancelled"))
+            elif (e := fut.exception()) is not None:
+                answer(req, call, None, e)
+            else:
+                answer(req, call, fut.result(), None)
+
+        def start(req: pb.ObserveRequest, call: _Call, session: Session, mv: ModelVersion, x: np.ndarray) -> None:
+            try:
+                started = self._start_step(session, mv, x, deadline, req.sequence)
+            except Exception as e:
+                answer(req, call, None, e)
+                return
+            if isinstance(started, np.ndarray):
+                answer(req, call, started, None)
+            else:
+                started.add_done_callback(lambda f: on_done(req, call, f))
+
+        def granted(
+            ticket: asyncio.Future[None],
+            req: pb.ObserveRequest,
+            call: _Call,
+            session: Session,
+            mv: ModelVersion,
+            x: np.ndarray,
+        ) -> None:
+            waiting.pop(ticket, None)
+            if not ticket.cancelled():
+                start(req, call, session, mv, x)
+
+        def handle(req: pb.ObserveRequest) -> None:
+            nonlocal pending
+            pending += 1
+            call = _Call()
+            try:
+                session, mv, x = self._prepare_observe(req, call)
+            except Exception as e:
+                answer(req, call, None, e)
+                return
+            ticket = session.queue_turn()  # now, so that a later message cannot overtake this one
+            if ticket.done():
+                start(req, call, session, mv, x)
+            else:
+                waiting[ticket] = session
+                ticket.add_done_callback(lambda t: granted(t, req, call, session, mv, x))
 
         async def read() -> None:
+            nonlocal reading
             try:
                 async for req in request_iterator:
-                    task = asyncio.create_task(one(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                    handle(req)
             finally:
-                out.put_nowait(None)
+                reading = False
+                if pending == 0:
+                    out.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -234,8 +298,9 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 yield item
         finally:
             reader.cancel()
-            for t in list(tasks):
-                t.cancel()
+            for ticket, session in list(waiting.items()):  # the stream is gone: give up its places in line
+                if not ticket.done():  # a granted ticket's callback still starts (and later releases) its step
+                    session.drop(ticket)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

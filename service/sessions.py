@@ -1,9 +1,11 @@
 """Streaming sessions: an id, a pool slot holding the recurrent state, and sequence bookkeeping.
 
 Sequence numbers make retries safe: the last applied number is answered again from the stored
-forecast; the next number is applied; anything else is an error naming the number expected. A lock
-per session keeps at most one step in flight, and the batcher records an applied step (`commit`) on
-the event loop even when the caller has gone away, so state and sequence number never disagree.
+forecast; the next number is applied; anything else is an error naming the number expected. Steps take
+turns: a ticket is queued the moment a message arrives and the turn passes on only when the step has
+finished, so at most one step is in flight and steps apply in arrival order. The batcher records an
+applied step (`commit`) on the event loop even when the caller has gone away, so state and sequence
+number never disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -35,8 +38,48 @@ class Session:
     steps: int = 0  # rows applied
     forecast: np.ndarray | None = None  # answer to last_seq
     last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    _held: bool = False  # someone holds the turn: its step is being started or is in flight
+    _turns: deque[asyncio.Future[None]] = field(default_factory=deque)  # callers waiting, in arrival order
+
+    @property
+    def busy(self) -> bool:
+        return self._held or bool(self._turns)
+
+    def queue_turn(self) -> asyncio.Future[None]:
+        """A ticket for the next turn, taken synchronously so that arrival order is kept; it is already
+        done when the session is free. Whoever holds a granted ticket must `release()` exactly once."""
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self.busy:
+            self._held = True
+            ticket.set_result(None)
+        else:
+            self._turns.append(ticket)
+        return ticket
+
+    def release(self) -> None:
+        """Hands the turn to the next live ticket, or frees the session."""
+        while self._turns:
+            ticket = self._turns.popleft()
+            if not ticket.done():
+                ticket.set_result(None)
+                return
+        self._held = False
+
+    def drop(self, ticket: asyncio.Future[None]) -> None:
+        """For a ticket whose holder will never use it (cancelled): pass the turn on if it was granted."""
+        if ticket.done() and not ticket.cancelled():
+            self.release()
+        else:
+            ticket.cancel()
+
+    async def take(self) -> None:
+        ticket = self.queue_turn()
+        try:
+            await ticket
+        except asyncio.CancelledError:
+            self.drop(ticket)
+            raise
 
     def check_sequence(self, seq: int) -> bool:
         """True when `seq` is a retry of the last applied step; raises unless it is the next one."""
@@ -107,10 +150,13 @@ class SessionTable:
 
     async def close(self, session_id: str) -> Session:
         session = self.get(session_id)
-        async with session.lock:  # let an in-flight step finish before the slot is freed
+        await session.take()  # let an in-flight step finish before the slot is freed
+        try:
             if session.closed:
                 raise NotFound(f"session {session_id!r} not found: it was closed")
             self._remove(session)
+        finally:
+            session.release()
         self._metrics.sessions_closed.labels(session.model, str(session.version)).inc()
         return session
 
@@ -121,7 +167,7 @@ class SessionTable:
     def expire(self, now: float | None = None) -> int:
         """Removes sessions idle longer than idle_s that have no step in flight."""
         now = time.monotonic() if now is None else now
-        expired = [s for s in self._sessions.values() if now - s.last_used > self.idle_s and not s.lock.locked()]
+        expired = [s for s in self._sessions.values() if now - s.last_used > self.idle_s and not s.busy]
         for s in expired:
             self._remove(s)
             self._metrics.sessions_expired.labels(s.model, str(s.version)).inc()

@@ -270,3 +270,22 @@ def test_bad_input_does_not_touch_another_session(stub: pb_grpc.ForecasterStub) 
     reply = stub.Observe(pb.ObserveRequest(session_id=a, sequence=1, rows=matrix(values[90:])))
     whole = stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(values)])).forecasts[0]
     np.testing.assert_allclose(array(reply.forecast), array(whole), rtol=RTOL)
+
+
+def test_pipelined_steps_of_one_session_apply_in_order(server: RunningServer) -> None:
+    """Many messages for one session sent without waiting: each answer must be the forecast after exactly
+    its own rows, so the steps applied one at a time and in arrival order."""
+    values = taylor_values()[1500:1700]
+    with grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.ForecasterStub(ch)
+        a = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+        b = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+        msgs = []
+        for t in range(len(values)):
+            for sid in (a, b):
+                msgs.append(pb.ObserveRequest(session_id=sid, sequence=t + 1, rows=matrix(values[t : t + 1])))
+        replies = [r for r in stub.Stream(iter(msgs)) if r.session_id == a]
+        assert [r.sequence for r in replies] == list(range(1, len(values) + 1))
+        for t in (0, 9, 99, len(values) - 1):
+            want = stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(values[: t + 1])])).forecasts[0]
+            np.testing.assert_allclose(array(replies[t].forecast), array(want), rtol=RTOL)
