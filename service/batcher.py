@@ -53,7 +53,8 @@ class Batcher:
         self.delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self._queue: deque[WorkItem] = deque()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the queue got its first item
+        self._full = asyncio.Event()  # the queue holds a full batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{runtime.manifest.name}")
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Future[list[np.ndarray | BaseException]] | None = None
@@ -89,23 +90,23 @@ class Batcher:
             )
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append(WorkItem(x, slot, fut, deadline, commit))
-        self._wake.set()
+        if len(self._queue) == 1:
+            self._wake.set()
+        elif len(self._queue) >= self.max_batch_size:
+            self._full.set()
         return fut
 
     async def _collect(self) -> list[WorkItem]:
+        """Waits for a first item, then until the batch is full or the first item has waited `delay`.
+        Submitters wake the collector only on those two events, not once per item."""
         while not self._queue:
             self._wake.clear()
             await self._wake.wait()
-        close_at = self._queue[0].enqueued + self.delay
-        while len(self._queue) < self.max_batch_size:
-            remaining = close_at - time.monotonic()
-            if remaining <= 0:
-                break
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                break
+        remaining = self._queue[0].enqueued + self.delay - time.monotonic()
+        if len(self._queue) < self.max_batch_size and remaining > 0:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), remaining)
         return self._take()
 
     def _take(self, batch: list[WorkItem] | None = None) -> list[WorkItem]:
