@@ -39,6 +39,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="seasonal input form: carry this many rows as state, feed differences to one season back",
     )
     p.add_argument("--level-input", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--recent", type=int, help="seasonal form: linear skip from the last N seasonal differences")
     p.add_argument("--ema-decay", type=float, help="keep and export an EMA of the weights (0: off)")
     p.add_argument("--context", type=int, help="window length in rows")
     p.add_argument("--horizon", type=int, help="rows forecast")

@@ -89,8 +89,8 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("season", [0, 10])
-def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, season: int) -> None:
+@pytest.mark.parametrize(("season", "recent"), [(0, 0), (10, 0), (10, 4)])
+def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, season: int, recent: int) -> None:
     torch.manual_seed(0)
     model = Forecaster(
         ModelConfig(
@@ -101,6 +101,7 @@ def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, 
             layers=2,
             horizon=5,
             season=season,
+            recent=recent,
             mean=[300.0, 2.0],
             std=[40.0, 0.5],
         )
@@ -204,7 +205,8 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fast_seasonal_window_is_the_same_computation(cell: CellName) -> None:
+@pytest.mark.parametrize("recent", [0, 3])
+def test_fast_seasonal_window_is_the_same_computation(cell: CellName, recent: int) -> None:
     from training.train import forward_window
 
     torch.manual_seed(0)
@@ -217,6 +219,7 @@ def test_fast_seasonal_window_is_the_same_computation(cell: CellName) -> None:
             horizon=4,
             season=12,
             level_input=False,
+            recent=recent,
             mean=[100.0, 1.0],
             std=[10.0, 1.0],
             diff_std=[3.0, 1.0],

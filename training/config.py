@@ -39,6 +39,7 @@ class TrainConfig(BaseModel):
     relative: bool = True
     season: int = Field(0, ge=0, description="> 0: seasonal input form with this season (rows)")
     level_input: bool = True
+    recent: int = Field(0, ge=0, description="seasonal form: linear skip from the last N seasonal differences")
     # optimisation
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)

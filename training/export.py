@@ -55,7 +55,8 @@ def state_specs(model: Forecaster) -> list[StateSpec]:
     if model.is_lstm:
         specs.append(StateSpec(input="c0", output="cn", dims=dims))
     if model.cfg.season:
-        specs.append(StateSpec(input="s0", output="sn", dims=(model.cfg.season, model.cfg.n_features + 1)))
+        rows = model.cfg.season + model.cfg.recent
+        specs.append(StateSpec(input="s0", output="sn", dims=(rows, model.cfg.n_features + 1)))
     return specs
 
 

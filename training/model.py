@@ -37,6 +37,7 @@ class ModelConfig:
     relative: bool = True  # forecast = last observed target + network output
     season: int = 0  # > 0: seasonal input form, see the module docstring
     level_input: bool = True  # seasonal form: also feed the standardised level, not only differences
+    recent: int = 0  # seasonal form: also add a learned linear map of the last `recent` seasonal differences
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     diff_std: list[float] | None = None  # std of seasonal differences per feature (seasonal form)
@@ -73,6 +74,10 @@ class Forecaster(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden_size, cfg.horizon * cfg.n_targets)
+        # starts as "last season plus the mean recent seasonal difference"; training refines the weights
+        self.skip = nn.Linear(cfg.recent, cfg.horizon, bias=False) if cfg.season and cfg.recent else None
+        if self.skip is not None:
+            nn.init.constant_(self.skip.weight, 1.0 / cfg.recent)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32))
         self.register_buffer("diff_std", torch.tensor(cfg.diff_std or cfg.std, dtype=torch.float32))
@@ -85,7 +90,7 @@ class Forecaster(nn.Module):
         shape = (self.cfg.layers, batch, self.cfg.hidden_size)
         h = torch.zeros(shape)
         c = torch.zeros(shape) if self.is_lstm else None
-        s = torch.zeros(self.cfg.season, batch, self.cfg.n_features + 1) if self.cfg.season else None
+        s = torch.zeros(self.cfg.season + self.cfg.recent, batch, self.cfg.n_features + 1) if self.cfg.season else None
         return h, c, s
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor | None = None, s: Tensor | None = None) -> Output:
@@ -99,11 +104,12 @@ class Forecaster(nn.Module):
             assert s is not None, "the seasonal form needs its buffer state s"
             seen = torch.cat([x.transpose(0, 1), torch.ones_like(x[:, :, :1]).transpose(0, 1)], dim=2)
             rows = torch.cat([s, seen], dim=0)  # [S + T, B, F + 1], oldest first
-            past = rows[: -self.cfg.season].transpose(0, 1)  # [B, T, F + 1]: the row one season before each x
+            k = self.cfg.recent
+            past = rows[k : -self.cfg.season].transpose(0, 1)  # [B, T, F + 1]: the row one season before each x
             known = past[:, :, n_f:]  # [B, T, 1]
             diff = (x - past[:, :, :n_f]) * known / d_std  # seasonal difference, 0 where unknown
             z = torch.cat([z, diff, known] if self.cfg.level_input else [diff, known], dim=2)  # [B, T, (2)F + 1]
-            s_n = rows[-self.cfg.season :]  # [S, B, F + 1]
+            s_n = rows[-(self.cfg.season + k) :]  # [S + K, B, F + 1]
         hs, cs = [], []
         for i, rnn in enumerate(self.rnns):
             if self.is_lstm:
@@ -122,8 +128,14 @@ class Forecaster(nn.Module):
         ref = x[:, -1:, :n_t] if self.cfg.relative else mean[:n_t]  # [B, 1, targets] or [targets]
         if s_n is not None:
             y = delta * d_std[:n_t]  # the correction to a season-ago value is on the scale of seasonal changes
-            ahead = s_n[: self.cfg.horizon].transpose(0, 1)  # [B, horizon, F + 1]: one season before each y
+            k = self.cfg.recent
+            ahead = s_n[k : k + self.cfg.horizon].transpose(0, 1)  # [B, horizon, F + 1]: a season before each y
             ref = torch.where(ahead[:, :, n_f:] > 0, ahead[:, :, :n_t], x[:, -1:, :n_t])
+            if self.skip is not None:
+                now, before = s_n[self.cfg.season :], s_n[:k]  # the last K rows and the rows a season before
+                both = now[:, :, n_f:] * before[:, :, n_f:]  # [K, B, 1]: 1 where both are known
+                recent = ((now[:, :, :n_t] - before[:, :, :n_t]) * both).permute(1, 2, 0)  # [B, targets, K]
+                y = y + self.skip(recent).transpose(1, 2)  # [B, horizon, targets]
         h_n = torch.cat(hs, dim=0)  # [layers, B, H]
         c_n = torch.cat(cs, dim=0) if self.is_lstm else None
         return Output(y + ref, h_n, c_n, s_n)

@@ -57,6 +57,8 @@ def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
     h, c, buf = model.zero_state(1)
     idle = model(x[:1, :s], h, c, buf)  # inputs are all zero while nothing is known
     fill = torch.cat([x[:, :s], torch.ones_like(x[:, :s, :1])], dim=2).transpose(0, 1)  # [S, B, F + 1]
+    if cfg.recent:  # the buffer holds S + K rows; after S rows from a zero state the oldest K are empty
+        fill = torch.cat([torch.zeros_like(fill[: cfg.recent]), fill], dim=0)
     h_b = idle.h.expand(-1, b, -1).contiguous()
     c_b = idle.c.expand(-1, b, -1).contiguous() if idle.c is not None else None
     return model(x[:, s:], h_b, c_b, fill).y
@@ -107,6 +109,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             relative=cfg.relative,
             season=cfg.season,
             level_input=cfg.level_input,
+            recent=cfg.recent,
             mean=mean,
             std=std,
             diff_std=diff_std,
