@@ -68,10 +68,6 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.runtime.path}")
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     def submit(
         self,
         x: np.ndarray,

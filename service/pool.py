@@ -74,7 +74,3 @@ class StatePool:
         with self._lock:
             for a, s in zip(self._arrays, states, strict=True):
                 a[:, slots, :] = s
-
-    def snapshot(self) -> list[np.ndarray]:
-        with self._lock:
-            return [a.copy() for a in self._arrays]

@@ -64,30 +64,33 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
         hist.observe(time.monotonic() - call.start)
 
+    def _status(self, rpc: str, call: _Call, error: BaseException) -> tuple[grpc.StatusCode, str]:
+        """The status for an error, counted: ours carry their code; anything else is logged with a request
+        id and answered INTERNAL without its text."""
+        if isinstance(error, ServiceError):
+            code, message = error.code, error.message
+        else:
+            request_id = uuid.uuid4().hex[:12]
+            log.error("%s failed (request id %s)", rpc, request_id, exc_info=error)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+        self._count(rpc, call, code)
+        return code, message
+
     async def _call(
         self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[_Call], Awaitable[Any]]
     ) -> Any:
         call = _Call()
         try:
             result = await handler(call)
-        except ServiceError as e:
-            self._count(rpc, call, e.code)
-            await context.abort(e.code, e.message)
         except asyncio.CancelledError:
             self._count(rpc, call, grpc.StatusCode.CANCELLED)
             raise
-        except Exception:
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("%s failed (request id %s)", rpc, request_id)
-            self._count(rpc, call, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        except Exception as e:
+            await context.abort(*self._status(rpc, call, e))
         self._count(rpc, call, grpc.StatusCode.OK)
         return result
 
     # --- the work, transport-free but for the messages ----------------------------------------------
-
-    def _model_of(self, session: Session) -> ModelVersion:
-        return self.repo.resolve(session.model, session.version)
 
     def _start_step(
         self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
@@ -125,7 +128,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         call.model = session.model
         if req.sequence == 0:
             raise InvalidArgument("sequence must be set: 1 for the first observation, then counting up by one")
-        mv = self._model_of(session)
+        mv = session.mv
         x = to_array(req.rows, mv.runtime.manifest.n_features, "rows", self.settings.max_rows)
         return session, mv, x
 
@@ -138,8 +141,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> pb.ForecastResponse:
         async def handle(call: _Call) -> pb.ForecastResponse:
-            call.model = request.model
             mv = self.repo.resolve(request.model, request.version)
+            call.model = mv.name  # only loaded models become label values: clients cannot grow the metrics
             if not request.series:
                 raise InvalidArgument("no series given; expected one or more histories (rows x features)")
             if len(request.series) > self.settings.max_series:
@@ -166,12 +169,12 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
         async def handle(call: _Call) -> pb.OpenSessionResponse:
-            call.model = request.model
             mv = self.repo.resolve(request.model, request.version)
+            call.model = mv.name
             history = None
             if request.HasField("history") and request.history.rows > 0:
                 history = to_array(request.history, mv.runtime.manifest.n_features, "history", self.settings.max_rows)
-            session = self.sessions.open(mv.name, mv.version, mv.pool)
+            session = self.sessions.open(mv)
             response = pb.OpenSessionResponse(session_id=session.id, model=mv.name, version=mv.version, next_sequence=1)
             if history is not None:
                 try:
@@ -220,16 +223,10 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 assert y is not None
                 response.forecast.CopyFrom(to_matrix(y))
                 self._count("Stream", call, grpc.StatusCode.OK)
-            elif isinstance(error, ServiceError):
-                response.error.code = error.code.value[0]
-                response.error.message = error.message
-                self._count("Stream", call, error.code)
             else:
-                request_id = uuid.uuid4().hex[:12]
-                log.error("Stream message failed (request id %s): %r", request_id, error)
-                response.error.code = grpc.StatusCode.INTERNAL.value[0]
-                response.error.message = f"internal error (request id {request_id})"
-                self._count("Stream", call, grpc.StatusCode.INTERNAL)
+                code, message = self._status("Stream", call, error)
+                response.error.code = code.value[0]
+                response.error.message = message
             out.put_nowait(response)
             pending -= 1
             if not reading and pending == 0:
@@ -312,8 +309,9 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def handle(call: _Call) -> pb.ModelInfo:
-            call.model = request.name
-            return self._info(self.repo.resolve(request.name, request.version))
+            mv = self.repo.resolve(request.name, request.version)
+            call.model = mv.name
+            return self._info(mv)
 
         return await self._call("GetModel", context, handle)  # type: ignore[no-any-return]
 

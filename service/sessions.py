@@ -15,14 +15,13 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import FailedPrecondition, NotFound, ResourceExhausted
 from .metrics import Metrics
-from .pool import StatePool
+from .repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Session:
     id: str
-    model: str
-    version: int
+    mv: ModelVersion  # the version it opened on: its runtime, batcher and state pool
     slot: int
-    pool: StatePool
     last_seq: int = 0
     steps: int = 0  # rows applied
     forecast: np.ndarray | None = None  # answer to last_seq
@@ -41,6 +38,14 @@ class Session:
     closed: bool = False
     _held: bool = False  # someone holds the turn: its step is being started or is in flight
     _turns: deque[asyncio.Future[None]] = field(default_factory=deque)  # callers waiting, in arrival order
+
+    @property
+    def model(self) -> str:
+        return self.mv.name
+
+    @property
+    def version(self) -> int:
+        return self.mv.version
 
     @property
     def busy(self) -> bool:
@@ -113,20 +118,14 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self) -> Iterator[Session]:
-        return iter(list(self._sessions.values()))
-
-    def count(self, model: str, version: int) -> int:
-        return sum(1 for s in self._sessions.values() if s.model == model and s.version == version)
-
-    def open(self, model: str, version: int, pool: StatePool) -> Session:
-        labels = (model, str(version))
+    def open(self, mv: ModelVersion) -> Session:
+        labels = (mv.name, str(mv.version))
         try:
-            slot = pool.acquire()
+            slot = mv.pool.acquire()
         except ResourceExhausted:
             self._metrics.sessions_rejected.labels(*labels).inc()
             raise
-        session = Session(id=secrets.token_hex(16), model=model, version=version, slot=slot, pool=pool)
+        session = Session(id=secrets.token_hex(16), mv=mv, slot=slot)
         self._sessions[session.id] = session
         self._metrics.sessions_opened.labels(*labels).inc()
         self._metrics.live_sessions.labels(*labels).inc()
@@ -145,7 +144,7 @@ class SessionTable:
         if self._sessions.pop(session.id, None) is None:
             return
         session.closed = True
-        session.pool.release(session.slot)
+        session.mv.pool.release(session.slot)
         self._metrics.live_sessions.labels(session.model, str(session.version)).dec()
 
     async def close(self, session_id: str) -> Session:

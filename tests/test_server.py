@@ -258,6 +258,9 @@ def test_errors_name_what_was_expected(stub: pb_grpc.ForecasterStub, server: Run
     got_code, _ = _code(stub.Observe, pb.ObserveRequest(session_id=sid, sequence=2, rows=ok))
     assert got_code == F.NOT_FOUND
     assert metric(server, "gatecast_requests_total", rpc="Forecast", code="INVALID_ARGUMENT") >= 5
+    # names a client makes up never become label values: the metrics cannot be grown from outside
+    assert metric(server, "gatecast_requests_total", model="nope") == 0
+    assert metric(server, "gatecast_requests_total", rpc="Forecast", model="", code="NOT_FOUND") >= 1
 
 
 def test_bad_input_does_not_touch_another_session(stub: pb_grpc.ForecasterStub) -> None:

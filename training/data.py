@@ -6,7 +6,6 @@ are counted as in the file: the header is row 1, the first data row is row 2).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from gatecast.errors import UserError
+from gatecast.manifest import sha256_file
 
 FillPolicy = Literal["error", "ffill", "interpolate", "zero"]
 
@@ -143,7 +143,7 @@ def load_series(
         values=values,
         features=features,
         targets=list(targets),
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        sha256=sha256_file(path),
     )
 
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gatecast.errors import UserError
-from gatecast.manifest import ONNX_FILE, StateSpec, next_version
+from gatecast.manifest import Manifest, StateSpec, next_version
 
 from .model import Forecaster
 
@@ -159,16 +158,17 @@ def _random_state(
     return np.concatenate([values * seen, seen], axis=2).astype(np.float32)
 
 
-def publish(staging: Path, repo: Path, name: str, write_manifest: Callable[[Path, int], None]) -> Path:
+def publish(staging: Path, repo: Path, name: str, manifest: Manifest) -> tuple[Path, Manifest]:
     """Moves a finished version folder into repo/name/<next version> with one rename, so a server polling
-    the repository never sees half a version. The manifest is written for the version claimed."""
+    the repository never sees half a version. The manifest is written with the version claimed."""
     for _ in range(10):
         version = next_version(repo, name)
-        write_manifest(staging, version)
+        claimed = manifest.model_copy(update={"version": version})
+        claimed.write(staging)
         target = repo / name / str(version)
         try:
             os.rename(staging, target)
-            return target
+            return target, claimed
         except OSError:
             continue  # another export claimed that version first
     raise ExportError(f"could not claim a version folder under {repo / name}")
@@ -184,6 +184,3 @@ def staging_dir(repo: Path, name: str) -> Path:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
-
-
-__all__ = ["ONNX_FILE", "ExportError", "discard", "export_onnx", "publish", "staging_dir", "verify"]

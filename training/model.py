@@ -14,7 +14,7 @@ reference the data already gives, which keeps a drifting level out of the networ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -41,9 +41,6 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     diff_std: list[float] | None = None  # std of seasonal differences per feature (seasonal form)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class Output(NamedTuple):

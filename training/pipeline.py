@@ -133,19 +133,13 @@ def run(cfg: TrainConfig) -> Published:
         log.info("export verified: worst difference %.2g (standardised units)", worst)
         if cfg.plot_windows:
             plot_forecasts(staging / PLOT_FILE, result.series, at, forecasts, cfg.context, cfg.plot_windows)
-        manifests: list[Manifest] = []
-
-        def write(folder: Path, version: int) -> None:
-            manifests.clear()
-            manifests.append(build_manifest(cfg, result, evaluation, folder / ONNX_FILE, version))
-            manifests[0].write(folder)
-
-        path = publish(staging, cfg.repo, cfg.name, write)
+        manifest = build_manifest(cfg, result, evaluation, onnx_path, version=1)
+        path, manifest = publish(staging, cfg.repo, cfg.name, manifest)
     except BaseException:
         discard(staging)
         raise
     title = (
-        f"{cfg.name} v{manifests[0].version} ({cfg.cell}, {cfg.layers}x{cfg.hidden_size}) — test split, "
+        f"{cfg.name} v{manifest.version} ({cfg.cell}, {cfg.layers}x{cfg.hidden_size}) — test split, "
         f"{result.epochs} epochs in {result.seconds:.0f} s"
     )
-    return Published(path=path, manifest=manifests[0], table=format_table(evaluation, title))
+    return Published(path=path, manifest=manifest, table=format_table(evaluation, title))
