@@ -19,7 +19,7 @@ ONNX_FILE = "model.onnx"
 FORMAT_VERSION = 1
 
 Cell = Literal["lstm", "gru", "rnn"]
-InputForm = Literal["level", "seasonal"]
+InputForm = Literal["level", "seasonal", "lookback"]
 
 
 class _Strict(BaseModel):
@@ -80,6 +80,8 @@ class OnnxInfo(_Strict):
     opset: int
     input: str = "x"
     output: str = "y"
+    # with quantiles: an extra output [batch, horizon, targets, quantiles]; y stays the point forecast
+    quantile_output: str | None = None
 
 
 class Manifest(_Strict):
@@ -105,6 +107,18 @@ class Manifest(_Strict):
     onnx: OnnxInfo
     training: dict[str, float | int | str | bool] = {}
     created: datetime
+    # seasons found in the data (rows); the reference forecast and the baselines use them
+    seasons: list[int] = []
+    # the data's step as a pandas offset string ("30min", "1h", "1D"); "" when the time column is an index
+    step: str = ""
+    # scores on the validation split (what chose this model) beside the same baselines
+    validation: Evaluation | None = None
+    # False when the model did not beat the best naive baseline on validation; it is then published
+    # with a warning in `warnings` and served all the same
+    beats_baselines: bool = True
+    warnings: list[str] = []
+    # per epoch: train loss, validation loss, learning rate and pre-clip gradient norm
+    history: list[dict[str, float]] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -113,6 +127,10 @@ class Manifest(_Strict):
         n = len(self.features)
         if len(self.scaler.mean) != n or len(self.scaler.std) != n:
             raise ValueError(f"scaler must have one mean and one std per feature ({n})")
+        if bool(self.quantiles) != bool(self.onnx.quantile_output):
+            raise ValueError("quantiles and onnx.quantile_output go together: both set or neither")
+        if any(not 0 < q < 1 for q in self.quantiles) or self.quantiles != sorted(set(self.quantiles)):
+            raise ValueError(f"quantiles must be increasing and inside (0, 1): {self.quantiles}")
         return self
 
     @property
