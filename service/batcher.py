@@ -1,9 +1,25 @@
 """Dynamic batching, one batcher per model version.
 
-Work items (a one-shot series from a zero state, or a session step from its pooled state) wait in a
-queue. A batch closes when it is full or its oldest item has waited `max_queue_delay_ms`; it runs in a
-worker thread while the next batch gathers. Items of different lengths share a batch by bucketing: one
+Work arrives as requests (a `Flow`): a one-shot Forecast is one flow of many series, each from a zero
+state; a session step is a flow of one item that starts from its pooled state. What one request may
+hold is bounded three ways:
+
+- *chunks*: a series or observation longer than `chunk_rows` runs in pieces of at most that many rows,
+  its recurrent state carried privately from piece to piece (a window run whole and the same rows fed
+  piece by piece give the same forecast to float32 rounding), so no run is longer than a chunk;
+- *batches*: one model run holds at most `max_batch_rows` rows (time steps summed over the batch) and
+  `max_batch_size` items; flows are served round robin, and while others wait a flow gets at most half
+  of a batch, so a big request interleaves with everyone else's instead of holding the worker;
+- *the queue*: it counts rows, not items (`max_queue_rows`) and requests (`max_queue_size`); one request
+  may hold at most `max_request_rows` rows and never more than half of the queue.
+
+A batch closes when it is full or its oldest item has waited `max_queue_delay_ms`; it runs in a worker
+thread while the next one gathers. Items of different chunk lengths share a batch by bucketing: one
 onnxruntime run per distinct length, so no answer depends on what it was batched with.
+
+A session item reads its pool slot at its first chunk and writes it only after its last chunk succeeded:
+a failed step leaves the session's state as it was. Every item that leaves the queue has its future
+resolved, whatever fails (the run, the worker, a commit): no session stays busy forever.
 """
 
 from __future__ import annotations
@@ -13,28 +29,61 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .pool import StatePool
 from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
+# limits used when the runtime carries no settings (test doubles); the server passes its Settings
+DEFAULT_LIMITS = {
+    "max_batch_rows": 4096,
+    "chunk_rows": 512,
+    "max_queue_rows": 4_000_000,
+    "max_request_rows": 1_000_000,
+}
+
+
+class Output(NamedTuple):
+    """One item's answer: y [horizon, targets] and, for a quantile model, q [horizon, targets, quantiles]."""
+
+    y: np.ndarray
+    q: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class Flow:
+    """One request's pending items, served in order; the flow takes turns with other requests."""
+
+    items: deque[WorkItem] = field(default_factory=deque)
+    queued: bool = False  # in the batcher's round robin
+    running: int = 0  # items of it in the batch being run
+
 
 @dataclass(eq=False)
 class WorkItem:
     x: np.ndarray  # [time, features] float32
     slot: int | None  # pool slot whose state is read and written; None: zero state, nothing kept
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Output]
     deadline: float | None  # time.monotonic() after which the item is not run
-    commit: Callable[[np.ndarray], None] | None = None  # runs on the event loop when a step has applied
+    commit: Callable[[Output], None] | None = None  # runs on the event loop when a step has applied
     enqueued: float = field(default_factory=time.monotonic)
+    flow: Flow | None = None
+    pos: int = 0  # rows already run
+    chunk: int = 0  # rows of the piece being run
+    state: list[np.ndarray] | None = None  # carried between pieces, [dim0, 1, dim1] each
+
+    @property
+    def remaining(self) -> int:
+        return int(self.x.shape[0]) - self.pos
 
 
 class Batcher:
@@ -52,18 +101,36 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
-        self._queue: deque[WorkItem] = deque()
+        settings = getattr(runtime, "settings", None)
+        limits = {k: int(getattr(settings, k, v)) for k, v in DEFAULT_LIMITS.items()}
+        self.max_batch_rows = limits["max_batch_rows"]
+        self.chunk_rows = max(1, min(limits["chunk_rows"], self.max_batch_rows))
+        self.max_queue_rows = limits["max_queue_rows"]
+        # a single request never takes more than half of the queue
+        self.max_request_rows = max(1, min(limits["max_request_rows"], self.max_queue_rows // 2))
+        self._flows: deque[Flow] = deque()
+        self._n_flows = 0  # requests with unfinished items (queued or running)
+        self._rows = 0  # rows admitted and not yet run: what the queue bound counts
+        self._carried = 0  # items between two of their chunks: runnable at once, no gathering delay
+        self._ready_rows = 0  # rows of the next pieces of queued items, to tell when a batch is full
+        self._ready_items = 0
         self._wake = asyncio.Event()  # the queue got its first item
         self._full = asyncio.Event()  # the queue holds a full batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{runtime.manifest.name}")
         self._task: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Future[list[np.ndarray | BaseException]] | None = None
+        self._inflight: asyncio.Future[list[Output | BaseException | None]] | None = None
         self._closing = False
         labels = (runtime.manifest.name, str(runtime.manifest.version))
         self._m_wait = metrics.queue_wait.labels(*labels)
         self._m_run = metrics.model_run.labels(*labels)
         self._m_batch = metrics.batch_size.labels(*labels)
         self._m_rejected = metrics.queue_rejected.labels(*labels)
+        self._m_rows = metrics.batch_rows.labels(*labels)
+        self._m_queued_rows = metrics.queued_rows.labels(*labels)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._rows
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.runtime.path}")
@@ -73,60 +140,163 @@ class Batcher:
         x: np.ndarray,
         slot: int | None = None,
         deadline: float | None = None,
-        commit: Callable[[np.ndarray], None] | None = None,
-    ) -> asyncio.Future[np.ndarray]:
-        """Queues one item; its future resolves to y [horizon, targets]."""
+        commit: Callable[[Output], None] | None = None,
+    ) -> asyncio.Future[Output]:
+        """Queues one item as its own request; its future resolves to an Output."""
+        return self.submit_many([x], slot, deadline, commit)[0]
+
+    def submit_many(
+        self,
+        xs: Sequence[np.ndarray],
+        slot: int | None = None,
+        deadline: float | None = None,
+        commit: Callable[[Output], None] | None = None,
+    ) -> list[asyncio.Future[Output]]:
+        """Queues the series of one request (served in turn with other requests); one future per series.
+        `slot` and `commit` are for a single session step."""
         if self._closing:
             raise Unavailable("the server is shutting down; retry on another instance")
-        if len(self._queue) >= self.max_queue_size:
+        rows = sum(int(x.shape[0]) for x in xs)
+        name = f"{self.runtime.manifest.name} v{self.runtime.manifest.version}"
+        self.check_request_rows(rows)
+        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
             self._m_rejected.inc()
             raise ResourceExhausted(
-                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
-                f"({self.max_queue_size} items waiting); retry with backoff"
+                f"batch queue full for {name} ({self._rows} rows of {self._n_flows} request(s) waiting; "
+                f"bounds {self.max_queue_rows} rows, {self.max_queue_size} requests); retry with backoff"
             )
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(WorkItem(x, slot, fut, deadline, commit))
-        if len(self._queue) == 1:
+        loop = asyncio.get_running_loop()
+        flow = Flow()
+        futures: list[asyncio.Future[Output]] = []
+        now = time.monotonic()
+        for x in xs:
+            fut: asyncio.Future[Output] = loop.create_future()
+            flow.items.append(WorkItem(x, slot, fut, deadline, commit, now, flow))
+            futures.append(fut)
+        self._rows += rows
+        self._ready_rows += sum(min(self.chunk_rows, int(x.shape[0])) for x in xs)
+        self._ready_items += len(xs)
+        self._n_flows += 1
+        self._m_queued_rows.set(self._rows)
+        first = not self._flows
+        flow.queued = True
+        self._flows.append(flow)
+        if first:
             self._wake.set()
-        elif len(self._queue) >= self.max_batch_size:
+        if self._is_full():
             self._full.set()
-        return fut
+        return futures
+
+    def check_request_rows(self, rows: int) -> None:
+        """Refuses a request bigger than one request may ever be."""
+        if rows > self.max_request_rows:
+            raise InvalidArgument(
+                f"{rows} rows in one request (summed over its series); at most {self.max_request_rows} are "
+                "accepted (GATECAST_MAX_REQUEST_ROWS, at most half of GATECAST_MAX_QUEUE_ROWS): split the request"
+            )
+
+    def _is_full(self) -> bool:
+        return self._ready_rows >= self.max_batch_rows or self._ready_items >= self.max_batch_size
+
+    def _finish(self, it: WorkItem) -> None:
+        """Bookkeeping for an item leaving for good (answered, failed or abandoned)."""
+        self._rows -= it.remaining
+        it.pos = int(it.x.shape[0])
+        it.state = None
+        flow, it.flow = it.flow, None
+        if flow is not None and not flow.items and not flow.running:
+            self._n_flows -= 1
+        self._m_queued_rows.set(self._rows)
 
     async def _collect(self) -> list[WorkItem]:
         """Waits for a first item, then until the batch is full or the first item has waited `delay`.
         Submitters wake the collector only on those two events, not once per item."""
-        while not self._queue:
+        while not self._flows:
             self._wake.clear()
             await self._wake.wait()
-        remaining = self._queue[0].enqueued + self.delay - time.monotonic()
-        if len(self._queue) < self.max_batch_size and remaining > 0:
+        head = self._flows[0].items[0].enqueued if self._flows[0].items else time.monotonic()
+        remaining = head + self.delay - time.monotonic()
+        if self._carried == 0 and not self._is_full() and remaining > 0:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), remaining)
         return self._take()
 
     def _take(self, batch: list[WorkItem] | None = None) -> list[WorkItem]:
-        """Moves runnable items from the queue into the batch: not cancelled, not past their deadline,
-        and at most one step per session slot (a later step of the same session waits its turn)."""
+        """Moves runnable pieces from the queue into the batch, round robin over requests: not cancelled,
+        not past their deadline, at most one step per session slot, at most `max_batch_rows` rows and
+        `max_batch_size` items; in a first pass each request gets at most half of the batch."""
         batch = batch if batch is not None else []
+        rows = sum(it.chunk for it in batch)
         slots = {it.slot for it in batch if it.slot is not None}
         now = time.monotonic()
-        deferred: list[WorkItem] = []
-        while self._queue and len(batch) < self.max_batch_size:
-            it = self._queue.popleft()
-            if it.future.done():  # the caller went away
-                continue
-            if it.deadline is not None and now > it.deadline:
-                it.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-                continue
-            if it.slot is not None:
-                if it.slot in slots:
-                    deferred.append(it)
-                    continue
-                slots.add(it.slot)
-            batch.append(it)
-        self._queue.extendleft(reversed(deferred))
+        quota_rows = max(self.chunk_rows, self.max_batch_rows // 2)
+        quota_items = max(1, self.max_batch_size // 2)
+        for quota in (True, False):
+            rotated: list[Flow] = []
+            for _ in range(len(self._flows)):
+                if rows >= self.max_batch_rows or len(batch) >= self.max_batch_size:
+                    break
+                flow = self._flows.popleft()
+                f_rows = f_items = 0
+                while flow.items and rows < self.max_batch_rows and len(batch) < self.max_batch_size:
+                    it = flow.items[0]
+                    chunk = min(self.chunk_rows, it.remaining)
+                    if it.future.done() and it.slot is None:  # the caller went away
+                        flow.items.popleft()
+                        self._unready(it, chunk)
+                        self._finish(it)
+                        continue
+                    if it.deadline is not None and now > it.deadline:
+                        flow.items.popleft()
+                        self._unready(it, chunk)
+                        self._finish(it)
+                        if not it.future.done():
+                            it.future.set_exception(
+                                DeadlineExceeded("the deadline passed while the request was queued")
+                            )
+                        continue
+                    if quota and f_items and (f_rows + chunk > quota_rows or f_items >= quota_items):
+                        break
+                    if batch and rows + chunk > self.max_batch_rows:
+                        break
+                    if it.slot is not None and it.slot in slots:
+                        break
+                    flow.items.popleft()
+                    self._unready(it, chunk)
+                    it.chunk = chunk
+                    flow.running += 1
+                    if it.slot is not None:
+                        slots.add(it.slot)
+                    batch.append(it)
+                    rows += chunk
+                    f_rows += chunk
+                    f_items += 1
+                if flow.items:
+                    rotated.append(flow)  # partly served: to the back of the line
+                else:
+                    flow.queued = False
+            self._flows.extend(rotated)
         return batch
+
+    def _unready(self, it: WorkItem, chunk: int) -> None:
+        self._ready_rows -= chunk
+        self._ready_items -= 1
+        if it.pos > 0:
+            self._carried -= 1
+
+    def _requeue(self, it: WorkItem) -> None:
+        """An item with rows left goes back to its request's line, the request to the back of the queue."""
+        flow = it.flow
+        assert flow is not None
+        flow.items.append(it)
+        self._ready_rows += min(self.chunk_rows, it.remaining)
+        self._ready_items += 1
+        self._carried += 1
+        if not flow.queued:
+            flow.queued = True
+            self._flows.append(flow)
+            self._wake.set()
 
     async def _loop(self) -> None:
         while True:
@@ -139,63 +309,129 @@ class Batcher:
 
     async def _dispatch_next(self) -> None:
         batch = await self._collect()
-        if self._inflight is not None:
-            await asyncio.wait([self._inflight])
-            batch = self._take(batch)  # top up with what arrived while the model was busy
-        if not batch:
-            return
-        now = time.monotonic()
-        for it in batch:
-            self._m_wait.observe(now - it.enqueued)
-        self._m_batch.observe(len(batch))
-        self._inflight = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
-        self._inflight.add_done_callback(lambda f, b=batch: self._deliver(b, f))  # type: ignore[misc]
+        try:
+            if self._inflight is not None:
+                await asyncio.wait([self._inflight])
+                batch = self._take(batch)  # top up with what arrived while the model was busy
+            if not batch:
+                return
+            now = time.monotonic()
+            for it in batch:
+                if it.pos == 0:
+                    self._m_wait.observe(now - it.enqueued)
+            self._m_batch.observe(len(batch))
+            self._m_rows.observe(sum(it.chunk for it in batch))
+            inflight = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
+        except BaseException as e:  # the items left the queue: they must still be answered
+            self._fail(batch, e if isinstance(e, Exception) else Unavailable("the batcher stopped"))
+            raise
+        self._inflight = inflight
+        inflight.add_done_callback(lambda f, b=batch: self._deliver(b, f))  # type: ignore[misc]
 
-    def _execute(self, batch: list[WorkItem]) -> list[np.ndarray | BaseException]:
-        """Worker thread: one run per distinct length; states gathered from and scattered to the pool."""
-        results: list[np.ndarray | BaseException] = [RuntimeError("not run")] * len(batch)
+    def _fail(self, batch: list[WorkItem], error: BaseException) -> None:
+        for it in batch:
+            self._settle(it, error)
+
+    def _settle(self, it: WorkItem, result: Output | BaseException) -> None:
+        """Resolves an item of a batch for good; never raises."""
+        try:
+            if it.flow is not None:
+                it.flow.running -= 1
+            self._finish(it)
+            if isinstance(result, BaseException):
+                if not it.future.done():
+                    it.future.set_exception(result)
+                return
+            if it.commit is not None:
+                try:
+                    it.commit(result)  # the state has advanced: record it even if the caller has gone
+                except Exception as e:
+                    log.exception("commit failed for %s", self.runtime.path)
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                    return
+            if not it.future.done():
+                it.future.set_result(result)
+        except Exception as e:  # last resort: the future must not stay pending
+            log.exception("delivering a result failed for %s", self.runtime.path)
+            if not it.future.done():
+                it.future.set_exception(e)
+
+    def _execute(self, batch: list[WorkItem]) -> list[Output | BaseException | None]:
+        """Worker thread: one run per distinct piece length. An item's first piece starts from its pool
+        slot (or zero); later pieces from the state the previous piece left; its slot is written after
+        its last piece. None in the result: the item has rows left."""
+        results: list[Output | BaseException | None] = [RuntimeError("not run")] * len(batch)
         by_len: dict[int, list[int]] = {}
         for i, it in enumerate(batch):
-            by_len.setdefault(it.x.shape[0], []).append(i)
-        for idx in by_len.values():
+            by_len.setdefault(it.chunk, []).append(i)
+        for length, idx in by_len.items():
             try:
-                x = np.stack([batch[i].x for i in idx]) if len(idx) > 1 else batch[idx[0]].x[None]
-                states = self.runtime.zero_states(len(idx))
-                cols = np.array([k for k, i in enumerate(idx) if batch[i].slot is not None], dtype=np.int64)
-                slots = np.array([batch[idx[k]].slot for k in cols], dtype=np.int64)
-                if slots.size:
+                items = [batch[i] for i in idx]
+                x = np.stack([it.x[it.pos : it.pos + length] for it in items])
+                states = self.runtime.zero_states(len(items))
+                fresh = [k for k, it in enumerate(items) if it.pos == 0 and it.slot is not None]
+                if fresh:
+                    cols = np.array(fresh, dtype=np.int64)
+                    slots = np.array([items[k].slot for k in fresh], dtype=np.int64)
                     for s, g in zip(states, self.pool.gather(slots), strict=True):
                         s[:, cols, :] = g
+                for k, it in enumerate(items):
+                    if it.state is not None:
+                        for s, g in zip(states, it.state, strict=True):
+                            s[:, k : k + 1, :] = g
                 t0 = time.monotonic()
-                y, new_states = self.runtime.run(x, states)
+                y, new_states, q = self.runtime.run(x, states)
                 self._m_run.observe(time.monotonic() - t0)
-                if slots.size:
+                last = [k for k, it in enumerate(items) if it.pos + length >= it.x.shape[0]]
+                done_slots = [k for k in last if items[k].slot is not None]
+                if done_slots:
+                    cols = np.array(done_slots, dtype=np.int64)
+                    slots = np.array([items[k].slot for k in done_slots], dtype=np.int64)
                     self.pool.scatter(slots, [s[:, cols, :] for s in new_states])
-                for k, i in enumerate(idx):
-                    results[i] = y[k]
+                ended = set(last)
+                for k, (i, it) in enumerate(zip(idx, items, strict=True)):
+                    it.pos += length
+                    if k in ended:
+                        it.state = None
+                        results[i] = Output(y[k], None if q is None else q[k])
+                    else:
+                        it.state = [np.array(s[:, k : k + 1, :]) for s in new_states]
+                        results[i] = None
             except Exception as e:  # a failed run fails its items, never the batcher
                 log.exception("model run failed for %s", self.runtime.path)
                 for i in idx:
                     results[i] = e
         return results
 
-    def _deliver(self, batch: list[WorkItem], done: asyncio.Future[list[np.ndarray | BaseException]]) -> None:
-        exc = done.exception() if not done.cancelled() else RuntimeError("cancelled")
-        results: list[np.ndarray | BaseException] = [exc] * len(batch) if exc else done.result()
+    def _deliver(self, batch: list[WorkItem], done: asyncio.Future[list[Output | BaseException | None]]) -> None:
+        try:
+            exc = done.exception() if not done.cancelled() else Unavailable("the model run was cancelled")
+            results: list[Output | BaseException | None] = [exc] * len(batch) if exc else done.result()
+        except Exception as e:
+            results = [e] * len(batch)
         for it, r in zip(batch, results, strict=True):
-            if isinstance(r, BaseException):
-                if not it.future.done():
-                    it.future.set_exception(r)
+            if r is not None:
+                self._settle(it, r)
                 continue
-            if it.commit is not None:
-                it.commit(r)  # the state has advanced: record it even if the caller has gone
-            if not it.future.done():
-                it.future.set_result(r)
+            try:  # rows left: back in line, unless a one-shot caller has gone
+                if it.slot is None and it.future.done():
+                    self._settle(it, Unavailable("abandoned"))
+                    continue
+                assert it.flow is not None
+                it.flow.running -= 1
+                it.chunk = 0
+                self._requeue(it)
+            except Exception as e:
+                log.exception("requeueing an item failed for %s", self.runtime.path)
+                if it.flow is not None:
+                    it.flow.running += 1  # _settle takes it off again
+                self._settle(it, e)
 
     async def close(self) -> None:
         """Stops taking work, lets queued and running items finish, then stops the worker."""
         self._closing = True
-        while self._queue or (self._inflight is not None and not self._inflight.done()):
+        while self._flows or (self._inflight is not None and not self._inflight.done()):
             await asyncio.sleep(0.005)
         if self._task is not None:
             self._task.cancel()

@@ -36,9 +36,22 @@ def to_matrix(y: np.ndarray) -> pb.Matrix:
     return pb.Matrix(rows=y.shape[0], cols=y.shape[1], values=y.ravel().tolist())
 
 
+def to_quantile_matrix(q: np.ndarray) -> pb.Matrix:
+    """q [horizon, targets, quantiles] as rows = horizon, cols = targets * quantiles, target-major."""
+    h, t, n = q.shape
+    return pb.Matrix(rows=h, cols=t * n, values=q.reshape(h, t * n).ravel().tolist())
+
+
+def quote(text: str, limit: int = 64) -> str:
+    """A client's string for an error message: quoted, and shortened when long (never echoed whole)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_session_id(session_id: str) -> str:
     if not _SESSION_ID.match(session_id):
         raise InvalidArgument(
-            f"session_id {session_id[:64]!r} is malformed; expected the 32 hex characters OpenSession returned"
+            f"session_id {quote(session_id)} is malformed; expected the 32 hex characters OpenSession returned"
         )
     return session_id

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_ROWS = (1, 8, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
 
 
 class Metrics:
@@ -45,6 +46,19 @@ class Metrics:
             buckets=_BATCH,
             registry=registry,
         )
+        self.batch_rows = Histogram(
+            "gatecast_batch_rows",
+            "Rows (time steps summed over the items) per dispatched batch",
+            ["model", "version"],
+            buckets=_ROWS,
+            registry=registry,
+        )
+        self.queued_rows = Gauge(
+            "gatecast_queued_rows",
+            "Rows admitted to the batch queue and not yet run (the queue bound counts these)",
+            ["model", "version"],
+            registry=registry,
+        )
         self.live_sessions = Gauge("gatecast_live_sessions", "Open sessions", ["model", "version"], registry=registry)
         self.sessions_opened = Counter(
             "gatecast_sessions_opened", "Sessions opened", ["model", "version"], registry=registry
@@ -62,6 +76,18 @@ class Metrics:
             "gatecast_sessions_rejected",
             "OpenSession calls refused because the session pool was full",
             ["model", "version"],
+            registry=registry,
+        )
+        self.sessions_short_history = Counter(
+            "gatecast_sessions_short_history",
+            "Sessions opened with fewer history rows than the model's context length (early forecasts degraded)",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.malformed = Counter(
+            "gatecast_malformed_messages",
+            "Request messages that could not be decoded, by RPC",
+            ["rpc"],
             registry=registry,
         )
         self.queue_rejected = Counter(

@@ -17,6 +17,10 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+# runs above this many rows (batch x time) give the memory arena's growth back afterwards
+SHRINK_ABOVE_ROWS = 2048
+
+
 class ModelLoadError(RuntimeError):
     pass
 
@@ -30,6 +34,8 @@ class ModelRuntime:
     session: ort.InferenceSession
     provider: str
     _output_names: list[str]
+    settings: Settings | None = None  # the limits the batcher applies to this model
+    _shrink: ort.RunOptions | None = None
 
     @classmethod
     def load(cls, folder: Path, settings: Settings) -> ModelRuntime:
@@ -58,7 +64,15 @@ class ModelRuntime:
         if names != expected:
             raise ModelLoadError(f"{onnx_path}: graph inputs {sorted(names)} != manifest {sorted(expected)}")
         outputs = [manifest.onnx.output, *(s.output for s in manifest.states)]
-        rt = cls(manifest, folder, session, provider, outputs)
+        if manifest.onnx.quantile_output:
+            outputs.append(manifest.onnx.quantile_output)
+        missing = set(outputs) - {o.name for o in session.get_outputs()}
+        if missing:
+            raise ModelLoadError(f"{onnx_path}: graph has no output(s) {sorted(missing)} named in the manifest")
+        # a run bigger than the arena has seen grows it; give the growth back after such runs
+        shrink = ort.RunOptions()
+        shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        rt = cls(manifest, folder, session, provider, outputs, settings, shrink)
         rt.warm_up()
         log.info("loaded %s v%d from %s on %s", manifest.name, manifest.version, folder, provider)
         return rt
@@ -66,13 +80,16 @@ class ModelRuntime:
     def zero_states(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in self.manifest.states]
 
-    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """x [batch, time, features], states [dim0, batch, dim1] each -> y [batch, horizon, targets], states."""
+    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+        """x [batch, time, features], states [dim0, batch, dim1] each -> y [batch, horizon, targets], states,
+        and for a quantile model q [batch, horizon, targets, quantiles] (else None)."""
         feed = {self.manifest.onnx.input: x}
         for spec, s in zip(self.manifest.states, states, strict=True):
             feed[spec.input] = s
-        out = self.session.run(self._output_names, feed)
-        return out[0], list(out[1:])
+        big = x.shape[0] * x.shape[1] > SHRINK_ABOVE_ROWS
+        out = self.session.run(self._output_names, feed, self._shrink if big else None)
+        n = 1 + len(self.manifest.states)
+        return out[0], list(out[1:n]), out[n] if len(out) > n else None
 
     def warm_up(self) -> None:
         m = self.manifest

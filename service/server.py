@@ -15,11 +15,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from gatecast.v1 import forecaster_pb2, forecaster_pb2_grpc
+from gatecast.v1 import forecaster_pb2
 
 from .metrics import Metrics
 from .repository import Repository
-from .servicer import ForecasterServicer
+from .servicer import ForecasterServicer, add_to_server
 from .sessions import SessionTable
 from .settings import Settings
 
@@ -101,7 +101,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    forecaster_pb2_grpc.add_ForecasterServicer_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)
+    add_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)  # malformed requests: INVALID_ARGUMENT
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

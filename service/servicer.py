@@ -1,5 +1,10 @@
 """The Forecaster servicer: protobuf in, plain calls into the repository, batcher and sessions, protobuf
-out. Errors are ours (service.errors) and become gRPC statuses in one place (`_call`)."""
+out. Errors are ours (service.errors) and become gRPC statuses in one place (`_call`).
+
+Requests are decoded by tolerant deserializers (`add_to_server`): bytes that are not a valid message
+become a `Malformed` value the handler answers with INVALID_ARGUMENT (on Stream: an error answer for
+that message, and the stream goes on), instead of grpc's UNKNOWN and a logged traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,14 +22,74 @@ import numpy as np
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
-from .convert import check_session_id, to_array, to_matrix
+from .batcher import Output
+from .convert import check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, rows_digest
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+MAX_MODEL_NAME = 64  # the manifest's limit: a longer name cannot be loaded
+MAX_MESSAGE = 1024  # an error message is never longer than this
+DEFAULT_STREAM_INFLIGHT = 256
+
+
+class Malformed:
+    """A request whose bytes did not decode."""
+
+    __slots__ = ("error", "type_name")
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def problem(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name} message ({quote(self.error, 120)}); "
+            "check the client's generated code against proto/gatecast/v1"
+        )
+
+
+def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as e:  # protobuf DecodeError, invalid UTF-8 in a string field, ...
+            return Malformed(type_name, str(e) or type(e).__name__)
+
+    return deserialize
+
+
+class _Capture:
+    """Stands in for a server to read the handlers the generated code would register."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.name, self.handlers = name, handlers
+
+
+def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None:
+    """What `add_ForecasterServicer_to_server` does, with request deserializers that never raise."""
+    capture = _Capture()
+    pb_grpc.add_ForecasterServicer_to_server(servicer, capture)  # type: ignore[arg-type]
+    service = pb.DESCRIPTOR.services_by_name["Forecaster"]
+    handlers = {}
+    for method, handler in capture.handlers.items():
+        input_type = service.methods_by_name[method].input_type.full_name
+        decode = handler.request_deserializer
+        assert decode is not None
+        handlers[method] = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
+    server.add_registered_method_handlers(capture.name, handlers)
 
 
 class _Call:
@@ -69,6 +135,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         id and answered INTERNAL without its text."""
         if isinstance(error, ServiceError):
             code, message = error.code, error.message
+            if len(message) > MAX_MESSAGE:
+                message = message[: MAX_MESSAGE - 20] + f"... ({len(message)} chars)"
         else:
             request_id = uuid.uuid4().hex[:12]
             log.error("%s failed (request id %s)", rpc, request_id, exc_info=error)
@@ -77,10 +145,17 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         return code, message
 
     async def _call(
-        self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[_Call], Awaitable[Any]]
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[_Call], Awaitable[Any]],
+        request: Any = None,
     ) -> Any:
         call = _Call()
         try:
+            if isinstance(request, Malformed):
+                self.metrics.malformed.labels(rpc).inc()
+                raise request.problem()
             result = await handler(call)
         except asyncio.CancelledError:
             self._count(rpc, call, grpc.StatusCode.CANCELLED)
@@ -92,19 +167,28 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
+    def _resolve(self, name: str, version: int) -> ModelVersion:
+        if len(name) > MAX_MODEL_NAME:
+            raise NotFound(
+                f"model {quote(name, MAX_MODEL_NAME)} not found: model names are at most {MAX_MODEL_NAME} characters"
+            )
+        return self.repo.resolve(name, version)
+
     def _start_step(
         self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
-    ) -> asyncio.Future[np.ndarray] | np.ndarray:
-        """For the holder of the session's turn: the stored forecast for a retry, else the future of the
-        step. The turn passes on when the step has really finished (not when its caller stops waiting)."""
+    ) -> asyncio.Future[Output] | Output:
+        """For the holder of the session's turn: the stored forecast for a retry (with the same rows), else
+        the future of the step. The turn passes on when the step has really finished (not when its caller
+        stops waiting)."""
         try:
             if session.closed:
                 raise NotFound(f"session {session.id!r} not found: it was closed")
-            if seq is not None and session.check_sequence(seq):
+            digest = rows_digest(x) if seq is not None else b""
+            if seq is not None and session.check_sequence(seq, digest):
                 assert session.forecast is not None
                 session.release()
-                return session.forecast  # a retry: answered again, not applied twice
-            commit = session.committer(seq, x.shape[0]) if seq is not None else None
+                return Output(session.forecast, session.quantile_forecast)  # a retry: not applied twice
+            commit = session.committer(seq, x.shape[0], digest) if seq is not None else None
             fut = mv.batcher.submit(x, session.slot, deadline, commit)
         except BaseException:
             session.release()
@@ -115,11 +199,11 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     async def _step(
         self, session: Session, mv: ModelVersion, x: np.ndarray, deadline: float | None, seq: int | None
-    ) -> np.ndarray:
+    ) -> Output:
         """Applies rows to a session's state in its turn, so two steps never overlap."""
         await session.take()
         started = self._start_step(session, mv, x, deadline, seq)
-        if isinstance(started, np.ndarray):
+        if isinstance(started, Output):
             return started
         return await asyncio.shield(started)  # a cancelled caller does not cancel an applied step
 
@@ -134,14 +218,17 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     async def _observe(self, req: pb.ObserveRequest, deadline: float | None, call: _Call) -> pb.ObserveResponse:
         session, mv, x = self._prepare_observe(req, call)
-        y = await self._step(session, mv, x, deadline, req.sequence)
-        return pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(y))
+        out = await self._step(session, mv, x, deadline, req.sequence)
+        response = pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(out.y))
+        if out.q is not None:
+            response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+        return response
 
     # --- RPCs -----------------------------------------------------------------------------------------
 
     async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> pb.ForecastResponse:
         async def handle(call: _Call) -> pb.ForecastResponse:
-            mv = self.repo.resolve(request.model, request.version)
+            mv = self._resolve(request.model, request.version)
             call.model = mv.name  # only loaded models become label values: clients cannot grow the metrics
             if not request.series:
                 raise InvalidArgument("no series given; expected one or more histories (rows x features)")
@@ -149,50 +236,70 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 raise InvalidArgument(
                     f"{len(request.series)} series in one request; at most {self.settings.max_series} are accepted"
                 )
+            mv.batcher.check_request_rows(sum(s.rows for s in request.series))  # before converting anything
             n_f = mv.runtime.manifest.n_features
             xs = [to_array(s, n_f, f"series[{i}]", self.settings.max_rows) for i, s in enumerate(request.series)]
-            deadline = _deadline(context)
-            futures: list[asyncio.Future[np.ndarray]] = []
+            futures = mv.batcher.submit_many(xs, None, _deadline(context))
             try:
-                for x in xs:
-                    futures.append(mv.batcher.submit(x, None, deadline))
-                ys = await asyncio.gather(*futures)
+                outs = await asyncio.gather(*futures)
             except BaseException:
                 for f in futures:
-                    f.cancel()
+                    f.cancel()  # the batcher drops what has not run yet
                 raise
-            return pb.ForecastResponse(model=mv.name, version=mv.version, forecasts=[to_matrix(y) for y in ys])
+            m = mv.runtime.manifest
+            response = pb.ForecastResponse(
+                model=mv.name, version=mv.version, forecasts=[to_matrix(o.y) for o in outs], quantiles=m.quantiles
+            )
+            if m.onnx.quantile_output:
+                response.quantile_forecasts.extend(to_quantile_matrix(o.q) for o in outs if o.q is not None)
+            return response
 
-        return await self._call("Forecast", context, handle)  # type: ignore[no-any-return]
+        return await self._call("Forecast", context, handle, request)  # type: ignore[no-any-return]
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
         async def handle(call: _Call) -> pb.OpenSessionResponse:
-            mv = self.repo.resolve(request.model, request.version)
+            mv = self._resolve(request.model, request.version)
             call.model = mv.name
+            m = mv.runtime.manifest
             history = None
             if request.HasField("history") and request.history.rows > 0:
-                history = to_array(request.history, mv.runtime.manifest.n_features, "history", self.settings.max_rows)
+                mv.batcher.check_request_rows(request.history.rows)
+                history = to_array(request.history, m.n_features, "history", self.settings.max_rows)
+            rows = 0 if history is None else int(history.shape[0])
             session = self.sessions.open(mv)
-            response = pb.OpenSessionResponse(session_id=session.id, model=mv.name, version=mv.version, next_sequence=1)
+            response = pb.OpenSessionResponse(
+                session_id=session.id,
+                model=mv.name,
+                version=mv.version,
+                next_sequence=1,
+                history_rows=rows,
+                context_length=m.context_length,
+                short_history=rows < m.context_length,
+            )
             if history is not None:
                 try:
-                    y = await self._step(session, mv, history, _deadline(context), None)
+                    out = await self._step(session, mv, history, _deadline(context), None)
                 except BaseException:
+                    # a step still queued or running keeps the slot until it has finished (see sessions)
                     self.sessions.discard(session)
                     raise
-                session.steps += history.shape[0]
-                response.forecast.CopyFrom(to_matrix(y))
+                session.steps += rows
+                response.forecast.CopyFrom(to_matrix(out.y))
+                if out.q is not None:
+                    response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+            if response.short_history:
+                self.metrics.sessions_short_history.labels(mv.name, str(mv.version)).inc()
             return response
 
-        return await self._call("OpenSession", context, handle)  # type: ignore[no-any-return]
+        return await self._call("OpenSession", context, handle, request)  # type: ignore[no-any-return]
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
         async def handle(call: _Call) -> pb.ObserveResponse:
             return await self._observe(request, _deadline(context), call)
 
-        return await self._call("Observe", context, handle)  # type: ignore[no-any-return]
+        return await self._call("Observe", context, handle, request)  # type: ignore[no-any-return]
 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
@@ -202,57 +309,98 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             call.model = session.model
             return pb.CloseSessionResponse(session_id=session.id, steps=session.steps)
 
-        return await self._call("CloseSession", context, handle)  # type: ignore[no-any-return]
+        return await self._call("CloseSession", context, handle, request)  # type: ignore[no-any-return]
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.ObserveRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ObserveRequest | Malformed], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         """No task per message: each message takes a ticket for its session's turn, its step starts from
         the ticket's callback (at once when the session is free), and it is answered from the step's done
-        callback. A session's answers are therefore queued in the order its steps applied."""
+        callback.
+
+        Each message gets a place in its session's line (keyed by the session id it names) when it is read;
+        an answer, forecast or error, leaves only when every earlier message of that session has been
+        answered, so one session's answers come in its message order. At most `max_stream_inflight`
+        messages are read and not yet sent: beyond that the stream stops reading, and a client that never
+        reads its answers is held back by flow control instead of growing the server's buffers."""
         out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
+        lines: dict[str, deque[list[pb.StreamResponse | None]]] = {}  # per session id, in message order
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
-        pending = 0
+        limit = getattr(self.settings, "max_stream_inflight", DEFAULT_STREAM_INFLIGHT)
+        pending = 0  # read, not yet queued for sending
+        unsent = 0  # read, not yet sent
+        room = asyncio.Event()
+        room.set()
         reading = True
         deadline = _deadline(context)
 
-        def answer(req: pb.ObserveRequest, call: _Call, y: np.ndarray | None, error: BaseException | None) -> None:
+        def answer(
+            key: str,
+            place: list[pb.StreamResponse | None],
+            req: pb.ObserveRequest,
+            call: _Call,
+            result: Output | None,
+            error: BaseException | None,
+        ) -> None:
             nonlocal pending
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
             if error is None:
-                assert y is not None
-                response.forecast.CopyFrom(to_matrix(y))
+                assert result is not None
+                response.forecast.CopyFrom(to_matrix(result.y))
+                if result.q is not None:
+                    response.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
                 self._count("Stream", call, grpc.StatusCode.OK)
             else:
                 code, message = self._status("Stream", call, error)
                 response.error.code = code.value[0]
                 response.error.message = message
-            out.put_nowait(response)
-            pending -= 1
+            place[0] = response
+            line = lines[key]
+            while line and line[0][0] is not None:
+                out.put_nowait(line.popleft()[0])
+                pending -= 1
+            if not line:
+                del lines[key]
             if not reading and pending == 0:
                 out.put_nowait(None)
 
-        def on_done(req: pb.ObserveRequest, call: _Call, fut: asyncio.Future[np.ndarray]) -> None:
+        def on_done(
+            key: str,
+            place: list[pb.StreamResponse | None],
+            req: pb.ObserveRequest,
+            call: _Call,
+            fut: asyncio.Future[Output],
+        ) -> None:
             if fut.cancelled():
-                answer(req, call, None, ServiceError("the step was cancelled"))
+                answer(key, place, req, call, None, ServiceError("the step was cancelled"))
             elif (e := fut.exception()) is not None:
-                answer(req, call, None, e)
+                answer(key, place, req, call, None, e)
             else:
-                answer(req, call, fut.result(), None)
+                answer(key, place, req, call, fut.result(), None)
 
-        def start(req: pb.ObserveRequest, call: _Call, session: Session, mv: ModelVersion, x: np.ndarray) -> None:
+        def start(
+            key: str,
+            place: list[pb.StreamResponse | None],
+            req: pb.ObserveRequest,
+            call: _Call,
+            session: Session,
+            mv: ModelVersion,
+            x: np.ndarray,
+        ) -> None:
             try:
                 started = self._start_step(session, mv, x, deadline, req.sequence)
             except Exception as e:
-                answer(req, call, None, e)
+                answer(key, place, req, call, None, e)
                 return
-            if isinstance(started, np.ndarray):
-                answer(req, call, started, None)
+            if isinstance(started, Output):
+                answer(key, place, req, call, started, None)
             else:
-                started.add_done_callback(lambda f: on_done(req, call, f))
+                started.add_done_callback(lambda f: on_done(key, place, req, call, f))
 
         def granted(
             ticket: asyncio.Future[None],
+            key: str,
+            place: list[pb.StreamResponse | None],
             req: pb.ObserveRequest,
             call: _Call,
             session: Session,
@@ -261,29 +409,48 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         ) -> None:
             waiting.pop(ticket, None)
             if not ticket.cancelled():
-                start(req, call, session, mv, x)
+                start(key, place, req, call, session, mv, x)
+            else:
+                answer(key, place, req, call, None, ServiceError("the stream ended before this step's turn"))
 
-        def handle(req: pb.ObserveRequest) -> None:
+        def handle(req: pb.ObserveRequest | Malformed) -> None:
             nonlocal pending
             pending += 1
             call = _Call()
+            if isinstance(req, Malformed):
+                self.metrics.malformed.labels("Stream").inc()
+                key, error = "", req.problem()
+                req = pb.ObserveRequest()
+            else:
+                key, error = req.session_id, None
+            place: list[pb.StreamResponse | None] = [None]
+            lines.setdefault(key, deque()).append(place)
+            if error is not None:
+                answer(key, place, req, call, None, error)
+                return
             try:
                 session, mv, x = self._prepare_observe(req, call)
             except Exception as e:
-                answer(req, call, None, e)
+                answer(key, place, req, call, None, e)
                 return
             ticket = session.queue_turn()  # now, so that a later message cannot overtake this one
             if ticket.done():
-                start(req, call, session, mv, x)
+                start(key, place, req, call, session, mv, x)
             else:
                 waiting[ticket] = session
-                ticket.add_done_callback(lambda t: granted(t, req, call, session, mv, x))
+                ticket.add_done_callback(lambda t: granted(t, key, place, req, call, session, mv, x))
 
         async def read() -> None:
-            nonlocal reading
+            nonlocal reading, unsent
             try:
                 async for req in request_iterator:
+                    unsent += 1
                     handle(req)
+                    while unsent >= limit:  # backpressure: wait until the client has taken answers
+                        room.clear()
+                        await room.wait()
+            except Exception as e:  # the transport failed under us: say so, then end
+                log.warning("Stream: reading requests failed: %s", e)
             finally:
                 reading = False
                 if pending == 0:
@@ -293,6 +460,9 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         try:
             while (item := await out.get()) is not None:
                 yield item
+                unsent -= 1
+                if unsent < limit:
+                    room.set()
         finally:
             reader.cancel()
             for ticket, session in list(waiting.items()):  # the stream is gone: give up its places in line
@@ -305,18 +475,27 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         async def handle(call: _Call) -> pb.ListModelsResponse:
             return pb.ListModelsResponse(models=[self._info(mv) for mv in self.repo.versions()])
 
-        return await self._call("ListModels", context, handle)  # type: ignore[no-any-return]
+        return await self._call("ListModels", context, handle, request)  # type: ignore[no-any-return]
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def handle(call: _Call) -> pb.ModelInfo:
-            mv = self.repo.resolve(request.name, request.version)
+            mv = self._resolve(request.name, request.version)
             call.model = mv.name
             return self._info(mv)
 
-        return await self._call("GetModel", context, handle)  # type: ignore[no-any-return]
+        return await self._call("GetModel", context, handle, request)  # type: ignore[no-any-return]
 
     def _info(self, mv: ModelVersion) -> pb.ModelInfo:
         m = mv.runtime.manifest
+
+        def scores(evaluation: Any) -> list[pb.ForecastScore]:
+            if evaluation is None:
+                return []
+            return [
+                pb.ForecastScore(forecaster=k, mae=s.mae, rmse=s.rmse, smape=s.smape, mase=s.mase)
+                for k, s in evaluation.scores.items()
+            ]
+
         return pb.ModelInfo(
             name=m.name,
             version=m.version,
@@ -329,13 +508,16 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             context_length=m.context_length,
             horizon=m.horizon,
             provider=mv.runtime.provider,
-            test_metrics=[
-                pb.ForecastScore(forecaster=k, mae=s.mae, rmse=s.rmse, smape=s.smape, mase=s.mase)
-                for k, s in m.evaluation.scores.items()
-            ],
+            test_metrics=scores(m.evaluation),
             mase_season=m.evaluation.mase_season,
             input_form=m.input_form,
             created=m.created.isoformat(),
             onnx_sha256=m.onnx.sha256,
             live_sessions=mv.pool.used,
+            warnings=m.warnings,
+            beats_baselines=m.beats_baselines,
+            quantiles=m.quantiles,
+            validation_metrics=scores(m.validation),
+            step=m.step,
+            seasons=m.seasons,
         )

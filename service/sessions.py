@@ -11,19 +11,31 @@ number never disagree.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .batcher import Output
 from .errors import FailedPrecondition, NotFound, ResourceExhausted
 from .metrics import Metrics
 from .repository import ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+def rows_digest(x: np.ndarray) -> bytes:
+    """What identifies a step's rows for retries: 16 bytes of BLAKE2b over the float32 rows and their shape."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(x.shape, np.int64).tobytes())
+    h.update(x.tobytes())
+    return h.digest()
 
 
 @dataclass(eq=False)
@@ -34,8 +46,11 @@ class Session:
     last_seq: int = 0
     steps: int = 0  # rows applied
     forecast: np.ndarray | None = None  # answer to last_seq
+    last_digest: bytes = b""  # rows_digest of the rows of last_seq: a retry must send the same rows
+    quantile_forecast: np.ndarray | None = None  # [horizon, targets, quantiles] for last_seq (quantile models)
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
+    _free_slot: Callable[[], None] | None = None  # closed while busy: frees the slot once the turn is let go
     _held: bool = False  # someone holds the turn: its step is being started or is in flight
     _turns: deque[asyncio.Future[None]] = field(default_factory=deque)  # callers waiting, in arrival order
 
@@ -70,6 +85,9 @@ class Session:
                 ticket.set_result(None)
                 return
         self._held = False
+        if self._free_slot is not None:  # closed while a step ran: nothing can write the slot any more
+            free, self._free_slot = self._free_slot, None
+            free()
 
     def drop(self, ticket: asyncio.Future[None]) -> None:
         """For a ticket whose holder will never use it (cancelled): pass the turn on if it was granted."""
@@ -86,9 +104,15 @@ class Session:
             self.drop(ticket)
             raise
 
-    def check_sequence(self, seq: int) -> bool:
-        """True when `seq` is a retry of the last applied step; raises unless it is the next one."""
+    def check_sequence(self, seq: int, digest: bytes | None = None) -> bool:
+        """True when `seq` is a retry of the last applied step (with the same rows, when `digest` is given);
+        raises unless it is the next one."""
         if seq == self.last_seq and seq > 0 and self.forecast is not None:
+            if digest is not None and self.last_digest and digest != self.last_digest:
+                raise FailedPrecondition(
+                    f"session {self.id}: sequence {seq} was already applied with different rows; a retry must "
+                    f"resend the same rows, new rows take sequence {self.last_seq + 1}"
+                )
             return True
         if seq != self.last_seq + 1:
             raise FailedPrecondition(
@@ -97,11 +121,13 @@ class Session:
             )
         return False
 
-    def committer(self, seq: int, rows: int):  # type: ignore[no-untyped-def]
-        def commit(y: np.ndarray) -> None:
+    def committer(self, seq: int, rows: int, digest: bytes = b"") -> Callable[[Output], None]:
+        def commit(out: Output) -> None:
             self.last_seq = seq
             self.steps += rows
-            self.forecast = y
+            self.forecast = out.y
+            self.quantile_forecast = out.q
+            self.last_digest = digest
             self.last_used = time.monotonic()
 
         return commit
@@ -144,7 +170,11 @@ class SessionTable:
         if self._sessions.pop(session.id, None) is None:
             return
         session.closed = True
-        session.mv.pool.release(session.slot)
+        pool, slot = session.mv.pool, session.slot
+        if session.busy:  # a step may still write the slot: free it when the session's turn is let go
+            session._free_slot = lambda: pool.release(slot)
+        else:
+            pool.release(slot)
         self._metrics.live_sessions.labels(session.model, str(session.version)).dec()
 
     async def close(self, session_id: str) -> Session:

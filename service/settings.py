@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     max_message_mb: int = Field(64, ge=1)
     shutdown_grace_s: float = Field(10.0, ge=0)
 
+    max_request_rows: int = Field(
+        1_000_000, ge=1, description="rows in one request summed over its series (at most half of max_queue_rows)"
+    )
+    max_queue_rows: int = Field(4_000_000, ge=2, description="rows queued per model version before RESOURCE_EXHAUSTED")
+    max_batch_rows: int = Field(4096, ge=1, description="rows (time steps summed over a batch) in one model run")
+    chunk_rows: int = Field(
+        512, ge=1, description="a longer series or observation runs in pieces this long, interleaved with others"
+    )
+    max_stream_inflight: int = Field(256, ge=1, description="messages one Stream may have read and not yet answered")
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.providers:

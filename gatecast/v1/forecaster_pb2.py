@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgatecast/v1/forecaster.proto\x12\x0bgatecast.v1\"4\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"V\n\x0f\x46orecastRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12#\n\x06series\x18\x03 \x03(\x0b\x32\x13.gatecast.v1.Matrix\"Z\n\x10\x46orecastResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\tforecasts\x18\x03 \x03(\x0b\x32\x13.gatecast.v1.Matrix\"Z\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x07history\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\"\x87\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x15\n\rnext_sequence\x18\x04 \x01(\x04\x12%\n\x08\x66orecast\x18\x05 \x01(\x0b\x32\x13.gatecast.v1.Matrix\"Y\n\x0eObserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12!\n\x04rows\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\"^\n\x0fObserveResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x08\x66orecast\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x94\x01\n\x0eStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x08\x66orecast\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.MatrixH\x00\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.gatecast.v1.StreamErrorH\x00\x42\x08\n\x06result\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x14\x43loseSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.gatecast.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"[\n\rForecastScore\x12\x12\n\nforecaster\x18\x01 \x01(\t\x12\x0b\n\x03mae\x18\x02 \x01(\x01\x12\x0c\n\x04rmse\x18\x03 \x01(\x01\x12\r\n\x05smape\x18\x04 \x01(\x01\x12\x0c\n\x04mase\x18\x05 \x01(\x01\"\xe7\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x0f\n\x07horizon\x18\n \x01(\r\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x30\n\x0ctest_metrics\x18\x0c \x03(\x0b\x32\x1a.gatecast.v1.ForecastScore\x12\x13\n\x0bmase_season\x18\r \x01(\r\x12\x12\n\ninput_form\x18\x0e \x01(\t\x12\x0f\n\x07\x63reated\x18\x0f \x01(\t\x12\x13\n\x0bonnx_sha256\x18\x10 \x01(\t\x12\x15\n\rlive_sessions\x18\x11 \x01(\r2\x9b\x04\n\nForecaster\x12G\n\x08\x46orecast\x12\x1c.gatecast.v1.ForecastRequest\x1a\x1d.gatecast.v1.ForecastResponse\x12P\n\x0bOpenSession\x12\x1f.gatecast.v1.OpenSessionRequest\x1a .gatecast.v1.OpenSessionResponse\x12\x44\n\x07Observe\x12\x1b.gatecast.v1.ObserveRequest\x1a\x1c.gatecast.v1.ObserveResponse\x12\x46\n\x06Stream\x12\x1b.gatecast.v1.ObserveRequest\x1a\x1b.gatecast.v1.StreamResponse(\x01\x30\x01\x12S\n\x0c\x43loseSession\x12 .gatecast.v1.CloseSessionRequest\x1a!.gatecast.v1.CloseSessionResponse\x12M\n\nListModels\x12\x1e.gatecast.v1.ListModelsRequest\x1a\x1f.gatecast.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.gatecast.v1.GetModelRequest\x1a\x16.gatecast.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgatecast/v1/forecaster.proto\x12\x0bgatecast.v1\"4\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"V\n\x0f\x46orecastRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12#\n\x06series\x18\x03 \x03(\x0b\x32\x13.gatecast.v1.Matrix\"\x9e\x01\n\x10\x46orecastResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\tforecasts\x18\x03 \x03(\x0b\x32\x13.gatecast.v1.Matrix\x12\x11\n\tquantiles\x18\x04 \x03(\x02\x12/\n\x12quantile_forecasts\x18\x05 \x03(\x0b\x32\x13.gatecast.v1.Matrix\"Z\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x07history\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\"\xfc\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x15\n\rnext_sequence\x18\x04 \x01(\x04\x12%\n\x08\x66orecast\x18\x05 \x01(\x0b\x32\x13.gatecast.v1.Matrix\x12\x14\n\x0chistory_rows\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x15\n\rshort_history\x18\x08 \x01(\x08\x12.\n\x11quantile_forecast\x18\t \x01(\x0b\x32\x13.gatecast.v1.Matrix\"Y\n\x0eObserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12!\n\x04rows\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\"\x8e\x01\n\x0fObserveResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x08\x66orecast\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.Matrix\x12.\n\x11quantile_forecast\x18\x04 \x01(\x0b\x32\x13.gatecast.v1.Matrix\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0eStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\'\n\x08\x66orecast\x18\x03 \x01(\x0b\x32\x13.gatecast.v1.MatrixH\x00\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.gatecast.v1.StreamErrorH\x00\x12.\n\x11quantile_forecast\x18\x05 \x01(\x0b\x32\x13.gatecast.v1.MatrixB\x08\n\x06result\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x14\x43loseSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.gatecast.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"[\n\rForecastScore\x12\x12\n\nforecaster\x18\x01 \x01(\t\x12\x0b\n\x03mae\x18\x02 \x01(\x01\x12\x0c\n\x04rmse\x18\x03 \x01(\x01\x12\r\n\x05smape\x18\x04 \x01(\x01\x12\x0c\n\x04mase\x18\x05 \x01(\x01\"\xfc\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x0f\n\x07horizon\x18\n \x01(\r\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x30\n\x0ctest_metrics\x18\x0c \x03(\x0b\x32\x1a.gatecast.v1.ForecastScore\x12\x13\n\x0bmase_season\x18\r \x01(\r\x12\x12\n\ninput_form\x18\x0e \x01(\t\x12\x0f\n\x07\x63reated\x18\x0f \x01(\t\x12\x13\n\x0bonnx_sha256\x18\x10 \x01(\t\x12\x15\n\rlive_sessions\x18\x11 \x01(\r\x12\x10\n\x08warnings\x18\x12 \x03(\t\x12\x17\n\x0f\x62\x65\x61ts_baselines\x18\x13 \x01(\x08\x12\x11\n\tquantiles\x18\x14 \x03(\x02\x12\x36\n\x12validation_metrics\x18\x15 \x03(\x0b\x32\x1a.gatecast.v1.ForecastScore\x12\x0c\n\x04step\x18\x16 \x01(\t\x12\x0f\n\x07seasons\x18\x17 \x03(\r2\x9b\x04\n\nForecaster\x12G\n\x08\x46orecast\x12\x1c.gatecast.v1.ForecastRequest\x1a\x1d.gatecast.v1.ForecastResponse\x12P\n\x0bOpenSession\x12\x1f.gatecast.v1.OpenSessionRequest\x1a .gatecast.v1.OpenSessionResponse\x12\x44\n\x07Observe\x12\x1b.gatecast.v1.ObserveRequest\x1a\x1c.gatecast.v1.ObserveResponse\x12\x46\n\x06Stream\x12\x1b.gatecast.v1.ObserveRequest\x1a\x1b.gatecast.v1.StreamResponse(\x01\x30\x01\x12S\n\x0c\x43loseSession\x12 .gatecast.v1.CloseSessionRequest\x1a!.gatecast.v1.CloseSessionResponse\x12M\n\nListModels\x12\x1e.gatecast.v1.ListModelsRequest\x1a\x1f.gatecast.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.gatecast.v1.GetModelRequest\x1a\x16.gatecast.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATRIX']._serialized_end=97
   _globals['_FORECASTREQUEST']._serialized_start=99
   _globals['_FORECASTREQUEST']._serialized_end=185
-  _globals['_FORECASTRESPONSE']._serialized_start=187
-  _globals['_FORECASTRESPONSE']._serialized_end=277
-  _globals['_OPENSESSIONREQUEST']._serialized_start=279
-  _globals['_OPENSESSIONREQUEST']._serialized_end=369
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=372
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=507
-  _globals['_OBSERVEREQUEST']._serialized_start=509
-  _globals['_OBSERVEREQUEST']._serialized_end=598
-  _globals['_OBSERVERESPONSE']._serialized_start=600
-  _globals['_OBSERVERESPONSE']._serialized_end=694
-  _globals['_STREAMERROR']._serialized_start=696
-  _globals['_STREAMERROR']._serialized_end=740
-  _globals['_STREAMRESPONSE']._serialized_start=743
-  _globals['_STREAMRESPONSE']._serialized_end=891
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=893
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=934
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=936
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=993
-  _globals['_LISTMODELSREQUEST']._serialized_start=995
-  _globals['_LISTMODELSREQUEST']._serialized_end=1014
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1016
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1076
-  _globals['_GETMODELREQUEST']._serialized_start=1078
-  _globals['_GETMODELREQUEST']._serialized_end=1126
-  _globals['_FORECASTSCORE']._serialized_start=1128
-  _globals['_FORECASTSCORE']._serialized_end=1219
-  _globals['_MODELINFO']._serialized_start=1222
-  _globals['_MODELINFO']._serialized_end=1581
-  _globals['_FORECASTER']._serialized_start=1584
-  _globals['_FORECASTER']._serialized_end=2123
+  _globals['_FORECASTRESPONSE']._serialized_start=188
+  _globals['_FORECASTRESPONSE']._serialized_end=346
+  _globals['_OPENSESSIONREQUEST']._serialized_start=348
+  _globals['_OPENSESSIONREQUEST']._serialized_end=438
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=441
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=693
+  _globals['_OBSERVEREQUEST']._serialized_start=695
+  _globals['_OBSERVEREQUEST']._serialized_end=784
+  _globals['_OBSERVERESPONSE']._serialized_start=787
+  _globals['_OBSERVERESPONSE']._serialized_end=929
+  _globals['_STREAMERROR']._serialized_start=931
+  _globals['_STREAMERROR']._serialized_end=975
+  _globals['_STREAMRESPONSE']._serialized_start=978
+  _globals['_STREAMRESPONSE']._serialized_end=1174
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1176
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1217
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1219
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1276
+  _globals['_LISTMODELSREQUEST']._serialized_start=1278
+  _globals['_LISTMODELSREQUEST']._serialized_end=1297
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1299
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1359
+  _globals['_GETMODELREQUEST']._serialized_start=1361
+  _globals['_GETMODELREQUEST']._serialized_end=1409
+  _globals['_FORECASTSCORE']._serialized_start=1411
+  _globals['_FORECASTSCORE']._serialized_end=1502
+  _globals['_MODELINFO']._serialized_start=1505
+  _globals['_MODELINFO']._serialized_end=2013
+  _globals['_FORECASTER']._serialized_start=2016
+  _globals['_FORECASTER']._serialized_end=2555
 # @@protoc_insertion_point(module_scope)

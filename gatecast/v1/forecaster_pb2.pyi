@@ -27,14 +27,18 @@ class ForecastRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., series: _Optional[_Iterable[_Union[Matrix, _Mapping]]] = ...) -> None: ...
 
 class ForecastResponse(_message.Message):
-    __slots__ = ("model", "version", "forecasts")
+    __slots__ = ("model", "version", "forecasts", "quantiles", "quantile_forecasts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORECASTS_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FORECASTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     forecasts: _containers.RepeatedCompositeFieldContainer[Matrix]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., forecasts: _Optional[_Iterable[_Union[Matrix, _Mapping]]] = ...) -> None: ...
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    quantile_forecasts: _containers.RepeatedCompositeFieldContainer[Matrix]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., forecasts: _Optional[_Iterable[_Union[Matrix, _Mapping]]] = ..., quantiles: _Optional[_Iterable[float]] = ..., quantile_forecasts: _Optional[_Iterable[_Union[Matrix, _Mapping]]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("model", "version", "history")
@@ -47,18 +51,26 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., history: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "model", "version", "next_sequence", "forecast")
+    __slots__ = ("session_id", "model", "version", "next_sequence", "forecast", "history_rows", "context_length", "short_history", "quantile_forecast")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FORECAST_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHORT_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FORECAST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: int
     next_sequence: int
     forecast: Matrix
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., next_sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
+    history_rows: int
+    context_length: int
+    short_history: bool
+    quantile_forecast: Matrix
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., next_sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ..., history_rows: _Optional[int] = ..., context_length: _Optional[int] = ..., short_history: _Optional[bool] = ..., quantile_forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class ObserveRequest(_message.Message):
     __slots__ = ("session_id", "sequence", "rows")
@@ -71,14 +83,16 @@ class ObserveRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., rows: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class ObserveResponse(_message.Message):
-    __slots__ = ("session_id", "sequence", "forecast")
+    __slots__ = ("session_id", "sequence", "forecast", "quantile_forecast")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FORECAST_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FORECAST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     forecast: Matrix
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
+    quantile_forecast: Matrix
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ..., quantile_forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
@@ -89,16 +103,18 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("session_id", "sequence", "forecast", "error")
+    __slots__ = ("session_id", "sequence", "forecast", "error", "quantile_forecast")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FORECAST_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FORECAST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     forecast: Matrix
     error: StreamError
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+    quantile_forecast: Matrix
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., quantile_forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -147,7 +163,7 @@ class ForecastScore(_message.Message):
     def __init__(self, forecaster: _Optional[str] = ..., mae: _Optional[float] = ..., rmse: _Optional[float] = ..., smape: _Optional[float] = ..., mase: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "is_default", "cell", "layers", "hidden_size", "features", "targets", "context_length", "horizon", "provider", "test_metrics", "mase_season", "input_form", "created", "onnx_sha256", "live_sessions")
+    __slots__ = ("name", "version", "is_default", "cell", "layers", "hidden_size", "features", "targets", "context_length", "horizon", "provider", "test_metrics", "mase_season", "input_form", "created", "onnx_sha256", "live_sessions", "warnings", "beats_baselines", "quantiles", "validation_metrics", "step", "seasons")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +181,12 @@ class ModelInfo(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     ONNX_SHA256_FIELD_NUMBER: _ClassVar[int]
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    BEATS_BASELINES_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_METRICS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEASONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     is_default: bool
@@ -182,4 +204,10 @@ class ModelInfo(_message.Message):
     created: str
     onnx_sha256: str
     live_sessions: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., horizon: _Optional[int] = ..., provider: _Optional[str] = ..., test_metrics: _Optional[_Iterable[_Union[ForecastScore, _Mapping]]] = ..., mase_season: _Optional[int] = ..., input_form: _Optional[str] = ..., created: _Optional[str] = ..., onnx_sha256: _Optional[str] = ..., live_sessions: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    beats_baselines: bool
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    validation_metrics: _containers.RepeatedCompositeFieldContainer[ForecastScore]
+    step: str
+    seasons: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., is_default: _Optional[bool] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., horizon: _Optional[int] = ..., provider: _Optional[str] = ..., test_metrics: _Optional[_Iterable[_Union[ForecastScore, _Mapping]]] = ..., mase_season: _Optional[int] = ..., input_form: _Optional[str] = ..., created: _Optional[str] = ..., onnx_sha256: _Optional[str] = ..., live_sessions: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., beats_baselines: _Optional[bool] = ..., quantiles: _Optional[_Iterable[float]] = ..., validation_metrics: _Optional[_Iterable[_Union[ForecastScore, _Mapping]]] = ..., step: _Optional[str] = ..., seasons: _Optional[_Iterable[int]] = ...) -> None: ...
