@@ -1,11 +1,18 @@
 """The composition root: `create_server(settings)` wires repository, sessions, metrics and servicer into
-a grpc.aio server bound to its port (0 picks one; the bound port is read back)."""
+a grpc.aio server bound to its port (0 picks one; the bound port is read back).
+
+Start-up problems a person can fix (a port in use, a missing or unreadable repository, a corrupt session
+snapshot) raise `StartupError` (a UserError: the CLI prints one line and exits non-zero). The port is
+bound without SO_REUSEPORT, so a second server on a port in use refuses to start instead of silently
+taking part of the connections."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,16 +22,41 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from gatecast.errors import UserError
 from gatecast.v1 import forecaster_pb2
 
 from .metrics import Metrics
-from .repository import Repository
+from .repository import Repository, check_repo
 from .servicer import ForecasterServicer, add_to_server
 from .sessions import SessionTable
 from .settings import Settings
+from .snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = forecaster_pb2.DESCRIPTOR.services_by_name["Forecaster"].full_name
+
+
+class StartupError(UserError):
+    """The server cannot start: the message names the problem and the setting that controls it."""
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Binds and closes a plain socket (SO_REUSEADDR, as servers do, no SO_REUSEPORT) to give a clear error
+    for a port in use before gRPC or the HTTP server try."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise StartupError(f"{what}: cannot resolve host {host!r}: {e} (GATECAST_HOST / --host)") from e
+    family, type_, proto, _, addr = infos[0]
+    with socket.socket(family, type_, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            reason = "is in use (another server?)" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+            raise StartupError(f"{what} {host}:{port} {reason}") from e
 
 
 @dataclass(eq=False)
@@ -36,26 +68,57 @@ class App:
     sessions: SessionTable
     metrics: Metrics
     health: HealthServicer
+    snapshots: Snapshotter | None = None
     metrics_port: int | None = None
     _metrics_http: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _serving: bool | None = None  # what health says now
 
     async def start(self) -> None:
-        await self.repo.refresh()
-        if not self.repo.versions():
-            log.warning("no model found under %s; serving none until one appears", self.settings.repo)
-        if self.settings.metrics_port is not None:
-            httpd, _ = start_http_server(self.settings.metrics_port, self.settings.host, self.metrics.registry)
+        """Metrics port, repository, models, session snapshot, then the gRPC port starts accepting. On a
+        StartupError everything opened so far is closed again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_opened()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        if s.metrics_port is not None:
+            _check_port_free(s.host, s.metrics_port, "metrics port (GATECAST_METRICS_PORT / --metrics-port)")
+            try:
+                httpd, _ = start_http_server(s.metrics_port, s.host, self.metrics.registry)
+            except OSError as e:
+                raise StartupError(f"metrics port {s.host}:{s.metrics_port} cannot be bound: {e.strerror or e}") from e
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
+        check_repo(s.repo)
+        saved = self.snapshots.read() if self.snapshots is not None else []  # a corrupt file stops us here
+        try:
+            await self.repo.refresh()
+        except OSError as e:
+            raise StartupError(f"model repository {s.repo} cannot be read: {e.strerror or e}") from e
+        if not self.repo.versions():
+            log.warning("no model found under %s; health is NOT_SERVING until one loads", s.repo)
+        if self.snapshots is not None:
+            self.snapshots.restore(saved)
+            try:
+                await self.snapshots.save()  # fails now, not at the first SIGTERM, when the path is not writable
+            except OSError as e:
+                where = f"session snapshot (GATECAST_SNAPSHOT_PATH) {self.snapshots.path}"
+                raise StartupError(f"{where} cannot be written: {e.strerror or e}") from e
         await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._update_health()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._every(self.settings.repo_poll_s, self.repo.refresh), name="repo-poll"),
-            loop.create_task(self._every(self.settings.session_sweep_s, self._sweep), name="session-sweep"),
+            loop.create_task(self._every(s.repo_poll_s, self._poll_repo), name="repo-poll"),
+            loop.create_task(self._every(s.session_sweep_s, self._sweep), name="session-sweep"),
         ]
+        if self.snapshots is not None:
+            self._tasks.append(
+                loop.create_task(self._every(s.snapshot_interval_s, self._snapshot), name="session-snapshot")
+            )
         log.info(
             "gatecast listening on %s:%d (metrics on %s), %d model version(s)",
             self.settings.host,
@@ -64,8 +127,29 @@ class App:
             len(self.repo.versions()),
         )
 
+    async def _update_health(self) -> None:
+        """SERVING while at least one model version is loaded, NOT_SERVING otherwise."""
+        serving = bool(self.repo.versions())
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _poll_repo(self) -> None:
+        try:
+            await self.repo.refresh()
+        except OSError as e:
+            log.error("cannot scan the model repository %s: %s; serving what is loaded", self.settings.repo, e)
+        await self._update_health()
+
     async def _sweep(self) -> None:
         self.sessions.expire()
+
+    async def _snapshot(self) -> None:
+        assert self.snapshots is not None
+        await self.snapshots.save()
 
     @staticmethod
     async def _every(seconds: float, job: Any) -> None:
@@ -77,20 +161,43 @@ class App:
                 log.exception("background job %s failed", getattr(job, "__name__", job))
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops accepting, lets in-flight calls finish (up to the grace period), drains the batchers."""
+        """Stops accepting, lets in-flight calls finish (up to the grace period), drains the batchers, then
+        writes every session to the snapshot (when one is configured). Raises OSError if that write fails."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self._cancel_tasks()
+        await self.server.stop(grace)
+        await self.repo.close()
+        for _ in range(3):  # let the drained steps' done callbacks release their sessions
+            await asyncio.sleep(0)
+        try:
+            if self.snapshots is not None:
+                n = await self.snapshots.save()
+                log.info("wrote %d session(s) to %s", n, self.snapshots.path)
+        finally:
+            self._close_metrics()
+            log.info("gatecast stopped; %d session(s) were live", len(self.sessions))
+
+    async def _cancel_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await self.server.stop(grace)
-        await self.repo.close()
+        self._tasks = []
+
+    def _close_metrics(self) -> None:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("gatecast stopped; %d session(s) were live", len(self.sessions))
+            self._metrics_http = None
+
+    async def _close_opened(self) -> None:
+        """After a failed start: nothing is saved (the snapshot on disk stays as it was)."""
+        await self._cancel_tasks()
+        await self.server.stop(0)
+        await self.repo.close()
+        self._close_metrics()
 
 
 def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> App:
@@ -99,7 +206,11 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     sessions = SessionTable(metrics, settings.session_idle_s)
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a second server on this port must fail, not share it
+        ]
     )
     add_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)  # malformed requests: INVALID_ARGUMENT
     health = HealthServicer()
@@ -107,7 +218,17 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    _check_port_free(settings.host, settings.port, "gRPC port (GATECAST_PORT / --port)")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as e:
+        port = 0
+        cause: Exception | None = e
+    else:
+        cause = None
     if port == 0:
-        raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    return App(settings, server, port, repo, sessions, metrics, health)
+        raise StartupError(
+            f"gRPC port (GATECAST_PORT / --port) {settings.host}:{settings.port} cannot be bound"
+        ) from cause
+    snapshots = Snapshotter(settings.snapshot_path, sessions, repo) if settings.snapshot_path is not None else None
+    return App(settings, server, port, repo, sessions, metrics, health, snapshots)

@@ -203,3 +203,20 @@ class SessionTable:
         if expired:
             log.info("expired %d idle session(s)", len(expired))
         return len(expired)
+
+    # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray]) -> Session:
+        """Re-creates a saved session with its state tensors ([dims0, dims1] each, in manifest order); the
+        caller sets its sequence bookkeeping. Raises ValueError if the id is live, ResourceExhausted if full."""
+        if session_id in self._sessions:
+            raise ValueError(f"session {session_id} is already live")
+        slot = mv.pool.acquire()
+        mv.pool.scatter(np.array([slot], dtype=np.int64), [a[:, None, :] for a in states])
+        session = Session(id=session_id, mv=mv, slot=slot)
+        self._sessions[session_id] = session
+        self._metrics.live_sessions.labels(mv.name, str(mv.version)).inc()
+        return session

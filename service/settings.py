@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvParseError
 
 from gatecast.errors import UserError
 
@@ -41,9 +44,6 @@ class Settings(BaseSettings):
     # limits on what a client may send
     max_rows: int = Field(100_000, ge=1, description="rows in one series or one observation")
     max_series: int = Field(4096, ge=1, description="series in one Forecast request")
-    max_message_mb: int = Field(64, ge=1)
-    shutdown_grace_s: float = Field(10.0, ge=0)
-
     max_request_rows: int = Field(
         1_000_000, ge=1, description="rows in one request summed over its series (at most half of max_queue_rows)"
     )
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         512, ge=1, description="a longer series or observation runs in pieces this long, interleaved with others"
     )
     max_stream_inflight: int = Field(256, ge=1, description="messages one Stream may have read and not yet answered")
+    max_message_mb: int = Field(64, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    # session snapshots (docs/snapshot.md): written on SIGTERM/SIGHUP and every snapshot_interval_s
+    snapshot_path: Path | None = Field(None, description="session snapshot file; unset: sessions die with the process")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="how often sessions are snapshotted while serving")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.providers:
@@ -65,6 +71,7 @@ class Settings(BaseSettings):
 def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
     """Defaults < TOML file < GATECAST_* environment < explicit overrides (CLI flags)."""
     values: dict[str, Any] = {}
+    _refuse_unknown_env()
     if file is not None:
         if not file.is_file():
             raise SettingsError(f"settings file {file}: no such file")
@@ -77,6 +84,10 @@ def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
         merged = {**values, **env.model_dump(exclude_unset=True)}
         merged.update({k: v for k, v in overrides.items() if v is not None})
         return Settings.model_validate(merged)
+    except EnvParseError as e:  # a list or dict variable that is not JSON
+        raise SettingsError(
+            f"invalid settings: {e} (GATECAST_* lists are JSON, e.g. '[\"CPUExecutionProvider\"]')"
+        ) from e
     except ValidationError as e:
         problems = "; ".join(
             f"{'GATECAST_' + str(err['loc'][0]).upper() if err['loc'] else 'settings'}: {err['msg']} "
@@ -84,3 +95,17 @@ def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
             for err in e.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from e
+
+
+def _refuse_unknown_env() -> None:
+    """A GATECAST_* variable that names no setting is a typo: refuse it rather than run on a default."""
+    prefix = "GATECAST_"
+    known = {prefix + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.upper().startswith(prefix) and k.upper() not in known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k.upper(), known, n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        listing = "" if all("did you mean" in h for h in hints) else f"; known: {', '.join(sorted(known))}"
+        raise SettingsError(f"unknown setting(s) in the environment: {', '.join(hints)}{listing}")
