@@ -99,3 +99,140 @@ def test_config_file_and_flag_override(tmp_path: Path) -> None:
         build_config(None, {"hidden_size": 0})
     with pytest.raises(DataError, match="invalid training configuration: cell"):
         build_config(None, {"cell": "transformer"})
+
+
+# ---- finding what is not given: time column, target, step
+
+
+def _frame_csv(tmp_path: Path, df: pd.DataFrame, name: str = "s.csv") -> Path:
+    p = tmp_path / name
+    df.to_csv(p, index=False)
+    return p
+
+
+def test_finds_time_column_target_and_step(tmp_path: Path) -> None:
+    times = pd.date_range("2021-03-01", periods=6, freq="30min").strftime("%Y-%m-%d %H:%M")
+    p = _frame_csv(tmp_path, pd.DataFrame({"id": ["x"] * 6, "when": times, "load": np.arange(6.0)}))
+    s = load_series(p)
+    assert (s.time_column, s.targets, s.step, s.step_label) == ("when", ["load"], pd.Timedelta("30min"), "30min")
+    assert not s.time_index and s.filled_rows == 0
+
+
+@pytest.mark.parametrize(
+    ("freq", "label", "step"),
+    [
+        ("15min", "15min", pd.Timedelta("15min")),
+        ("h", "1h", pd.Timedelta("1h")),
+        ("D", "1D", pd.Timedelta("1D")),
+        ("W-MON", "7D", pd.Timedelta("7D")),
+        ("MS", "1MS", None),
+        ("ME", "1ME", None),
+        ("QS", "3MS", None),
+    ],
+)
+def test_step_labels(tmp_path: Path, freq: str, label: str, step: pd.Timedelta | None) -> None:
+    times = pd.date_range("2019-01-01", periods=30, freq=freq)
+    s = load_series(_frame_csv(tmp_path, pd.DataFrame({"t": times.strftime("%Y-%m-%d %H:%M"), "y": 1.0})))
+    assert s.step_label == label
+    assert s.step is not None
+    if step is not None:
+        assert s.step == step
+    else:  # calendar steps: their mean length
+        assert abs(s.step / pd.Timedelta(days=30.44) - int(label[0])) < 0.01
+
+
+def test_several_numeric_columns_need_a_target(tmp_path: Path) -> None:
+    p = _csv(tmp_path, "t,a,b\n2020-01-01,1,2\n2020-01-02,3,4\n")
+    with pytest.raises(
+        DataError, match=r"series.csv: several numeric columns could be the target: \['a', 'b'\]; pass --target"
+    ):
+        load_series(p)
+    assert load_series(p, covariates=["b"]).targets == ["a"]
+    assert load_series(p, "b").targets == ["b"]
+    # pandas' row-number column does not count
+    q = _csv(tmp_path, "Unnamed: 0,t,y\n0,2020-01-01,1\n1,2020-01-02,2\n")
+    assert load_series(q).targets == ["y"]
+
+
+def test_irregular_series_names_the_row(tmp_path: Path) -> None:
+    text = "t,y\n" + "".join(f"2020-01-01 {h:02d}:00,{h}\n" for h in range(6)) + "2020-01-01 06:17,6\n"
+    with pytest.raises(
+        DataError, match=r"series.csv: column 't', row 8: 2020-01-01 06:17:00 is 0 days 01:17:00 .*irregular"
+    ):
+        load_series(_csv(tmp_path, text))
+
+
+def test_missing_steps_error_or_filled(tmp_path: Path) -> None:
+    hours = [h for h in range(40) if h != 30]
+    text = "t,y\n" + "".join(f"{pd.Timestamp('2020-01-01') + pd.Timedelta(hours=h)},{h}\n" for h in hours)
+    p = _csv(tmp_path, text)
+    with pytest.raises(DataError, match=r"column 't', row 32: 1 step\(s\) of 1h missing .*pass --fill"):
+        load_series(p)
+    s = load_series(p, fill="interpolate")
+    assert (s.rows, s.filled_rows) == (40, 1)
+    assert s.values[30, 0] == 30 and s.times.iloc[30] == pd.Timestamp("2020-01-02 06:00")
+    # too many gaps: more than 5% of the rows would be invented
+    sparse = "t,y\n" + "".join(
+        f"{pd.Timestamp('2020-01-01') + pd.Timedelta(hours=h)},{h}\n" for h in range(40) if h % 4 != 3
+    )
+    with pytest.raises(
+        DataError, match=r"row 5: 1 step\(s\) of 1h missing .*: 23% of the rows would be invented.*too many gaps"
+    ):
+        load_series(_csv(tmp_path, sparse), fill="ffill")
+
+
+# ---- issue 7: refused inputs name the file, column and row
+
+
+def test_parquet_datetime_or_bool_target_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s.parquet"
+    t = pd.date_range("2020", periods=4, freq="h")
+    pd.DataFrame({"t": t, "when": t, "flag": [True, False, True, True]}).to_parquet(p)
+    with pytest.raises(DataError, match=r"s.parquet: column 'when' holds timestamps \(datetime64"):
+        load_series(p, ["when"])
+    with pytest.raises(DataError, match=r"s.parquet: column 'flag' holds true/false values \(bool\), not numbers"):
+        load_series(p, ["flag"])
+    with pytest.raises(DataError, match=r"s.parquet: no numeric column to forecast"):
+        load_series(p)
+
+
+def test_integer_time_column_only_as_an_index(tmp_path: Path) -> None:
+    p = _csv(tmp_path, "step,y\n1,5\n2,6\n3,7\n5,9\n")
+    with pytest.raises(
+        DataError, match=r"series.csv: no column holds timestamps; column 'step' holds integers.*--time-index"
+    ):
+        load_series(p, ["y"])
+    with pytest.raises(
+        DataError, match=r"series.csv: column 'step' holds numbers \(int64\), not timestamps.*--time-index"
+    ):
+        load_series(p, ["y"], time_column="step")
+    with pytest.raises(DataError, match=r"column 'step', row 5: 1 step\(s\) of the index missing"):
+        load_series(p, ["y"], time_index=True)
+    q = _csv(tmp_path, "step,y\n10,5\n11,6\n12,7\n")
+    s2 = load_series(q, ["y"], time_index=True)
+    assert (s2.time_index, s2.step, s2.step_label, s2.time_column) == (True, None, "", "step")
+    assert s2.times.tolist() == [10, 11, 12]
+    split = split_rows(
+        load_series(_csv(tmp_path, "i,y\n" + "".join(f"{k},{k}\n" for k in range(20))), time_index=True),
+        2,
+        2,
+        val_start="10",
+        test_start="15",
+    )
+    assert (split.train_end, split.val_end) == (10, 15)
+
+
+def test_mixed_timezone_offsets_name_the_row(tmp_path: Path) -> None:
+    text = "t,y\n2020-03-29T00:00+01:00,1\n2020-03-29T01:00+01:00,2\n2020-03-29T03:00+02:00,3\n"
+    with pytest.raises(
+        DataError,
+        match=r"series.csv: column 't', row 4: '2020-03-29T03:00\+02:00' has UTC offset \+02:00 but row 2 has \+01:00",
+    ):
+        load_series(_csv(tmp_path, text))
+    mixed = "t,y\n2020-03-29 00:00,1\n2020-03-29T01:00+01:00,2\n"
+    with pytest.raises(DataError, match=r"column 't', row 3: .*has UTC offset \+01:00 but row 2 has none"):
+        load_series(_csv(tmp_path, mixed))
+    one = "t,y\n2020-03-29T00:00+01:00,1\n2020-03-29T01:00+01:00,2\n"
+    s = load_series(_csv(tmp_path, one))
+    assert s.step_label == "1h" and str(s.times.dt.tz) == "UTC+01:00"
+    assert split_rows(s, 0, 0, val_start="2020-03-29 00:30", test_start="2020-03-29 00:30").train_end == 1
