@@ -411,6 +411,8 @@ class Batcher:
         except Exception as e:
             results = [e] * len(batch)
         for it, r in zip(batch, results, strict=True):
+            if not isinstance(r, BaseException):
+                self._rows -= it.chunk  # the worker has advanced `pos` past the piece that ran
             if r is not None:
                 self._settle(it, r)
                 continue
