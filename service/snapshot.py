@@ -38,7 +38,7 @@ from gatecast.errors import UserError
 
 from .errors import NotFound
 from .repository import ModelVersion, Repository
-from .sessions import SessionTable
+from .sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ class SessionRecord:
     last_seq: int
     steps: int
     states: dict[str, np.ndarray]  # manifest state input name -> [dims0, dims1] float32
-    forecast: np.ndarray | None = None  # the answer to last_seq
-    last_digest: str | None = None  # hex digest of the rows that produced it
+    forecast: np.ndarray | None = None  # the answer to last_seq: [horizon, targets]
+    quantile_forecast: np.ndarray | None = None  # quantile models: [horizon, targets, quantiles] for last_seq
+    last_digest: str | None = None  # hex digest of the rows of last_seq (a retry must resend the same rows)
     idle_s: float = 0.0  # seconds since last use when written
     extra: dict[str, Any] = field(default_factory=dict)  # unknown meta keys, kept for forward compatibility
 
@@ -80,6 +81,8 @@ def encode_session(r: SessionRecord) -> bytes:
     tensors: list[tuple[str, np.ndarray]] = [(f"state:{k}", v) for k, v in r.states.items()]
     if r.forecast is not None:
         tensors.append(("forecast", r.forecast))
+    if r.quantile_forecast is not None:
+        tensors.append(("quantile_forecast", r.quantile_forecast))
     meta = {
         **r.extra,
         "id": r.id,
@@ -139,6 +142,7 @@ def decode_session(blob: bytes) -> SessionRecord:
             steps=int(meta["steps"]),
             states={k.removeprefix("state:"): v for k, v in arrays.items() if k.startswith("state:")},
             forecast=arrays.get("forecast"),
+            quantile_forecast=arrays.get("quantile_forecast"),
             last_digest=None if meta.get("last_digest") is None else str(meta["last_digest"]),
             idle_s=float(meta.get("idle_s", 0.0)),
             extra={k: v for k, v in meta.items() if k not in known},
@@ -246,10 +250,21 @@ def _state_names(mv: ModelVersion) -> list[str]:
     return [s.input for s in mv.runtime.manifest.states]
 
 
-def _digest_to_str(d: object) -> str | None:
-    if d is None:
-        return None
-    return d.hex() if isinstance(d, bytes | bytearray) else str(d)
+def _record(s: Session, states: dict[str, np.ndarray], now: float) -> SessionRecord:
+    mv = s.mv
+    return SessionRecord(
+        id=s.id,
+        model=mv.name,
+        version=mv.version,
+        onnx_sha256=mv.runtime.manifest.onnx.sha256,
+        last_seq=s.last_seq,
+        steps=s.steps,
+        states=states,
+        forecast=s.forecast,
+        quantile_forecast=s.quantile_forecast,
+        last_digest=s.last_digest.hex() if s.last_digest else None,
+        idle_s=max(0.0, now - s.last_used),
+    )
 
 
 class Snapshotter:
@@ -269,7 +284,7 @@ class Snapshotter:
         now = time.monotonic()
         records: list[SessionRecord] = []
         busy: list[str] = []
-        by_mv: dict[int, tuple[ModelVersion, list[Any]]] = {}
+        by_mv: dict[int, tuple[ModelVersion, list[Session]]] = {}
         for s in self.sessions.all():
             if s.busy:
                 busy.append(s.id)
@@ -280,20 +295,7 @@ class Snapshotter:
             arrays = mv.pool.gather(slots)  # one indexed read per state tensor: copies
             names = _state_names(mv)
             for k, s in enumerate(group):
-                records.append(
-                    SessionRecord(
-                        id=s.id,
-                        model=mv.name,
-                        version=mv.version,
-                        onnx_sha256=mv.runtime.manifest.onnx.sha256,
-                        last_seq=s.last_seq,
-                        steps=s.steps,
-                        states={n: a[:, k, :] for n, a in zip(names, arrays, strict=True)},
-                        forecast=s.forecast,
-                        last_digest=_digest_to_str(getattr(s, "last_digest", None)),
-                        idle_s=max(0.0, now - s.last_used),
-                    )
-                )
+                records.append(_record(s, {n: a[:, k, :] for n, a in zip(names, arrays, strict=True)}, now))
         return records, busy
 
     def _write(self, records: list[SessionRecord], busy: list[str]) -> dict[str, tuple[int, int]]:
@@ -360,22 +362,9 @@ def export_session(sessions: SessionTable, session_id: str) -> bytes:
     s = sessions.get(session_id)
     if s.busy:
         raise ValueError(f"session {session_id} has a step in flight")
-    mv = s.mv
-    arrays = mv.pool.gather(np.array([s.slot], dtype=np.int64))
-    return encode_session(
-        SessionRecord(
-            id=s.id,
-            model=mv.name,
-            version=mv.version,
-            onnx_sha256=mv.runtime.manifest.onnx.sha256,
-            last_seq=s.last_seq,
-            steps=s.steps,
-            states={n: a[:, 0, :] for n, a in zip(_state_names(mv), arrays, strict=True)},
-            forecast=s.forecast,
-            last_digest=_digest_to_str(getattr(s, "last_digest", None)),
-            idle_s=max(0.0, time.monotonic() - s.last_used),
-        )
-    )
+    arrays = s.mv.pool.gather(np.array([s.slot], dtype=np.int64))
+    states = {n: a[:, 0, :] for n, a in zip(_state_names(s.mv), arrays, strict=True)}
+    return encode_session(_record(s, states, time.monotonic()))
 
 
 def restore_session(sessions: SessionTable, repo: Repository, r: SessionRecord) -> None:
@@ -397,6 +386,5 @@ def restore_session(sessions: SessionTable, repo: Repository, r: SessionRecord) 
     session.last_seq = r.last_seq
     session.steps = r.steps
     session.forecast = r.forecast
-    if r.last_digest is not None and hasattr(session, "last_digest"):
-        current = session.last_digest
-        session.last_digest = bytes.fromhex(r.last_digest) if isinstance(current, bytes) else r.last_digest  # type: ignore[assignment]
+    session.quantile_forecast = r.quantile_forecast
+    session.last_digest = bytes.fromhex(r.last_digest) if r.last_digest else b""

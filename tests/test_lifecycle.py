@@ -22,7 +22,7 @@ from gatecast.cli import main
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from service.settings import SettingsError, load_settings
-from tests.conftest import ROOT, TAYLOR, RunningServer, array, matrix, server_settings, taylor_values
+from tests.conftest import DEFAULT_MODEL, ROOT, TAYLOR, RunningServer, array, matrix, server_settings, taylor_values
 from tests.test_server import metric
 
 ROW = matrix(np.array([[30000.0]]))
@@ -195,3 +195,230 @@ def test_forecast_cli(server: RunningServer, capsys: pytest.CaptureFixture[str])
     np.testing.assert_allclose(np.array(out["forecast"]), array(want.forecasts[0]), rtol=1e-6)
     assert main(["forecast", "--data", str(TAYLOR), "--model", "nope", "--server", server.address]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# --- start, stop and the model repository ----------------------------------------------------------
+
+
+def _taylor_repo(tmp_path: Path, versions: tuple[int, ...] = (1,)) -> Path:
+    """The committed default model (no training needed) as the given versions."""
+    repo = tmp_path / "repo"
+    for v in versions:
+        _copy_version(DEFAULT_MODEL / "1", repo / "taylor" / str(v), version=v)
+    return repo
+
+
+def _copy_version(src: Path, dst: Path, **manifest_changes: object) -> None:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(manifest_changes)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _wait(condition, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+SERVE = [sys.executable, "-m", "gatecast.cli", "serve"]
+
+
+def test_second_server_on_a_port_in_use_refuses_to_start(tmp_path: Path) -> None:
+    repo = _taylor_repo(tmp_path)
+    srv = RunningServer(server_settings(repo))
+    try:
+        env = {**os.environ, "GATECAST_PROVIDERS": '["CPUExecutionProvider"]'}
+        for flags, what in [
+            (["--port", str(srv.app.port), "--metrics-port", "0"], "gRPC port"),
+            (["--port", "0", "--metrics-port", str(srv.app.metrics_port)], "metrics port"),
+        ]:
+            proc = subprocess.run(
+                [*SERVE, "--repo", str(repo), *flags], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+            )
+            assert proc.returncode == 2, f"a second server started on the {what} in use: {proc.stderr}"
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and what in lines[0] and "in use" in lines[0], proc.stderr
+        with grpc.insecure_channel(srv.address) as ch:  # the first server still has the port to itself
+            assert pb_grpc.ForecasterStub(ch).GetModel(pb.GetModelRequest(name="taylor")).version == 1
+    finally:
+        srv.stop()
+
+
+def test_start_up_problems_are_one_line_and_a_non_zero_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = _taylor_repo(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "bad.toml").write_text("max_batch_size = [\n")
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--repo", str(tmp_path / "missing")], {}, "no such folder"),
+        (["--repo", str(tmp_path / "file")], {}, "not a folder"),
+        (
+            ["--repo", str(repo)],
+            {"GATECAST_MAX_BATCH": "8"},
+            "GATECAST_MAX_BATCH (did you mean GATECAST_MAX_BATCH_SIZE?)",
+        ),
+        (["--repo", str(repo)], {"GATECAST_PROVIDERS": "CPUExecutionProvider"}, "providers"),
+        (["--repo", str(repo), "--settings", str(tmp_path / "bad.toml")], {}, "bad.toml"),
+        (["--repo", str(repo), "--port", "99999"], {}, "GATECAST_PORT"),
+    ]
+    for args, env, expected in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main(["serve", "--port", "0", "--metrics-port", "0", *args]) == 2, (args, env)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and "Traceback" not in err[0], (args, env, err)
+        for k in env:
+            monkeypatch.delenv(k)
+
+
+def test_unreadable_repository_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.repository import check_repo
+
+    repo = _taylor_repo(tmp_path)
+    check_repo(repo)
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # the tests run as root, whom chmod cannot stop
+    with pytest.raises(SettingsError, match="not readable"):
+        check_repo(repo)
+
+
+def _health(address: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="")).status  # type: ignore[no-any-return]
+
+
+def test_health_is_not_serving_until_a_model_loads(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    srv = RunningServer(server_settings(repo))
+    try:
+        assert _health(srv.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        _copy_version(DEFAULT_MODEL / "1", repo / "taylor" / "1")
+        _wait(lambda: _health(srv.address) == health_pb2.HealthCheckResponse.SERVING, "health says SERVING")
+    finally:
+        srv.stop()
+
+
+def _default_version(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.ForecasterStub(ch).GetModel(pb.GetModelRequest(name="taylor")).version  # type: ignore[no-any-return]
+
+
+def _listed(address: str) -> list[tuple[str, int]]:
+    with grpc.insecure_channel(address) as ch:
+        return [(m.name, m.version) for m in pb_grpc.ForecasterStub(ch).ListModels(pb.ListModelsRequest()).models]
+
+
+def test_version_folder_copied_file_by_file_is_retried_until_it_loads(tmp_path: Path) -> None:
+    repo = _taylor_repo(tmp_path)
+    srv = RunningServer(server_settings(repo))
+    try:
+        v2 = repo / "taylor" / "2"
+        v2.mkdir()
+        manifest = json.loads((repo / "taylor" / "1" / "manifest.json").read_text())
+        (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))  # the manifest first
+        _wait(lambda: v2 in srv.app.repo.failures, "loading v2 without its graph failed")
+        graph = (repo / "taylor" / "1" / "model.onnx").read_bytes()
+        with (v2 / "model.onnx").open("wb") as f:  # then half of the graph
+            f.write(graph[: len(graph) // 2])
+        _wait(lambda: "sha256" in srv.app.repo.failures.get(v2, ""), "the half-written graph was tried")
+        assert _default_version(srv.address) == 1
+        with (v2 / "model.onnx").open("ab") as f:  # then the rest, in place
+            f.write(graph[len(graph) // 2 :])
+        _wait(lambda: _default_version(srv.address) == 2, "v2 loads once complete")
+        assert v2 not in srv.app.repo.failures
+    finally:
+        srv.stop()
+
+
+def _with_quantile_output(src: Path, dst: Path, quantiles: list[float]) -> None:
+    """A copy of the taylor graph with an extra output `yq` [batch, horizon, targets, 3] (y repeated)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gatecast.manifest import sha256_file
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    g = model.graph
+    y = json.loads((dst / "manifest.json").read_text())["onnx"]["output"]
+    g.initializer.append(numpy_helper.from_array(np.array([3], np.int64), "yq_axes"))
+    g.node.extend(
+        [
+            helper.make_node("Unsqueeze", [y, "yq_axes"], ["yq_one"]),
+            helper.make_node("Concat", ["yq_one", "yq_one", "yq_one"], ["yq"], axis=3),
+        ]
+    )
+    g.output.append(helper.make_tensor_value_info("yq", TensorProto.FLOAT, ["batch", "horizon", "targets", 3]))
+    onnx.save(model, str(dst / "model.onnx"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = int(dst.name)
+    manifest["quantiles"] = quantiles
+    manifest["onnx"].update(quantile_output="yq", sha256=sha256_file(dst / "model.onnx"))
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_graph_outputs_are_checked_against_the_manifest(tmp_path: Path) -> None:
+    repo = _taylor_repo(tmp_path)
+    src = repo / "taylor" / "1"
+    horizon = json.loads((src / "manifest.json").read_text())["horizon"]
+    _copy_version(src, repo / "taylor" / "2", version=2, horizon=horizon // 2)  # the manifest lies about y
+    _with_quantile_output(src, repo / "taylor" / "3", [0.1, 0.5, 0.9])  # right: 3 quantiles
+    _with_quantile_output(src, repo / "taylor" / "4", [0.25, 0.75])  # wrong: the graph has 3
+    srv = RunningServer(server_settings(repo))
+    try:
+        failures = srv.app.repo.failures
+        assert f"horizon {horizon // 2}" in failures[repo / "taylor" / "2"]
+        assert "quantiles 2" in failures[repo / "taylor" / "4"]
+        assert _listed(srv.address) == [("taylor", 1), ("taylor", 3)]
+        assert _default_version(srv.address) == 3  # never a refused version
+    finally:
+        srv.stop()
+
+
+def test_deleted_version_is_unloaded_once_no_session_uses_it(tmp_path: Path) -> None:
+    repo = _taylor_repo(tmp_path, (1, 2))
+    srv = RunningServer(server_settings(repo))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            sid = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+            assert stub.GetModel(pb.GetModelRequest(name="taylor")).version == 2
+            shutil.rmtree(repo / "taylor" / "2")
+            _wait(lambda: _default_version(srv.address) == 1, "v1 is the default again")
+            assert _listed(srv.address) == [("taylor", 1)]
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetModel(pb.GetModelRequest(name="taylor", version=2))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            reply = stub.Observe(pb.ObserveRequest(session_id=sid, sequence=1, rows=ROW))  # its session goes on
+            assert reply.forecast.rows == 48
+            time.sleep(0.5)  # a few polls: still loaded while the session lives
+            assert [(mv.name, mv.version) for mv in srv.app.repo.retiring] == [("taylor", 2)]
+            assert metric(srv, "gatecast_model_loaded", model="taylor", version="2") == 1
+            stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+            _wait(lambda: not srv.app.repo.retiring, "v2 is unloaded")
+            assert metric(srv, "gatecast_model_loaded", model="taylor", version="2") == 0
+    finally:
+        srv.stop()
+
+
+def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
+    proc, port = start_server(_taylor_repo(tmp_path), {"GATECAST_MAX_QUEUE_DELAY_MS": "300"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                pending = ex.submit(stub.Forecast, pb.ForecastRequest(model="taylor", series=[ROW]), timeout=10)
+                time.sleep(0.1)  # the request now waits in the batcher (300 ms delay)
+                proc.send_signal(signal.SIGHUP)
+                reply = pending.result()
+        assert reply.forecasts[0].rows == 48
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()

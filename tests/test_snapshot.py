@@ -42,6 +42,7 @@ def _record(sid: str = "ab" * 16, seq: int = 7) -> SessionRecord:
         steps=500,
         states={"h0": rng.standard_normal((2, 8), dtype=np.float32), "c0": rng.standard_normal((2, 8), np.float32)},
         forecast=rng.standard_normal((48, 1), dtype=np.float32),
+        quantile_forecast=rng.standard_normal((48, 1, 3), dtype=np.float32),
         last_digest="0123abcd",
         idle_s=1.5,
     )
@@ -57,6 +58,8 @@ def test_session_blob_round_trips_bit_for_bit() -> None:
         assert back.states[k].dtype == np.float32 and back.states[k].tobytes() == r.states[k].tobytes()
     assert back.forecast is not None and r.forecast is not None
     assert back.forecast.tobytes() == r.forecast.tobytes() and back.forecast.shape == (48, 1)
+    assert back.quantile_forecast is not None and r.quantile_forecast is not None
+    assert back.quantile_forecast.tobytes() == r.quantile_forecast.tobytes()
     fresh = SessionRecord("cd" * 16, "m", 1, "0" * 64, 0, 0, {"h0": np.zeros((1, 4), np.float32)})
     assert decode_session(encode_session(fresh)).forecast is None  # a session with no step yet
 
@@ -128,6 +131,9 @@ def test_sigterm_snapshot_restores_sessions_exactly(tmp_path: Path) -> None:
             stub = pb_grpc.ForecasterStub(ch)
             assert stub.GetModel(pb.GetModelRequest(name="taylor")).live_sessions == 2
             np.testing.assert_array_equal(_step(stub, sid, 4, ROWS[3]), got[3])  # a retry is answered again
+            with pytest.raises(grpc.RpcError) as e:  # the digest of step 4's rows came back too
+                _step(stub, sid, 4, ROWS[3] + 1.0)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "different rows" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
                 _step(stub, sid, 6, ROWS[5])
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "expected 5" in e.value.details()
