@@ -49,6 +49,7 @@ END_MAGIC = b"GCEND\0\0\0"
 _PREFIX = struct.Struct("<8sHHI")  # magic, format version, flags, JSON length
 _U32 = struct.Struct("<I")
 MAX_JSON = 1 << 20  # a header or session meta larger than this is corrupt
+CAPTURE_CHUNK = 4096  # sessions read between two yields to the event loop
 
 
 class SnapshotError(UserError):
@@ -279,24 +280,35 @@ class Snapshotter:
         self._writing: asyncio.Future[dict[str, tuple[int, int]]] | None = None
         self.last_written = 0  # sessions in the last snapshot
 
-    def capture(self) -> tuple[list[SessionRecord], list[str]]:
-        """On the event loop: a record per session without a step in flight, and the ids of the others."""
-        now = time.monotonic()
+    async def capture(self) -> tuple[list[SessionRecord], list[str]]:
+        """On the event loop: a record per session without a step in flight, and the ids of the others.
+        Each session is read in one synchronous block (so its state and sequence number agree); the loop is
+        let go between chunks of sessions so that a large table does not stall serving."""
+        sessions = self.sessions.all()
         records: list[SessionRecord] = []
         busy: list[str] = []
+        for start in range(0, len(sessions), CAPTURE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            self._capture_chunk(sessions[start : start + CAPTURE_CHUNK], records, busy)
+        return records, busy
+
+    @staticmethod
+    def _capture_chunk(chunk: list[Session], records: list[SessionRecord], busy: list[str]) -> None:
+        now = time.monotonic()
         by_mv: dict[int, tuple[ModelVersion, list[Session]]] = {}
-        for s in self.sessions.all():
+        for s in chunk:
+            if s.closed:  # closed since the list was taken
+                continue
             if s.busy:
                 busy.append(s.id)
             else:
                 by_mv.setdefault(id(s.mv), (s.mv, []))[1].append(s)
         for mv, group in by_mv.values():
-            slots = np.array([s.slot for s in group], dtype=np.int64)
-            arrays = mv.pool.gather(slots)  # one indexed read per state tensor: copies
+            arrays = mv.pool.gather(np.array([s.slot for s in group], dtype=np.int64))  # one indexed read: copies
             names = _state_names(mv)
             for k, s in enumerate(group):
                 records.append(_record(s, {n: a[:, k, :] for n, a in zip(names, arrays, strict=True)}, now))
-        return records, busy
 
     def _write(self, records: list[SessionRecord], busy: list[str]) -> dict[str, tuple[int, int]]:
         blobs = [encode_session(r) for r in records]
@@ -316,7 +328,7 @@ class Snapshotter:
         """Writes a snapshot of every session; returns how many sessions it holds."""
         while self._writing is not None and not self._writing.done():
             await asyncio.shield(self._writing)
-        records, busy = self.capture()
+        records, busy = await self.capture()
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._writing = loop.run_in_executor(None, self._write, records, busy)

@@ -28,7 +28,7 @@ from service.snapshot import (
     read_file,
     write_file,
 )
-from tests.conftest import DEFAULT_MODEL, ROOT, array, matrix, taylor_values
+from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, array, matrix, server_settings, taylor_values
 
 
 def _record(sid: str = "ab" * 16, seq: int = 7) -> SessionRecord:
@@ -202,3 +202,52 @@ def test_corrupt_snapshot_stops_start_with_one_line(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and str(snap) in errors[0] and "corrupt" in errors[0], proc.stderr
     assert snap.read_bytes() == bytes(data), "a refused snapshot must be left as it was"
+
+
+def test_a_session_with_a_step_in_flight_is_written_as_it_was(tmp_path: Path) -> None:
+    snap = tmp_path / "sessions.snap"
+    settings = server_settings(_repo(tmp_path), snapshot_path=snap, snapshot_interval_s=3600, max_queue_delay_ms=600)
+    srv = RunningServer(settings)
+    assert srv.app.snapshots is not None
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            sid = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+            _step(stub, sid, 1, ROWS[0])
+            srv.call(srv.app.snapshots.save())
+            (first,) = read_file(snap)
+            with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                pending = ex.submit(_step, stub, sid, 2, ROWS[1])  # waits 600 ms in the batcher
+                time.sleep(0.2)
+                assert srv.app.sessions.get(sid).busy
+                assert srv.call(srv.app.snapshots.save()) == 1
+                (during,) = read_file(snap)
+                pending.result(timeout=10)
+            assert during.last_seq == 1 and encode_session(during) == encode_session(first)
+            srv.call(srv.app.snapshots.save())
+            (after,) = read_file(snap)
+            assert after.last_seq == 2 and after.states["h0"].tobytes() != first.states["h0"].tobytes()
+    finally:
+        srv.stop()
+
+
+def test_sessions_of_a_version_no_longer_served_are_dropped_and_their_snapshot_kept(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    snap = tmp_path / "sessions.snap"
+    srv = RunningServer(server_settings(repo, snapshot_path=snap))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            sid = _open(pb_grpc.ForecasterStub(ch))
+    finally:
+        srv.stop()  # writes the snapshot
+    assert [r.id for r in read_file(snap)] == [sid]
+    manifest = repo / "taylor" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 2'))
+    (repo / "taylor" / "1").rename(repo / "taylor" / "2")
+    srv = RunningServer(server_settings(repo, snapshot_path=snap))
+    try:
+        assert len(srv.app.sessions) == 0
+        (kept,) = tmp_path.glob("sessions.snap.*.unrestored")
+        assert [r.id for r in read_file(kept)] == [sid]
+    finally:
+        srv.stop()
