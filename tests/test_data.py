@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 from training.config import build_config
-from training.data import DataError, load_series, origins, split_rows, windows
+from training.data import DataError, detect_series_column, load_panel, load_series, origins, split_rows, windows
 from training.detect import default_eval_stride, find_seasons, season_scores
 from training.scoring import naive, seasonal_naive
 
@@ -297,3 +298,68 @@ def test_default_eval_stride() -> None:
     stride = default_eval_stride(24, [24, 168], 100_000)
     assert stride == 53 and 1800 <= 100_000 // stride <= 2200  # 50 shares a factor with 24: next coprime
     assert default_eval_stride(24, [], 100_000) == 50
+
+
+# ---- large files: numbers parsed directly, text looked at only where parsing failed
+
+
+def test_bad_value_deep_in_a_large_file_names_its_row(tmp_path: Path) -> None:
+    n = 60_000
+    y = np.arange(n).astype(str)
+    y[50_000] = "12,5"  # a decimal comma, far past pandas' first parsing chunk
+    y[100] = " 7 "  # padded numbers and missing markers are fine
+    y[200] = "NA"
+    times = pd.date_range("2020", periods=n, freq="min").strftime("%Y-%m-%d %H:%M")
+    p = tmp_path / "big.csv"
+    pd.DataFrame({"t": times, "y": y}).to_csv(p, index=False)
+    with pytest.raises(DataError, match=r"big.csv: column 'y', row 50002: '12,5' is not a number"):
+        load_series(p)
+    y[50_000] = "5"
+    pd.DataFrame({"t": times, "y": y}).to_csv(p, index=False)
+    s = load_series(p, fill="ffill")
+    assert s.rows == n and s.values.dtype == np.float32
+    assert (s.values[100, 0], s.values[200, 0], s.values[50_000, 0]) == (7, 199, 5)
+
+
+# ---- long format: many series in one file
+
+
+LONG = (
+    "store,t,sales,price\n"
+    "A,2020-01-01 00:00,1,10\n"
+    "A,2020-01-01 01:00,2,10\n"
+    "B,2020-01-01 02:00,30,5\n"
+    "A,2020-01-01 02:00,3,11\n"
+    "B,2020-01-01 03:00,40,5\n"
+    "A,2020-01-01 03:00,4,11\n"
+)
+
+
+def test_load_panel_one_series_per_id(tmp_path: Path) -> None:
+    p = _csv(tmp_path, LONG)
+    panel = load_panel(p, "store", target="sales", covariates=["price"])
+    assert panel.ids == ["A", "B"] and (panel.step, panel.step_label) == (pd.Timedelta("1h"), "1h")
+    a, b = panel.series
+    np.testing.assert_array_equal(a.values, [[1, 10], [2, 10], [3, 11], [4, 11]])
+    np.testing.assert_array_equal(b.values, [[30, 5], [40, 5]])
+    assert b.times.iloc[0] == pd.Timestamp("2020-01-01 02:00") and a.features == ["sales", "price"]
+    assert load_panel(p, "store", covariates=["price"]).targets == ["sales"]
+
+
+def test_long_format_is_detected(tmp_path: Path) -> None:
+    p = _csv(tmp_path, LONG)
+    assert detect_series_column(pd.read_csv(p)) == "store"
+    assert detect_series_column(pd.read_csv(io.StringIO(GOOD))) is None
+    with pytest.raises(DataError, match=r"series.csv: column 't', row 5: duplicate timestamp .*--series-column store"):
+        load_series(p, "sales", ["price"])
+
+
+def test_load_panel_errors_name_the_row(tmp_path: Path) -> None:
+    gap = LONG + "B,2020-01-01 06:00,70,5\n"
+    with pytest.raises(DataError, match=r"column 't', row 8: 2 step\(s\) of 1h missing .* of series 'B'"):
+        load_panel(_csv(tmp_path, gap), "store", target="sales", covariates=["price"])
+    dup = LONG + "B,2020-01-01 03:00,41,5\n"
+    with pytest.raises(DataError, match=r"column 't', row 8: duplicate timestamp"):
+        load_panel(_csv(tmp_path, dup), "store", target="sales", covariates=["price"])
+    with pytest.raises(DataError, match=r"no column 'shop'"):
+        load_panel(_csv(tmp_path, LONG), "shop")

@@ -476,23 +476,21 @@ def _check_order(
     path: Path, column: str, times: pd.Series, ticks: np.ndarray, rows: np.ndarray, long_hint: str | None
 ) -> None:
     d = np.diff(ticks)
-    for bad, what in ((d == 0, "duplicate timestamp"), (d < 0, "timestamps are not sorted")):
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0]) + 1
-            if long_hint:
-                raise DataError(
-                    f"{path}: column {column!r}, row {int(rows[i]) + 2}: {what} {times.iloc[i]}; the file looks like "
-                    f"several series stacked (long format) with ids in column {long_hint!r}: pass --series-column "
-                    f"{long_hint}"
-                )
-            if what == "duplicate timestamp":
-                raise DataError(
-                    f"{path}: column {column!r}, row {int(rows[i]) + 2}: duplicate timestamp {times.iloc[i]}"
-                )
-            raise DataError(
-                f"{path}: column {column!r}, row {int(rows[i]) + 2}: timestamps are not sorted "
-                f"({times.iloc[i]} comes after {times.iloc[i - 1]})"
-            )
+    bad = np.flatnonzero(d <= 0)
+    if not len(bad):
+        return
+    i = int(bad[0]) + 1
+    where = f"{path}: column {column!r}, row {int(rows[i]) + 2}"
+    if d[i - 1] == 0:
+        what = f"duplicate timestamp {times.iloc[i]}"
+    else:
+        what = f"timestamps are not sorted ({times.iloc[i]} comes after {times.iloc[i - 1]})"
+    if long_hint:
+        raise DataError(
+            f"{where}: {what}; the file looks like several series stacked (long format) with ids in column "
+            f"{long_hint!r}: pass --series-column {long_hint}"
+        )
+    raise DataError(f"{where}: {what}")
 
 
 def _positions(
