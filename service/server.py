@@ -46,7 +46,7 @@ def _check_port_free(host: str, port: int, what: str) -> None:
     if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
         raise StartupError(f"{what}: cannot resolve host {host!r}: {e} (GATECAST_HOST / --host)") from e
     family, type_, proto, _, addr = infos[0]
@@ -201,6 +201,7 @@ class App:
 
 
 def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> App:
+    _check_port_free(settings.host, settings.port, "gRPC port (GATECAST_PORT / --port)")
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     repo = Repository(settings, metrics)
     sessions = SessionTable(metrics, settings.session_idle_s)
@@ -218,7 +219,6 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    _check_port_free(settings.host, settings.port, "gRPC port (GATECAST_PORT / --port)")
     try:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     except RuntimeError as e:

@@ -247,6 +247,16 @@ def _split(data: bytes) -> list[bytes]:
 # --- between the engine and the file ----------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _state_names(mv: ModelVersion) -> list[str]:
     return [s.input for s in mv.runtime.manifest.states]
 
@@ -340,10 +350,22 @@ class Snapshotter:
     def read(self) -> list[SessionRecord]:
         """The sessions of the snapshot on disk (none when there is no file); SnapshotError when corrupt.
         Called before the models load, so a corrupt file is refused at once."""
+        self._remove_stale_temporaries()
         if not self.path.exists():
             log.info("no session snapshot at %s; starting without sessions", self.path)
             return []
         return read_file(self.path)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of writers that died mid-write (kill -9): their pid is no longer running."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*-*"):
+            try:
+                pid = int(tmp.name.rsplit("-", 2)[-2])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by a snapshot write that was cut short", tmp)
 
     def restore(self, records: list[SessionRecord]) -> int:
         """Puts read sessions into the session table; returns how many came back. A session whose model

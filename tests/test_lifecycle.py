@@ -263,6 +263,7 @@ def test_start_up_problems_are_one_line_and_a_non_zero_exit(
         (["--repo", str(repo)], {"GATECAST_PROVIDERS": "CPUExecutionProvider"}, "providers"),
         (["--repo", str(repo), "--settings", str(tmp_path / "bad.toml")], {}, "bad.toml"),
         (["--repo", str(repo), "--port", "99999"], {}, "GATECAST_PORT"),
+        (["--repo", str(repo)], {"GATECAST_SNAPSHOT_PATH": str(tmp_path / "no" / "s.snap")}, "cannot be written"),
     ]
     for args, env, expected in cases:
         for k, v in env.items():

@@ -170,6 +170,8 @@ def test_kill9_restores_last_periodic_snapshot_and_names_the_expected_sequence(t
         proc.kill()
     (saved,) = read_file(snap)
     assert saved.last_seq == 3, "steps 4-5 reached a snapshot before the kill: the test lost its race"
+    cut_short = tmp_path / f".sessions.snap.tmp-{proc.pid}-1"  # what a kill during a write leaves
+    cut_short.write_bytes(b"GCSNAP")
     proc, port = start_server(repo, env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -183,6 +185,7 @@ def test_kill9_restores_last_periodic_snapshot_and_names_the_expected_sequence(t
             again = [_step(stub, sid, seq, ROWS[seq - 1]) for seq in range(expected, 6)]
             for seq, a in zip(range(expected, 6), again, strict=True):
                 assert a.tobytes() == before[seq - 1].tobytes(), f"step {seq} differs after kill -9"
+        assert not cut_short.exists(), "the dead writer's temporary file was left behind"
     finally:
         proc.kill()
 
