@@ -203,7 +203,7 @@ def test_a_failed_run_leaves_the_session_state_as_it_was(taylor_repo: Path) -> N
 
 
 def _small_latencies(stub: pb_grpc.ForecasterStub, x: np.ndarray, until: Callable[[], bool], n: int) -> list[float]:
-    out = []
+    out: list[float] = []
     while len(out) < n and not until():
         t0 = time.perf_counter()
         stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(x)]), timeout=30)
