@@ -11,7 +11,7 @@ import pytest
 
 from training.config import build_config
 from training.data import DataError, detect_series_column, load_panel, load_series, origins, split_rows, windows
-from training.detect import default_eval_stride, find_seasons, season_scores
+from training.detect import calendar_candidates, default_eval_stride, find_seasons, season_scores
 from training.scoring import naive, seasonal_naive
 
 
@@ -363,3 +363,15 @@ def test_load_panel_errors_name_the_row(tmp_path: Path) -> None:
         load_panel(_csv(tmp_path, dup), "store", target="sales", covariates=["price"])
     with pytest.raises(DataError, match=r"no column 'shop'"):
         load_panel(_csv(tmp_path, LONG), "shop")
+
+
+def test_business_days(tmp_path: Path) -> None:
+    days = pd.bdate_range("2021-01-04", periods=30)
+    kept = days.delete(12)  # a holiday
+    p = _frame_csv(tmp_path, pd.DataFrame({"d": kept.strftime("%Y-%m-%d"), "close": np.arange(29.0)}))
+    with pytest.raises(DataError, match=r"column 'd', row 14: 1 step\(s\) of 1B missing before 2021-01-21"):
+        load_series(p)
+    s = load_series(p, fill="ffill")
+    assert (s.step_label, s.step, s.rows, s.filled_rows) == ("1B", pd.Timedelta(hours=33, minutes=36), 30, 1)
+    assert s.times.tolist() == list(days)
+    assert [c for c, _ in calendar_candidates(s.step)] == [5, 261]

@@ -14,7 +14,9 @@ What `load_series` finds when it is not told:
   be it, a DataError lists them and asks for --target.
 - The step: the most common difference between consecutive timestamps. Differences of 28-31 days are
   calendar months (and 89-92 days quarters, 365-366 days years): then every timestamp must fall on the
-  same day of the month (or every one on a month's last day), and the step counts months. Every
+  same day of the month (or every one on a month's last day), and the step counts months (the label
+  says "MS" even when that day is not the first). Daily rows on weekdays only that skip weekends are
+  business days ("1B", step 7/5 days, their mean length; holidays are then missing rows). Every
   difference must be a whole number of steps, or the series is irregular: a DataError names the first
   row that is not. Differences of several steps are missing rows: with `fill="error"` (the default)
   that is a DataError at the first gap; with a fill policy (--fill ffill|interpolate|zero) the series is
@@ -52,6 +54,7 @@ NA_VALUES = ["", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "#N/A
 SAMPLE_ROWS = 1000  # rows of a CSV file read to find the time column, the target and an id column
 MAX_FILLED_FRACTION = 0.05  # with --fill, missing steps may be at most this share of the reindexed rows
 _MONTH_NS = pd.Timedelta(days=365.2425 / 12)
+_BDAY = pd.Timedelta(seconds=7 * 86_400 // 5)  # a business day's mean length: 5 rows a week
 _FILL_HINT = "--fill ffill|interpolate|zero"
 
 
@@ -397,8 +400,8 @@ def _apply_fill(matrix: np.ndarray, fill: FillPolicy) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Grid:
-    kind: Literal["fixed", "months", "index"]
-    unit: int  # nanoseconds, months or index units between rows
+    kind: Literal["fixed", "months", "bdays", "index"]
+    unit: int  # nanoseconds, months, business days or index units between rows
     step: pd.Timedelta | None
     label: str
     month_end: bool = False
@@ -461,12 +464,34 @@ def _detect_grid(path: Path, column: str, parts: list[tuple[pd.Series, np.ndarra
                 )
         label = f"{months}{'ME' if month_end else 'MS'}"
         return _Grid("months", months, _MONTH_NS * months, label, month_end)
+    if step_ns == 86_400 * 10**9 and all(_business_days(t) for t, _ in parts):
+        return _Grid("bdays", 1, _BDAY, "1B")
     return _Grid("fixed", step_ns, pd.Timedelta(step_ns, unit="ns"), _alias(step_ns))
+
+
+def _business_days(times: pd.Series) -> bool:
+    """Daily rows on weekdays only, at one time of day, skipping weekends (Friday to Monday somewhere)."""
+    idx = pd.DatetimeIndex(times)
+    if len(idx) < 2 or (idx.dayofweek >= 5).any():
+        return False
+    tod = np.asarray(idx - idx.normalize())
+    if (tod != tod[0]).any():
+        return False
+    d = np.diff(idx.normalize().asi8)
+    day = pd.Timedelta(days=1) // pd.Timedelta(1, unit=idx.unit)
+    return bool(((d == 3 * day) & (idx.dayofweek[:-1] == 4)).any())
+
+
+def _bday_ticks(times: pd.Series) -> np.ndarray:
+    days = pd.DatetimeIndex(times).normalize().as_unit("s").values.astype("datetime64[D]")
+    return np.asarray(np.busday_count(np.datetime64("1970-01-05"), days), dtype=np.int64)
 
 
 def _ticks(grid: _Grid, times: pd.Series) -> np.ndarray:
     if grid.kind == "index":
         return times.to_numpy(dtype=np.int64)
+    if grid.kind == "bdays":
+        return _bday_ticks(times)
     if grid.kind == "months":
         return _month_ticks(times)
     return _ns(times)
@@ -551,6 +576,8 @@ def _regular(
     start = times.iloc[0]
     if grid.kind == "index":
         new_times = pd.Series(int(start) + grid.unit * np.arange(total, dtype=np.int64), name=times.name)
+    elif grid.kind == "bdays":
+        new_times = pd.Series(pd.date_range(start, periods=total, freq="B"), name=times.name)
     elif grid.kind == "months":
         freq = pd.offsets.MonthEnd(grid.unit) if grid.month_end else None
         if freq is not None:

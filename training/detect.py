@@ -61,7 +61,9 @@ def calendar_candidates(step: pd.Timedelta | None) -> list[tuple[int, str]]:
 
     A cycle is a candidate when it is a whole number of steps (a day of 30-minute steps is 48); a year
     is rounded to whole steps (a daily series: 365, a weekly one: 52). Calendar steps (a month, a quarter)
-    are recognised by their nominal length: 28-31 days is a month, 89-92 days a quarter.
+    are recognised by their nominal length: 28-31 days is a month, 89-92 days a quarter; business days
+    (`load_series` gives them their mean length, 7/5 days) have a week of 5 rows and a year of 261. An
+    hour is a candidate only for steps of 5 minutes or less (12 rows or more).
     """
     if step is None:
         return [(m, "index") for m in INDEX_CANDIDATES]
@@ -77,8 +79,8 @@ def calendar_candidates(step: pd.Timedelta | None) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     for cycle, length in (("hour", _HOUR), ("day", _DAY), ("week", _WEEK)):
         ratio = length / step
-        if ratio >= 2 and float(ratio).is_integer() and not (cycle == "hour" and ratio < 4):
-            out.append((int(ratio), cycle))
+        if ratio >= 2 and abs(ratio - round(ratio)) < 1e-6 and not (cycle == "hour" and ratio < 12):
+            out.append((round(ratio), cycle))
     if days >= 1:
         year = round(_YEAR_DAYS / days)
         if year >= 2:
