@@ -8,8 +8,7 @@ float32 tensors (read with numpy), checked by a CRC-32; no pickle.
     session blob  := b"GCSESS\\0\\0"  u16 format  u16 flags(0)  u32 meta_len  meta(JSON, UTF-8)
                      tensor bytes (float32 LE, C order, in meta["tensors"] order)  u32 crc32(all before)
     snapshot file := b"GCSNAP\\0\\0"  u16 format  u16 flags(0)  u32 header_len  header(JSON)  u32 crc32(all before)
-                     { u32 blob_len  blob } * header["sessions"]
-                     b"GCEND\\0\\0\\0"  u32 count
+                     { u32 blob_len (> 0)  blob } ...  u32 0  b"GCEND\\0\\0\\0"  u32 number of blobs
 
 Writing is atomic: a temporary file in the same folder, fsync, rename over the old file, fsync of the
 folder. A session with a step in flight at snapshot time is written as it was in the previous snapshot
@@ -49,7 +48,7 @@ END_MAGIC = b"GCEND\0\0\0"
 _PREFIX = struct.Struct("<8sHHI")  # magic, format version, flags, JSON length
 _U32 = struct.Struct("<I")
 MAX_JSON = 1 << 20  # a header or session meta larger than this is corrupt
-CAPTURE_CHUNK = 4096  # sessions read between two yields to the event loop
+CAPTURE_CHUNK = 4096  # sessions read on the event loop at a time, then written in a thread
 
 
 class SnapshotError(UserError):
@@ -157,38 +156,60 @@ def decode_session(blob: bytes) -> SessionRecord:
 # --- the snapshot file ------------------------------------------------------------------------------
 
 
-def encode_header(count: int) -> bytes:
-    header = json.dumps(
-        {"sessions": count, "created": datetime.now(UTC).isoformat(), "writer": "gatecast", "pid": os.getpid()}
-    ).encode()
+def encode_header() -> bytes:
+    header = json.dumps({"created": datetime.now(UTC).isoformat(), "writer": "gatecast", "pid": os.getpid()}).encode()
     body = _PREFIX.pack(FILE_MAGIC, FORMAT_VERSION, 0, len(header)) + header
     return body + _U32.pack(zlib.crc32(body))
 
 
+class SnapshotWriter:
+    """Writes a snapshot file a few blobs at a time, so memory stays bounded however many sessions there
+    are. Nothing is visible at `path` until `commit` (temporary file, fsync, rename, fsync of the folder)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        self.index: dict[str, tuple[int, int]] = {}  # session id -> (offset, length) of its blob
+        self._f = self.tmp.open("wb")
+        self._f.write(encode_header())
+
+    def add(self, blob: bytes, session_id: str | None = None) -> None:
+        self._f.write(_U32.pack(len(blob)))
+        self.index[session_id if session_id is not None else _blob_id(blob)] = (self._f.tell(), len(blob))
+        self._f.write(blob)
+
+    def commit(self) -> dict[str, tuple[int, int]]:
+        try:
+            self._f.write(_U32.pack(0) + END_MAGIC + _U32.pack(len(self.index)))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.index
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_file(path: Path, blobs: list[bytes]) -> dict[str, tuple[int, int]]:
     """Writes blobs as a snapshot file atomically; returns {session id: (offset, length)} of each blob."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    index: dict[str, tuple[int, int]] = {}
+    writer = SnapshotWriter(path)
     try:
-        with tmp.open("wb") as f:
-            f.write(encode_header(len(blobs)))
-            for blob in blobs:
-                f.write(_U32.pack(len(blob)))
-                index[_blob_id(blob)] = (f.tell(), len(blob))
-                f.write(blob)
-            f.write(END_MAGIC + _U32.pack(len(blobs)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for blob in blobs:
+            writer.add(blob)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        writer.abort()
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return index
+    return writer.commit()
 
 
 def _blob_id(blob: bytes) -> str:
@@ -224,22 +245,24 @@ def _split(data: bytes) -> list[bytes]:
     if zlib.crc32(data[:end]) != _U32.unpack_from(data, end)[0]:
         raise SnapshotError("header checksum mismatch")
     try:
-        count = int(json.loads(data[_PREFIX.size : end])["sessions"])
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(json.loads(data[_PREFIX.size : end]), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
         raise SnapshotError(f"header is malformed: {e!r}") from e
     pos = end + _U32.size
-    blobs = []
-    for i in range(count):
+    blobs: list[bytes] = []
+    while True:
         if pos + _U32.size > len(data):
-            raise SnapshotError(f"truncated at session {i + 1} of {count}")
+            raise SnapshotError(f"truncated after session {len(blobs)}")
         (n,) = _U32.unpack_from(data, pos)
         pos += _U32.size
+        if n == 0:  # the end
+            break
         if pos + n > len(data):
-            raise SnapshotError(f"truncated inside session {i + 1} of {count}")
+            raise SnapshotError(f"truncated inside session {len(blobs) + 1}")
         blobs.append(data[pos : pos + n])
         pos += n
-    trailer = END_MAGIC + _U32.pack(count)
-    if data[pos:] != trailer:
+    if data[pos:] != END_MAGIC + _U32.pack(len(blobs)):
         raise SnapshotError("missing or bad end marker (truncated or trailing bytes)")
     return blobs
 
@@ -279,29 +302,18 @@ def _record(s: Session, states: dict[str, np.ndarray], now: float) -> SessionRec
 
 
 class Snapshotter:
-    """Captures the session table on the event loop (consistent with sequence numbers) and writes it in a
-    thread; restores it at start. One write at a time; the final one waits for a periodic one in flight."""
+    """Writes the session table in chunks of CAPTURE_CHUNK sessions: each chunk is read on the event loop
+    (each session in one synchronous block, so its state and sequence number agree), then encoded and
+    written in a thread while the loop serves, so neither the loop nor memory grows with the session count.
+    Restores it at start. One write at a time; the final one waits for a periodic one in flight."""
 
     def __init__(self, path: Path, sessions: SessionTable, repo: Repository) -> None:
         self.path = path
         self.sessions = sessions
         self.repo = repo
         self._index: dict[str, tuple[int, int]] = {}  # session id -> (offset, length) in the file at `path`
-        self._writing: asyncio.Future[dict[str, tuple[int, int]]] | None = None
+        self._writing: asyncio.Future[int] | None = None
         self.last_written = 0  # sessions in the last snapshot
-
-    async def capture(self) -> tuple[list[SessionRecord], list[str]]:
-        """On the event loop: a record per session without a step in flight, and the ids of the others.
-        Each session is read in one synchronous block (so its state and sequence number agree); the loop is
-        let go between chunks of sessions so that a large table does not stall serving."""
-        sessions = self.sessions.all()
-        records: list[SessionRecord] = []
-        busy: list[str] = []
-        for start in range(0, len(sessions), CAPTURE_CHUNK):
-            if start:
-                await asyncio.sleep(0)
-            self._capture_chunk(sessions[start : start + CAPTURE_CHUNK], records, busy)
-        return records, busy
 
     @staticmethod
     def _capture_chunk(chunk: list[Session], records: list[SessionRecord], busy: list[str]) -> None:
@@ -320,29 +332,45 @@ class Snapshotter:
             for k, s in enumerate(group):
                 records.append(_record(s, {n: a[:, k, :] for n, a in zip(names, arrays, strict=True)}, now))
 
-    def _write(self, records: list[SessionRecord], busy: list[str]) -> dict[str, tuple[int, int]]:
-        blobs = [encode_session(r) for r in records]
-        if busy and self._index:
-            try:
-                with self.path.open("rb") as f:
-                    for sid in busy:
-                        if sid in self._index:
-                            offset, length = self._index[sid]
-                            f.seek(offset)
-                            blobs.append(f.read(length))
-            except OSError as e:
-                log.warning("snapshot: cannot carry %d busy session(s) over from %s: %s", len(busy), self.path, e)
-        return write_file(self.path, blobs)
+    def _write_chunk(self, writer: SnapshotWriter, records: list[SessionRecord], busy: list[str]) -> None:
+        """Worker thread: encodes the records; a busy session's blob is carried over from the last snapshot."""
+        for r in records:
+            writer.add(encode_session(r), r.id)
+        carried = [sid for sid in busy if sid in self._index]
+        if not carried:
+            return
+        try:
+            with self.path.open("rb") as f:
+                for sid in carried:
+                    offset, length = self._index[sid]
+                    f.seek(offset)
+                    writer.add(f.read(length), sid)
+        except OSError as e:
+            log.warning("snapshot: cannot carry %d busy session(s) over from %s: %s", len(carried), self.path, e)
 
     async def save(self) -> int:
-        """Writes a snapshot of every session; returns how many sessions it holds."""
+        """Writes a snapshot of every session; returns how many sessions it holds. A caller that is cancelled
+        does not cut the write short: the next save waits for it."""
         while self._writing is not None and not self._writing.done():
             await asyncio.shield(self._writing)
-        records, busy = await self.capture()
+        self._writing = asyncio.ensure_future(self._save())
+        return await asyncio.shield(self._writing)
+
+    async def _save(self) -> int:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        self._writing = loop.run_in_executor(None, self._write, records, busy)
-        self._index = await asyncio.shield(self._writing)
+        sessions = self.sessions.all()
+        writer = await loop.run_in_executor(None, SnapshotWriter, self.path)
+        try:
+            for start in range(0, len(sessions), CAPTURE_CHUNK):
+                records: list[SessionRecord] = []
+                busy: list[str] = []
+                self._capture_chunk(sessions[start : start + CAPTURE_CHUNK], records, busy)  # on the loop
+                await loop.run_in_executor(None, self._write_chunk, writer, records, busy)
+            self._index = await loop.run_in_executor(None, writer.commit)
+        except BaseException:
+            writer.abort()
+            raise
         self.last_written = len(self._index)
         log.debug("snapshot: %d session(s) to %s in %.3f s", self.last_written, self.path, time.monotonic() - t0)
         return self.last_written
