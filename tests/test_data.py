@@ -375,3 +375,12 @@ def test_business_days(tmp_path: Path) -> None:
     assert (s.step_label, s.step, s.rows, s.filled_rows) == ("1B", pd.Timedelta(hours=33, minutes=36), 30, 1)
     assert s.times.tolist() == list(days)
     assert [c for c, _ in calendar_candidates(s.step)] == [5, 261]
+
+
+def test_bad_index_value_names_its_row(tmp_path: Path) -> None:
+    p = _csv(tmp_path, "i,y\n1,5\n2,6\n2.5,7\n")
+    with pytest.raises(DataError, match=r"series.csv: column 'i', row 4: 2.5 is not an integer index"):
+        load_series(p, "y", time_column="i", time_index=True)
+    q = _csv(tmp_path, "i,y\n1,5\n,6\n")
+    with pytest.raises(DataError, match=r"series.csv: column 'i', row 3: missing index value"):
+        load_series(q, "y", time_column="i", time_index=True)

@@ -252,8 +252,8 @@ def _detect_time_column(path: Path, df: pd.DataFrame, time_index: bool, exclude:
 def _check_time_kind(path: Path, df: pd.DataFrame, column: str, time_index: bool) -> None:
     col = df[column]
     if time_index:
-        if _is_integer(col) or (pd.api.types.is_float_dtype(col) and col.dropna().mod(1).eq(0).all()):
-            return
+        if _is_integer(col) or pd.api.types.is_float_dtype(col) or _looks_numeric(col):
+            return  # a value that is not an integer is named by its row when the column is read
         raise DataError(f"{path}: column {column!r} ({col.dtype}) is not an integer column; --time-index needs one")
     if _is_integer(col) or pd.api.types.is_float_dtype(col):
         raise DataError(
@@ -288,6 +288,10 @@ def _check_columns(path: Path, df: pd.DataFrame, names: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------------------- parsing
 
 
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _offsets(text: pd.Series) -> pd.Series:
     return text.astype(str).str.extract(r"(Z|[+-]\d{2}:?\d{2})\s*$", expand=False).fillna("none")
 
@@ -317,12 +321,13 @@ def _parse_times(path: Path, column: str, raw: pd.Series) -> pd.Series:
             if bad.any():  # text in more than one format: parse those rows one by one
                 retry = _quiet_to_datetime(raw[bad], format="mixed")
                 if retry.notna().any():
-                    if (retry.dt.tz is None) != (times.dt.tz is None) or str(retry.dt.tz) != str(times.dt.tz):
+                    if str(retry.dt.tz) != str(times.dt.tz):
                         raise ValueError("Mixed timezones detected")
-                    times = times.astype(retry.dtype) if times.dtype != retry.dtype else times
-                    times[bad] = retry
+                    times = times.dt.as_unit("ns")
+                    times[bad] = retry.dt.as_unit("ns")
         except (ValueError, TypeError) as e:
-            if "timezone" in str(e).lower() or "tz" in str(e).lower() or "offset" in str(e).lower():
+            message = str(e).lower()
+            if "timezone" in message or "tz-aware" in message or "utc=true" in message:
                 raise _mixed_offsets(path, column, raw) from e
             raise DataError(f"{path}: column {column!r}: cannot read timestamps: {e}") from e
     nat = times.isna().to_numpy()
@@ -331,15 +336,22 @@ def _parse_times(path: Path, column: str, raw: pd.Series) -> pd.Series:
         value = raw.iloc[i]
         if pd.isna(value):
             raise DataError(f"{path}: column {column!r}, row {i + 2}: missing timestamp")
-        raise DataError(f"{path}: column {column!r}, row {i + 2}: {value!r} is not a timestamp")
+        raise DataError(f"{path}: column {column!r}, row {i + 2}: {_show(value)} is not a timestamp")
     return times.reset_index(drop=True)
 
 
 def _parse_index(path: Path, column: str, raw: pd.Series) -> pd.Series:
-    nan = raw.isna().to_numpy()
-    if nan.any():
-        raise DataError(f"{path}: column {column!r}, row {int(np.flatnonzero(nan)[0]) + 2}: missing index value")
-    return raw.astype(np.int64).reset_index(drop=True)
+    """An integer index column; a missing or non-integer value names its row."""
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(values) | (np.mod(values, 1) != 0) | (np.abs(values) > 2**53)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = raw.iloc[i]
+        what = "missing index value" if pd.isna(value) else f"{_show(value)} is not an integer index"
+        raise DataError(f"{path}: column {column!r}, row {i + 2}: {what}")
+    if _is_integer(raw):
+        return raw.astype(np.int64).reset_index(drop=True)
+    return pd.Series(values.astype(np.int64), name=raw.name)
 
 
 def _numeric_values(path: Path, column: str, raw: pd.Series) -> np.ndarray:
