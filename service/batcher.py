@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # limits used when the runtime carries no settings (test doubles); the server passes its Settings
 DEFAULT_LIMITS = {
-    "max_batch_rows": 4096,
+    "max_batch_rows": 2048,
     "chunk_rows": 512,
     "max_queue_rows": 4_000_000,
     "max_request_rows": 1_000_000,
@@ -208,7 +208,7 @@ class Batcher:
             self._n_flows -= 1
         self._m_queued_rows.set(self._rows)
 
-    async def _collect(self) -> list[WorkItem]:
+    async def _collect(self) -> None:
         """Waits for a first item, then until the batch is full or the first item has waited `delay`.
         Submitters wake the collector only on those two events, not once per item."""
         while not self._flows:
@@ -220,15 +220,13 @@ class Batcher:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), remaining)
-        return self._take()
 
-    def _take(self, batch: list[WorkItem] | None = None) -> list[WorkItem]:
+    def _take(self, batch: list[WorkItem]) -> None:
         """Moves runnable pieces from the queue into the batch, round robin over requests: not cancelled,
         not past their deadline, at most one step per session slot, at most `max_batch_rows` rows and
         `max_batch_size` items; in a first pass each request gets at most half of the batch."""
-        batch = batch if batch is not None else []
-        rows = sum(it.chunk for it in batch)
-        slots = {it.slot for it in batch if it.slot is not None}
+        rows = 0  # `batch` is the caller's, so that whatever this moved out of the queue is answered
+        slots: set[int] = set()
         now = time.monotonic()
         quota_rows = max(self.chunk_rows, self.max_batch_rows // 2)
         quota_items = max(1, self.max_batch_size // 2)
@@ -277,7 +275,6 @@ class Batcher:
                 else:
                     flow.queued = False
             self._flows.extend(rotated)
-        return batch
 
     def _unready(self, it: WorkItem, chunk: int) -> None:
         self._ready_rows -= chunk
@@ -308,11 +305,14 @@ class Batcher:
                 log.exception("batcher dispatch failed for %s", self.runtime.path)
 
     async def _dispatch_next(self) -> None:
-        batch = await self._collect()
+        await self._collect()
+        if self._inflight is not None:
+            # the batch is taken only once the worker is free: what arrived meanwhile (a small request
+            # behind a big one's next pieces) rides in the very next run, not one run later
+            await asyncio.wait([self._inflight])
+        batch: list[WorkItem] = []
         try:
-            if self._inflight is not None:
-                await asyncio.wait([self._inflight])
-                batch = self._take(batch)  # top up with what arrived while the model was busy
+            self._take(batch)
             if not batch:
                 return
             now = time.monotonic()
