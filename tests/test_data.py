@@ -384,3 +384,16 @@ def test_bad_index_value_names_its_row(tmp_path: Path) -> None:
     q = _csv(tmp_path, "i,y\n1,5\n,6\n")
     with pytest.raises(DataError, match=r"series.csv: column 'i', row 3: missing index value"):
         load_series(q, "y", time_column="i", time_index=True)
+
+
+def test_monthly_gaps_and_days(tmp_path: Path) -> None:
+    months = pd.date_range("2015-01-31", periods=40, freq="ME")
+    p = _frame_csv(tmp_path, pd.DataFrame({"m": months.delete(20).strftime("%Y-%m-%d"), "y": np.arange(39.0)}))
+    s = load_series(p, fill="interpolate")
+    assert (s.step_label, s.rows, s.filled_rows) == ("1ME", 40, 1) and s.times.tolist() == list(months)
+    starts = pd.date_range("2015-01-01", periods=12, freq="MS").strftime("%Y-%m-%d").tolist()
+    starts[5] = "2015-06-15"
+    with pytest.raises(
+        DataError, match=r"column 'm', row 7: 2015-06-15 00:00:00 breaks the monthly step: rows fall on day 1"
+    ):
+        load_series(_frame_csv(tmp_path, pd.DataFrame({"m": starts, "y": 1.0})))
