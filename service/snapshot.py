@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -113,7 +114,7 @@ def decode_session(blob: bytes) -> SessionRecord:
     if fmt != FORMAT_VERSION:
         raise SnapshotError(f"session blob format {fmt}; this server reads format {FORMAT_VERSION}")
     (crc,) = _U32.unpack_from(blob, len(blob) - _U32.size)
-    if zlib.crc32(blob[: -_U32.size]) != crc:
+    if zlib.crc32(memoryview(blob)[: -_U32.size]) != crc:
         raise SnapshotError("session blob checksum mismatch (corrupt)")
     if meta_len > MAX_JSON or _PREFIX.size + meta_len > len(blob) - _U32.size:
         raise SnapshotError(f"session blob meta length {meta_len} is out of range")
@@ -125,10 +126,10 @@ def decode_session(blob: bytes) -> SessionRecord:
             if t["dtype"] != "float32":
                 raise SnapshotError(f"tensor {t['name']}: dtype {t['dtype']}, expected float32")
             shape = tuple(int(d) for d in t["shape"])
-            n = int(np.prod(shape, dtype=np.int64)) * 4
+            n = math.prod(shape) * 4
             if pos + n > len(blob) - _U32.size:
                 raise SnapshotError(f"tensor {t['name']} runs past the end of the blob")
-            arrays[t["name"]] = np.frombuffer(blob, "<f4", n // 4, pos).astype(np.float32).reshape(shape)
+            arrays[t["name"]] = np.frombuffer(blob, "<f4", n // 4, pos).astype(np.float32, copy=True).reshape(shape)
             pos += n
         if pos != len(blob) - _U32.size:
             raise SnapshotError(f"{len(blob) - _U32.size - pos} unexplained bytes after the tensors")
