@@ -19,9 +19,38 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="CSV or Parquet file with a time column and value columns")
     p.add_argument("--target", dest="targets", action="append", help="target column (repeatable)")
     p.add_argument("--covariate", dest="covariates", action="append", help="input-only column (repeatable)")
-    p.add_argument("--time-column", help="name of the time column (default: the first column)")
+    p.add_argument("--time-column", help="name of the time column (default: the first column of timestamps)")
+    p.add_argument(
+        "--time-index",
+        action="store_true",
+        default=None,
+        help="the time column is an integer row index (one step per row), not timestamps",
+    )
     p.add_argument("--fill", choices=["error", "ffill", "interpolate", "zero"], help="missing-value policy")
-    p.add_argument("--cell", choices=["lstm", "gru", "rnn"])
+    p.add_argument(
+        "--form",
+        choices=["auto", "level", "seasonal", "lookback"],
+        help="input form (default auto: every form is trained and the best on validation is published)",
+    )
+    p.add_argument("--lookback", type=int, help="lookback form: rows of the linear map (default: chosen on validation)")
+    p.add_argument(
+        "--extra-season",
+        dest="extra_seasons",
+        type=int,
+        action="append",
+        help="seasonal form: also feed differences to this season (repeatable)",
+    )
+    p.add_argument(
+        "--quantiles",
+        type=_floats,
+        help="quantile outputs trained with the pinball loss, e.g. 0.1,0.5,0.9 (default: none)",
+    )
+    p.add_argument("--loss", choices=["mse", "mae"], help="point loss (default mse)")
+    p.add_argument(
+        "--budget-s", type=float, help="wall-clock seconds for choosing and training the model (default 120)"
+    )
+    p.add_argument("--tune", type=int, help="run N Optuna trials over the search space instead of the fixed candidates")
+    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="recurrent cell (default lstm)")
     p.add_argument("--hidden-size", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--dropout", type=float)
@@ -70,6 +99,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name in the repository")
     p.add_argument("--repo", type=Path, help="model repository folder (default models/)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ class Score(_Strict):
     rmse: float
     smape: float  # percent, 0-200 scale
     mase: float
+    mse: float | None = None  # in the data's units squared (absent in manifests before it was added)
 
 
 class Evaluation(_Strict):
@@ -60,6 +61,8 @@ class Evaluation(_Strict):
     stride: int
     mase_season: int
     scores: dict[str, Score]  # forecaster name ("model", "naive", "seasonal_naive_48", ...) -> score
+    # quantile level ("0.1") -> share of true values at or below that quantile forecast
+    coverage: dict[str, float] = {}
 
 
 class DataFingerprint(_Strict):

@@ -28,6 +28,7 @@ def tiny_config(tmp: Path, **kw: object):  # type: ignore[no-untyped-def]
         data=TAYLOR,
         context=64,
         horizon=12,
+        cell="gru",
         hidden_size=8,
         layers=1,
         max_epochs=1,
@@ -41,6 +42,8 @@ def tiny_config(tmp: Path, **kw: object):  # type: ignore[no-untyped-def]
         plot_windows=1,
         threads=1,
     )
+    if not kw.get("season") and not kw.get("lookback"):
+        base["form"] = "level"
     base.update(kw)
     return build_config(None, base)
 

@@ -47,6 +47,8 @@ def test_train_writes_a_versioned_model(tmp_path: Path, capsys: pytest.CaptureFi
             "16",
             "--season",
             "48",
+            "--form",
+            "level",
             "--repo",
             str(tmp_path),
             "--no-progress",
@@ -77,7 +79,7 @@ def _toml(tmp_path: Path) -> Path:
     p = tmp_path / "c.toml"
     p.write_text(
         f'data = "{TAYLOR}"\ncontext = 48\nhorizon = 12\nhidden_size = 8\nmax_epochs = 1\n'
-        "train_stride = 16\nseasons = [48]\nprogress = false\nplot_windows = 0\n"
+        'train_stride = 16\nseasons = [48]\nprogress = false\nplot_windows = 0\nform = "level"\n'
     )
     return p
 
@@ -88,9 +90,20 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     assert a == b
 
 
+FORMS = {
+    "level": {},
+    "seasonal": {"season": 10},
+    "seasonal+recent": {"season": 10, "recent": 4},
+    "seasonal, horizon > season, two seasons": {"season": 3, "extra_seasons": [7], "recent": 2},
+    "lookback": {"lookback": 12},
+    "lookback+quantiles": {"lookback": 12, "quantiles": [0.1, 0.5, 0.9]},
+    "level+quantiles": {"quantiles": [0.25, 0.75]},
+}
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize(("season", "recent"), [(0, 0), (10, 0), (10, 4)])
-def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, season: int, recent: int) -> None:
+@pytest.mark.parametrize("form", list(FORMS))
+def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, form: str) -> None:
     torch.manual_seed(0)
     model = Forecaster(
         ModelConfig(
@@ -100,12 +113,15 @@ def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, 
             hidden_size=8,
             layers=2,
             horizon=5,
-            season=season,
-            recent=recent,
             mean=[300.0, 2.0],
             std=[40.0, 0.5],
+            **FORMS[form],  # type: ignore[arg-type]
         )
     )
+    if model.linear is not None:  # a non-zero map, so the check sees it
+        torch.nn.init.normal_(model.linear.weight, std=0.1)
+    if model.qhead is not None:
+        torch.nn.init.normal_(model.qhead.weight, std=0.1)
     path = tmp_path / "m.onnx"
     export_onnx(model, path, example_time=3)
     assert verify(model, path, context=24) < 1e-4
@@ -123,9 +139,15 @@ def test_export_matches_torch_and_carries_state(tmp_path: Path, cell: CellName, 
     states = zero
     for t in range(x.shape[1]):
         step = sess.run(None, {"x": x[:, t : t + 1], **states})
-        states = dict(zip([n for n in names if n != "x"], step[1:], strict=True))
+        n_states = len(names) - 1
+        states = dict(zip([n for n in names if n != "x"], step[1 : 1 + n_states], strict=True))
     np.testing.assert_allclose(step[0], whole[0], atol=1e-3, rtol=1e-5)  # raw units ~300 -> 3e-6 relative
     assert whole[0].shape == (3, 5, 1)
+    if model.cfg.quantiles:
+        q = whole[-1]
+        assert q.shape == (3, 5, 1, len(model.cfg.quantiles))
+        assert (np.diff(q, axis=-1) >= 0).all()  # quantiles never cross
+        np.testing.assert_allclose(step[-1], q, atol=1e-3, rtol=1e-5)
 
 
 def test_export_check_fails_on_a_wrong_graph(tmp_path: Path) -> None:
@@ -197,8 +219,8 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
     from training.train import _val_loss, train
 
     result = train(tiny_config(tmp_path, max_epochs=8, patience=2, lr=0.3, clip_norm=None, schedule="none"))
-    vals = [v for _, v in result.history]
-    assert result.best_val == min(vals) and result.best_epoch == vals.index(min(vals)) + 1
+    vals = [result.initial_val] + [v for _, v in result.history]  # epoch 0: the untrained model
+    assert result.best_val == min(vals) and result.best_epoch == vals.index(min(vals))
     at = origins(result.split.train_end, result.split.val_end, 64, 12)
     x, y = windows(result.series.values, at, 64, 12, 1)
     assert _val_loss(result.model, torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(result.best_val, rel=1e-6)

@@ -2,13 +2,24 @@
 
 The module takes raw values and returns raw values: the scaler lives inside it as buffers, so the
 exported graph carries it and the server never scales anything. The forecast is made relative to a
-reference the data already gives, which keeps a drifting level out of the network's job:
+reference the data already gives, which keeps a drifting level out of the network's job. Three input
+forms, each local in time, so a streaming step costs one step:
 
-- `season == 0` ("level" input): the reference is the last observed target value (`relative=True`).
-- `season == S` ("seasonal" input): the module also carries the last S rows as a state `s`
-  [S, batch, features + 1] (the extra column marks rows actually seen). The network is fed each row's
-  difference to the row one season earlier, and the forecast is that season-ago value plus the network's
-  correction. A streaming step still costs one step: the buffer shifts by the rows given.
+- `level` (no season, no lookback): the network sees standardised values; the forecast is the last
+  observed target value plus the network's output (`relative=True`).
+- `seasonal` (`season = S`): the module also carries the last rows as a state `s` [rows, batch,
+  features + 1] (the extra column marks rows actually seen). The network is fed each row's difference
+  to the row one season earlier (and to one `extra_seasons` earlier, when given), and the forecast for
+  k steps ahead is the value at the same phase of the most recent observed season plus the network's
+  correction, so any horizon works, also one longer than the season. `recent = K` adds a learned linear
+  map of the last K seasonal differences.
+- `lookback` (`lookback = L`): the state `s` carries the last L rows; the forecast is the last value plus
+  a linear map of the last L values relative to it (fitted in closed form on the training split before
+  the network trains, so it starts as a ridge regression that already knows every season inside L) plus
+  the network's correction. The network is fed first differences.
+
+With `quantiles`, a second output `q` [batch, horizon, targets, quantiles] holds quantile forecasts
+around the point forecast, sorted so they never cross.
 """
 
 from __future__ import annotations
@@ -34,24 +45,41 @@ class ModelConfig:
     dropout: float = 0.0
     horizon: int = 48
     residual: bool = False  # add each stacked layer's input to its output (layers >= 2)
-    relative: bool = True  # forecast = last observed target + network output
+    relative: bool = True  # level form: forecast = last observed target + network output
     season: int = 0  # > 0: seasonal input form, see the module docstring
-    level_input: bool = True  # seasonal form: also feed the standardised level, not only differences
+    extra_seasons: list[int] = field(default_factory=list)  # seasonal form: more seasonal differences as inputs
+    level_input: bool = True  # also feed the standardised level, not only differences
     recent: int = 0  # seasonal form: also add a learned linear map of the last `recent` seasonal differences
+    lookback: int = 0  # > 0: lookback input form with a linear map over this many rows
+    quantiles: list[float] = field(default_factory=list)
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
-    diff_std: list[float] | None = None  # std of seasonal differences per feature (seasonal form)
+    diff_std: list[float] | None = None  # std of the differences the network is fed (seasonal, lookback)
+
+    @property
+    def form(self) -> str:
+        return "lookback" if self.lookback else "seasonal" if self.season else "level"
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows of the carried buffer state s (0: none)."""
+        if self.lookback:
+            return self.lookback
+        if self.season:
+            return max([self.season, *self.extra_seasons]) + self.recent
+        return 0
 
 
 class Output(NamedTuple):
     y: Tensor  # [B, horizon, targets]
     h: Tensor  # [layers, B, H]
     c: Tensor | None  # [layers, B, H] for an LSTM
-    s: Tensor | None  # [season, B, features + 1] for the seasonal input form
+    s: Tensor | None  # [rows, B, features + 1] for the seasonal and lookback forms
+    q: Tensor | None = None  # [B, horizon, targets, quantiles] when the model has quantiles
 
 
 class Forecaster(nn.Module):
-    """forward(x, h, c, s) -> (y, h, c, s); c is None for GRU and RNN, s None without a season.
+    """forward(x, h, c, s) -> (y, h, c, s, q); c is None for GRU and RNN, s None in the level form.
 
     Layers are separate single-layer modules so that residual connections and dropout can sit between
     them; each still exports as one native ONNX recurrent node.
@@ -60,24 +88,47 @@ class Forecaster(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.season and cfg.season < cfg.horizon:
-            raise ValueError(f"season {cfg.season} must be at least the horizon {cfg.horizon}")
-        n_in = cfg.n_features
-        if cfg.season:
-            n_in = (2 if cfg.level_input else 1) * cfg.n_features + 1
+        if cfg.season and cfg.lookback:
+            raise ValueError("choose the seasonal or the lookback input form, not both")
+        if cfg.extra_seasons and not cfg.season:
+            raise ValueError("extra seasons need the seasonal input form (season > 0)")
+        n_f, n_t = cfg.n_features, cfg.n_targets
+        n_diff = (1 + len(cfg.extra_seasons)) * n_f if cfg.season else n_f if cfg.lookback else 0
+        n_in = n_f
+        if n_diff:
+            n_in = n_diff + (n_f if cfg.level_input else 0) + 1
         cls = _CELLS[cfg.cell]
         self.rnns = nn.ModuleList(
             [cls(n_in if i == 0 else cfg.hidden_size, cfg.hidden_size, batch_first=True) for i in range(cfg.layers)]
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(cfg.hidden_size, cfg.horizon * cfg.n_targets)
+        self.head = nn.Linear(cfg.hidden_size, cfg.horizon * n_t)
         # starts as "last season plus the mean recent seasonal difference"; training refines the weights
         self.skip = nn.Linear(cfg.recent, cfg.horizon, bias=False) if cfg.season and cfg.recent else None
         if self.skip is not None:
             nn.init.constant_(self.skip.weight, 1.0 / cfg.recent)
+        # lookback form: the linear map is set by `init_linear` (ridge regression); the head starts at zero
+        # so the untrained model is exactly that regression
+        self.linear = nn.Linear(cfg.lookback, cfg.horizon) if cfg.lookback else None
+        if self.linear is not None:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        n_q = len(cfg.quantiles)
+        self.qhead = nn.Linear(cfg.hidden_size, cfg.horizon * n_t * n_q) if n_q else None
+        self.qbias = nn.Parameter(torch.zeros(cfg.horizon, n_t, n_q)) if n_q else None
+        if self.qhead is not None:
+            nn.init.zeros_(self.qhead.weight)
+            nn.init.zeros_(self.qhead.bias)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32))
         self.register_buffer("diff_std", torch.tensor(cfg.diff_std or cfg.std, dtype=torch.float32))
+        if cfg.season:
+            # the buffer row at the same phase of the most recent season, for each step ahead
+            s_rows, s = cfg.buffer_rows, cfg.season
+            phase = torch.tensor([s_rows - s + (k % s) for k in range(cfg.horizon)], dtype=torch.long)
+            self.register_buffer("phase", phase)
 
     @property
     def is_lstm(self) -> bool:
@@ -87,26 +138,33 @@ class Forecaster(nn.Module):
         shape = (self.cfg.layers, batch, self.cfg.hidden_size)
         h = torch.zeros(shape)
         c = torch.zeros(shape) if self.is_lstm else None
-        s = torch.zeros(self.cfg.season + self.cfg.recent, batch, self.cfg.n_features + 1) if self.cfg.season else None
+        rows = self.cfg.buffer_rows
+        s = torch.zeros(rows, batch, self.cfg.n_features + 1) if rows else None
         return h, c, s
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor | None = None, s: Tensor | None = None) -> Output:
-        n_t, n_f = self.cfg.n_targets, self.cfg.n_features
+        cfg = self.cfg
+        n_t, n_f = cfg.n_targets, cfg.n_features
         mean: Tensor = self.mean  # type: ignore[assignment]
         std: Tensor = self.std  # type: ignore[assignment]
         d_std: Tensor = self.diff_std  # type: ignore[assignment]
         z = (x - mean) / std  # [B, T, F]
         s_n = None
-        if self.cfg.season:
-            assert s is not None, "the seasonal form needs its buffer state s"
+        n_buf = cfg.buffer_rows
+        if n_buf:
+            assert s is not None, "the seasonal and lookback forms need their buffer state s"
             seen = torch.cat([x.transpose(0, 1), torch.ones_like(x[:, :, :1]).transpose(0, 1)], dim=2)
-            rows = torch.cat([s, seen], dim=0)  # [S + T, B, F + 1], oldest first
-            k = self.cfg.recent
-            past = rows[k : -self.cfg.season].transpose(0, 1)  # [B, T, F + 1]: the row one season before each x
-            known = past[:, :, n_f:]  # [B, T, 1]
-            diff = (x - past[:, :, :n_f]) * known / d_std  # seasonal difference, 0 where unknown
-            z = torch.cat([z, diff, known] if self.cfg.level_input else [diff, known], dim=2)  # [B, T, (2)F + 1]
-            s_n = rows[-(self.cfg.season + k) :]  # [S + K, B, F + 1]
+            rows = torch.cat([s, seen], dim=0)  # [rows + T, B, F + 1], oldest first
+            lags = [cfg.season, *cfg.extra_seasons] if cfg.season else [1]
+            diffs = []
+            known = torch.ones_like(x[:, :, :1])
+            for lag in lags:
+                past = rows[n_buf - lag : -lag].transpose(0, 1)  # [B, T, F + 1]: the row `lag` before each x
+                seen_past = past[:, :, n_f:]
+                diffs.append((x - past[:, :, :n_f]) * seen_past / d_std)  # 0 where the earlier row is unknown
+                known = known * seen_past
+            z = torch.cat([z, *diffs, known] if cfg.level_input else [*diffs, known], dim=2)
+            s_n = rows[-n_buf:]  # [rows, B, F + 1]
         hs, cs = [], []
         for i, rnn in enumerate(self.rnns):
             if self.is_lstm:
@@ -116,28 +174,59 @@ class Forecaster(nn.Module):
             else:
                 out, h_i = rnn(z, h[i : i + 1])
             hs.append(h_i)  # [1, B, H]
-            if i > 0 and self.cfg.residual:
+            if i > 0 and cfg.residual:
                 out = out + z
             z = self.drop(out) if i < len(self.rnns) - 1 else out
-        last = z[:, -1, :]  # [B, H]
-        delta = self.head(self.drop(last)).view(-1, self.cfg.horizon, n_t)  # [B, horizon, targets]
-        y = delta * std[:n_t]
-        ref = x[:, -1:, :n_t] if self.cfg.relative else mean[:n_t]  # [B, 1, targets] or [targets]
-        if s_n is not None:
-            y = delta * d_std[:n_t]  # the correction to a season-ago value is on the scale of seasonal changes
-            k = self.cfg.recent
-            ahead = s_n[k : k + self.cfg.horizon].transpose(0, 1)  # [B, horizon, F + 1]: a season before each y
-            ref = torch.where(ahead[:, :, n_f:] > 0, ahead[:, :, :n_t], x[:, -1:, :n_t])
+        last = self.drop(z[:, -1, :])  # [B, H]
+        delta = self.head(last).view(-1, cfg.horizon, n_t)  # [B, horizon, targets]
+        now = x[:, -1:, :n_t]  # [B, 1, targets]
+        scale: Tensor = std[:n_t]
+        if cfg.season:
+            assert s_n is not None
+            scale = d_std[:n_t]  # the correction to a season-ago value is on the scale of seasonal changes
+            phase: Tensor = self.phase  # type: ignore[assignment]
+            ahead = s_n.index_select(0, phase).transpose(0, 1)  # [B, horizon, F + 1]
+            ref = torch.where(ahead[:, :, n_f:] > 0, ahead[:, :, :n_t], now)
+            y = delta * scale + ref
             if self.skip is not None:
-                now, before = s_n[self.cfg.season :], s_n[:k]  # the last K rows and the rows a season before
-                both = now[:, :, n_f:] * before[:, :, n_f:]  # [K, B, 1]: 1 where both are known
-                recent = ((now[:, :, :n_t] - before[:, :, :n_t]) * both).permute(1, 2, 0)  # [B, targets, K]
+                k, lag = int(cfg.recent), int(cfg.season)
+                recent_rows, before = s_n[n_buf - k :], s_n[n_buf - k - lag : n_buf - lag]
+                both = recent_rows[:, :, n_f:] * before[:, :, n_f:]  # [K, B, 1]: 1 where both are known
+                recent = ((recent_rows[:, :, :n_t] - before[:, :, :n_t]) * both).permute(1, 2, 0)  # [B, targets, K]
                 y = y + self.skip(recent).transpose(1, 2)  # [B, horizon, targets]
+        elif self.linear is not None:
+            assert s_n is not None
+            # the last L rows relative to the last value, standardised; rows not seen yet count as "no change"
+            rel = (s_n[:, :, :n_t] - now.transpose(0, 1)) * s_n[:, :, n_f:] / scale  # [L, B, targets]
+            lin = self.linear(rel.permute(1, 2, 0)).transpose(1, 2)  # [B, horizon, targets]
+            y = now + (lin + delta) * scale
+        else:
+            y = delta * scale + (now if cfg.relative else mean[:n_t])
+        q = None
+        if self.qhead is not None and self.qbias is not None:
+            spread = self.qhead(last).view(-1, cfg.horizon, n_t, len(cfg.quantiles)) + self.qbias
+            q = torch.sort(y.unsqueeze(-1) + spread * scale.view(1, 1, n_t, 1), dim=-1).values
         h_n = torch.cat(hs, dim=0)  # [layers, B, H]
         c_n = torch.cat(cs, dim=0) if self.is_lstm else None
-        return Output(y + ref, h_n, c_n, s_n)
+        return Output(y, h_n, c_n, s_n, q)
+
+    def target_scale(self) -> Tensor:
+        """Per target: the unit the point loss is measured in (the standard deviation of the training split)."""
+        std: Tensor = self.std  # type: ignore[assignment]
+        return std[: self.cfg.n_targets]
+
+    def loss(self, out: Output, y_true: Tensor, kind: str = "mse") -> Tensor:
+        """Point loss in standardised units (every target weighs the same), plus the pinball loss of the
+        quantiles when there are any."""
+        scale = self.target_scale()
+        err = (out.y - y_true) / scale
+        loss = (err**2).mean() if kind == "mse" else err.abs().mean()
+        if out.q is not None:
+            levels = torch.tensor(self.cfg.quantiles, dtype=y_true.dtype)
+            miss = (y_true.unsqueeze(-1) - out.q) / scale.view(1, 1, -1, 1)  # [B, H, T, Q]
+            loss = loss + torch.maximum(levels * miss, (levels - 1) * miss).mean()
+        return loss
 
     def scaled_error(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        """L1 loss in standardised units, so every target weighs the same."""
-        std: Tensor = self.std  # type: ignore[assignment]
-        return ((y_pred - y_true).abs() / std[: self.cfg.n_targets]).mean()
+        """L1 error in standardised units."""
+        return ((y_pred - y_true).abs() / self.target_scale()).mean()

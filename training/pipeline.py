@@ -1,4 +1,6 @@
-"""train -> evaluate -> export -> verify -> publish: what `gatecast train` does."""
+"""What `gatecast train` does: read the data and find what was not said (target, step, seasons), choose
+the model on validation within the budget, score validation and test against the naive baselines,
+export, check the graph on real windows, publish."""
 
 from __future__ import annotations
 
@@ -9,14 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from gatecast.manifest import ONNX_FILE, DataFingerprint, Evaluation, Manifest, OnnxInfo, Scaler, sha256_file
+from gatecast.manifest import (
+    ONNX_FILE,
+    DataFingerprint,
+    Evaluation,
+    Manifest,
+    OnnxInfo,
+    Scaler,
+    next_version,
+    sha256_file,
+)
 
 from .config import TrainConfig
-from .data import Series, Split
+from .data import DataError, Series, Split, load_series, split_rows
+from .detect import default_eval_stride, find_seasons
 from .export import OPSET, discard, export_onnx, publish, staging_dir, state_specs, verify
 from .model import Forecaster
 from .scoring import evaluate, format_table
-from .train import TrainResult, predict, train
+from .search import Candidate, choose
+from .train import TrainResult, predict_all
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "forecast.png"
@@ -44,41 +57,221 @@ def fingerprint(series: Series, split: Split) -> DataFingerprint:
 
 
 def plot_forecasts(
-    path: Path, series: Series, at: np.ndarray, forecasts: dict[str, np.ndarray], context: int, count: int
+    path: Path,
+    title: str,
+    series: Series,
+    at: np.ndarray,
+    forecasts: dict[str, np.ndarray],
+    context: int,
+    count: int,
 ) -> None:
-    """Forecast against truth for `count` test origins spread over the test split (first target)."""
+    """Forecast against truth for `count` test origins spread over the test split (first target): each
+    panel marks the forecast origin and states that window's error; legends sit below the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picks = np.linspace(0, len(at) - 1, num=min(count, len(at))).round().astype(int)
-    fig, axes = plt.subplots(len(picks), 1, figsize=(10, 2.6 * len(picks)), squeeze=False)
-    show = min(context, 2 * forecasts["model"].shape[1])
+    fig, axes = plt.subplots(len(picks), 1, figsize=(10, 2.8 * len(picks) + 0.6), squeeze=False)
+    horizon = forecasts["model"].shape[1]
+    show = min(context, 2 * horizon)
+    seasonal = [n for n in forecasts if n.startswith("seasonal_naive")]
     for ax, k in zip(axes[:, 0], picks, strict=True):
         o = int(at[k])
-        horizon = forecasts["model"].shape[1]
-        ax.plot(series.times[o - show : o], series.values[o - show : o, 0], color="0.5", label="history")
+        ax.plot(series.times[o - show : o], series.values[o - show : o, 0], color="0.55", label="history")
         t = series.times[o : o + horizon]
-        ax.plot(t, forecasts["truth"][k, :, 0], color="black", label="truth")
-        ax.plot(t, forecasts["model"][k, :, 0], color="tab:blue", label="model")
-        seasonal = [n for n in forecasts if n.startswith("seasonal_naive")]
+        truth, model = forecasts["truth"][k, :, 0], forecasts["model"][k, :, 0]
+        ax.plot(t, truth, color="black", label="truth")
+        if "q_low" in forecasts:
+            ax.fill_between(t, forecasts["q_low"][k, :, 0], forecasts["q_high"][k, :, 0], color="tab:blue", alpha=0.2)
+        ax.plot(t, model, color="tab:blue", label="model")
         if seasonal:
-            ax.plot(t, forecasts[seasonal[-1]][k, :, 0], color="tab:orange", ls="--", label=seasonal[-1])
+            ax.plot(t, forecasts[seasonal[0]][k, :, 0], color="tab:orange", ls="--", label=seasonal[0])
+        ax.axvline(series.times[o], color="tab:red", lw=0.8, ls=":", label="forecast origin")
+        mae_m = float(np.abs(model - truth).mean())
+        ax.set_title(f"origin {series.times[o]}: model MAE {mae_m:.4g}", fontsize=8, loc="left")
         ax.set_ylabel(series.targets[0])
-        ax.legend(loc="upper left", fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def resolve_split(cfg: TrainConfig, series: Series, context: int, horizon: int) -> Split:
+    """split_rows, plus `--test-fraction 0`: no test split, train and validate on everything."""
+    if cfg.test_fraction == 0 and cfg.test_start is None and cfg.val_start is None:
+        n = series.rows
+        train_end = int(n * (1 - cfg.val_fraction))
+        if train_end < context + horizon or n - train_end < horizon:
+            raise DataError(f"{series.path}: too few rows ({n}) for context {context} + horizon {horizon}")
+        return Split(train_end=train_end, val_end=n, rows=n)
+    return split_rows(series, context, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
+
+
+@dataclass
+class Prepared:
+    series: Series
+    split: Split
+    seasons: list[int]
+    cfg: TrainConfig  # data-dependent defaults filled in
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Reads the data and fills in what was left to the data: target, seasons, evaluation stride, name."""
+    if cfg.data is None:
+        raise DataError("no data: give --data FILE (CSV or Parquet with a time column and value columns)")
+    series = load_series(cfg.data, cfg.targets, cfg.covariates, cfg.time_column, cfg.fill, cfg.time_index)
+    if cfg.horizon is None:
+        raise DataError("no horizon: give --horizon H (rows to forecast)")
+    horizon = cfg.horizon
+    # a provisional split (context = horizon) to look at the training rows only
+    probe = resolve_split(cfg, series, horizon, horizon)
+    if cfg.seasons is not None:
+        seasons = list(cfg.seasons)
+    else:
+        seasons = find_seasons(
+            series.values[: probe.train_end, : len(series.targets)], series.step, probe.train_end // 3
+        )
+        log.info("seasons found in the training split: %s", seasons or "none")
+    longest = max([*seasons, cfg.season, cfg.lookback, cfg.context or 0, horizon])
+    split = resolve_split(cfg, series, min(longest, probe.train_end // 2), horizon)
+    updates: dict[str, object] = {"targets": list(series.targets), "seasons": seasons, "name": cfg.model_name}
+    cfg = cfg.model_copy(update=updates)
+    return Prepared(series, split, seasons, cfg)
+
+
+def _evaluation(
+    model: Forecaster, prep: Prepared, context: int, start: int, end: int, stride: int, split_name: str
+) -> tuple[Evaluation, dict[str, np.ndarray], np.ndarray]:
+    cfg, s = prep.cfg, prep.series
+    assert cfg.horizon is not None
+    q_store: dict[str, np.ndarray] = {}
+
+    def forecast(x: np.ndarray) -> np.ndarray:
+        y, q = predict_all(model, x)
+        if q is not None:
+            q_store["q"] = q
+        return y
+
+    evaluation, forecasts, at = evaluate(
+        forecast,
+        s.values[:end],
+        prep.split,
+        context,
+        cfg.horizon,
+        len(s.targets),
+        stride,
+        prep.seasons,
+        start=start,
+    )
+    updates: dict[str, object] = {"split": split_name}
+    if "q" in q_store:
+        truth = forecasts["truth"]
+        q = q_store["q"]
+        updates["coverage"] = {f"{lv:g}": float((truth <= q[..., i]).mean()) for i, lv in enumerate(cfg.quantiles)}
+        forecasts["q_low"], forecasts["q_high"] = q[..., 0], q[..., -1]
+    return evaluation.model_copy(update=updates), forecasts, at
+
+
+def run(cfg: TrainConfig) -> Published:
+    prep = prepare(cfg)
+    cfg = prep.cfg
+    assert cfg.horizon is not None
+    best, cands, _ = choose(cfg, prep.series, prep.split, prep.seasons)
+    result = best.result
+    assert result is not None and best.cfg.context is not None
+    context = best.cfg.context
+    split = prep.split
+    # validation: what chose the model; every origin the data allows at the default stride
+    n_val = max(1, split.val_end - split.train_end - cfg.horizon + 1)
+    val_stride = default_eval_stride(cfg.horizon, prep.seasons, n_val)
+    validation, _, _ = _evaluation(
+        result.model, prep, context, split.train_end, split.val_end, val_stride, "validation"
+    )
+    has_test = split.rows - split.val_end >= cfg.horizon
+    if has_test:
+        n_test = split.rows - split.val_end - cfg.horizon + 1
+        stride = cfg.eval_stride or default_eval_stride(cfg.horizon, prep.seasons, n_test)
+        evaluation, forecasts, at = _evaluation(result.model, prep, context, split.val_end, split.rows, stride, "test")
+    else:  # --test-fraction 0: production training; the card carries the validation scores
+        evaluation, forecasts, at = _evaluation(
+            result.model, prep, context, split.train_end, split.val_end, val_stride, "validation"
+        )
+    warnings = _baseline_warnings(validation)
+    for w in warnings:
+        log.warning("%s", w)
+    staging = staging_dir(cfg.repo, cfg.model_name)
+    try:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(result.model, onnx_path, example_time=min(context, 8))
+        worst = verify(result.model, onnx_path, context, real=_real_windows(prep, context))
+        log.info("export verified: worst difference %.2g (relative to the output scale)", worst)
+        size = f"{best.cfg.cell} {best.cfg.layers}x{best.cfg.hidden_size}"
+        version = next_version(cfg.repo, cfg.model_name)
+        title = f"{cfg.model_name} v{version} ({best.label}, {size}) on {prep.series.path.name}"
+        if cfg.plot_windows:
+            plot_forecasts(staging / PLOT_FILE, title, prep.series, at, forecasts, context, cfg.plot_windows)
+        manifest = build_manifest(best, prep, result, evaluation, validation, warnings, onnx_path)
+        path, manifest = publish(staging, cfg.repo, cfg.model_name, manifest)
+    except BaseException:
+        discard(staging)
+        raise
+    lines = [format_table(validation, f"{manifest.name} v{manifest.version}: {best.label} — validation split")]
+    lines.append(format_table(evaluation, f"{evaluation.split} split"))
+    lines.append(_candidates_table(cands, validation))
+    lines.extend(f"WARNING: {w}" for w in warnings)
+    return Published(path=path, manifest=manifest, table="\n\n".join(lines))
+
+
+def _baseline_warnings(validation: Evaluation) -> list[str]:
+    model = validation.scores["model"]
+    baselines = {k: v for k, v in validation.scores.items() if k != "model"}
+    name, best = min(baselines.items(), key=lambda kv: kv[1].rmse)
+    if model.rmse < best.rmse:
+        return []
+    return [
+        f"the model does not beat the best naive baseline on validation ({name}: RMSE {best.rmse:.4g}, "
+        f"model {model.rmse:.4g}); it is published all the same, marked beats_baselines=false"
+    ]
+
+
+def _candidates_table(cands: list[Candidate], validation: Evaluation) -> str:
+    lines = ["candidates (validation MSE in standardised units; the lowest is published)"]
+    for c in cands:
+        r = c.result
+        took = f"{r.seconds:6.1f} s, {r.epochs} epochs (best {r.best_epoch})" if r else c.note
+        lines.append(f"  {c.label:<24}{c.val_mse:>10.4f}   {took}")
+    return "\n".join(lines)
+
+
+def _real_windows(prep: Prepared, context: int) -> np.ndarray:
+    """Windows from the data itself (validation split) for the export check."""
+    end = prep.split.val_end
+    starts = np.linspace(max(0, prep.split.train_end - context), end - context, num=8).astype(int)
+    return np.stack([prep.series.values[s : s + context] for s in starts]).astype(np.float32)
+
+
 def build_manifest(
-    cfg: TrainConfig, result: TrainResult, evaluation: Evaluation, onnx_path: Path, version: int
+    best: Candidate,
+    prep: Prepared,
+    result: TrainResult,
+    evaluation: Evaluation,
+    validation: Evaluation,
+    warnings: list[str],
+    onnx_path: Path,
 ) -> Manifest:
+    cfg = best.cfg
     model: Forecaster = result.model
+    assert cfg.horizon is not None and cfg.context is not None
+    history = [
+        {"epoch": i + 1, "train_loss": tr, "val_loss": va, "lr": lr, "grad_norm": g}
+        for i, ((tr, va), lr, g) in enumerate(zip(result.history, result.lrs, result.grad_norms, strict=True))
+    ]
     return Manifest(
-        name=cfg.name,
-        version=version,
+        name=prep.cfg.model_name,
+        version=1,
         cell=cfg.cell,
         layers=cfg.layers,
         hidden_size=cfg.hidden_size,
@@ -88,14 +281,27 @@ def build_manifest(
         targets=result.series.targets,
         horizon=cfg.horizon,
         context_length=cfg.context,
-        input_form="seasonal" if cfg.season else "level",
+        input_form=model.cfg.form,  # type: ignore[arg-type]
         season=cfg.season,
+        seasons=prep.seasons,
+        step=prep.series.step_label,
+        quantiles=list(cfg.quantiles),
         states=state_specs(model),
         scaler=Scaler(mean=list(model.cfg.mean), std=list(model.cfg.std), diff_std=list(model.cfg.diff_std or [])),
         data=fingerprint(result.series, result.split),
         evaluation=evaluation,
-        onnx=OnnxInfo(file=ONNX_FILE, sha256=sha256_file(onnx_path), opset=OPSET),
+        validation=validation,
+        beats_baselines=not warnings,
+        warnings=warnings,
+        history=history,
+        onnx=OnnxInfo(
+            file=ONNX_FILE,
+            sha256=sha256_file(onnx_path),
+            opset=OPSET,
+            quantile_output="q" if cfg.quantiles else None,
+        ),
         training={
+            "candidate": best.label,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val,
@@ -104,42 +310,13 @@ def build_manifest(
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "schedule": cfg.schedule,
+            "loss": cfg.loss,
+            "lookback": cfg.lookback,
+            "recent": cfg.recent,
             "relative": cfg.relative,
             "level_input": cfg.level_input,
             "weight_decay": cfg.weight_decay,
-            "train_stride": cfg.train_stride,
+            "budget_s": cfg.budget_s,
         },
         created=datetime.now(UTC),
     )
-
-
-def run(cfg: TrainConfig) -> Published:
-    result = train(cfg)
-    evaluation, forecasts, at = evaluate(
-        lambda x: predict(result.model, x),
-        result.series.values,
-        result.split,
-        cfg.context,
-        cfg.horizon,
-        len(result.series.targets),
-        cfg.eval_stride,
-        cfg.seasons,
-    )
-    staging = staging_dir(cfg.repo, cfg.name)
-    try:
-        onnx_path = staging / ONNX_FILE
-        export_onnx(result.model, onnx_path, example_time=min(cfg.context, 8))
-        worst = verify(result.model, onnx_path, cfg.context)
-        log.info("export verified: worst difference %.2g (standardised units)", worst)
-        if cfg.plot_windows:
-            plot_forecasts(staging / PLOT_FILE, result.series, at, forecasts, cfg.context, cfg.plot_windows)
-        manifest = build_manifest(cfg, result, evaluation, onnx_path, version=1)
-        path, manifest = publish(staging, cfg.repo, cfg.name, manifest)
-    except BaseException:
-        discard(staging)
-        raise
-    title = (
-        f"{cfg.name} v{manifest.version} ({cfg.cell}, {cfg.layers}x{cfg.hidden_size}) — test split, "
-        f"{result.epochs} epochs in {result.seconds:.0f} s"
-    )
-    return Published(path=path, manifest=manifest, table=format_table(evaluation, title))

@@ -35,6 +35,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, scale: np.ndarray) -> Score:
         rmse=float(np.sqrt((err**2).mean())),
         smape=float(100.0 * smape.mean()),
         mase=float((np.abs(err).mean(axis=(0, 1)) / scale).mean()),
+        mse=float((err**2).mean()),
     )
 
 
@@ -66,30 +67,33 @@ def evaluate(
     """Rolling-origin evaluation over the test split (or from `start`), model and baselines.
 
     Returns the manifest's Evaluation, the forecasts by forecaster name and the origins used.
-    MASE uses the first season of `seasons`.
+    MASE uses the first season of `seasons` (1, the naive forecast, when there is none).
     """
     first = split.val_end if start is None else start
-    at = origins(first, values.shape[0], max(context, *seasons), horizon, stride)
+    history = max([context, *seasons])
+    at = origins(first, values.shape[0], history, horizon, stride)
     if at.size == 0:
-        raise ValueError(
-            f"no test origins: the test part needs {horizon} rows and {max(context, *seasons)} rows of history"
-        )
+        raise ValueError(f"no test origins: the test part needs {horizon} rows and {history} rows of history")
     x, y_true = windows(values, at, context, horizon, n_targets)
     forecasts: dict[str, np.ndarray] = {"model": predict(x), "naive": naive(values, at, horizon, n_targets)}
     for m in seasons:
         forecasts[f"seasonal_naive_{m}"] = seasonal_naive(values, at, horizon, n_targets, m)
-    scale = mase_scale(values[: split.train_end, :n_targets], seasons[0])
+    mase_season = seasons[0] if seasons else 1
+    scale = mase_scale(values[: split.train_end, :n_targets], mase_season)
     scores = {name: score(y_true, f, scale) for name, f in forecasts.items()}
     forecasts["truth"] = y_true
-    evaluation = Evaluation(origins=int(at.size), stride=stride, mase_season=seasons[0], scores=scores)
+    evaluation = Evaluation(origins=int(at.size), stride=stride, mase_season=mase_season, scores=scores)
     return evaluation, forecasts, at
 
 
 def format_table(evaluation: Evaluation, title: str = "") -> str:
     """The scores as a fixed-width text table."""
     lines = [title] if title else []
-    lines.append(f"{'forecaster':<22}{'MAE':>12}{'RMSE':>12}{'sMAPE %':>10}{f'MASE(m={evaluation.mase_season})':>14}")
+    header = f"{'forecaster':<22}{'MSE':>14}{'MAE':>12}{'RMSE':>12}{'sMAPE %':>10}"
+    lines.append(header + f"{f'MASE(m={evaluation.mase_season})':>14}")
     for name, s in evaluation.scores.items():
-        lines.append(f"{name:<22}{s.mae:>12.2f}{s.rmse:>12.2f}{s.smape:>10.3f}{s.mase:>14.4f}")
-    lines.append(f"({evaluation.origins} origins, stride {evaluation.stride})")
+        mse = s.mse if s.mse is not None else s.rmse**2
+        lines.append(f"{name:<22}{mse:>14.5g}{s.mae:>12.4g}{s.rmse:>12.4g}{s.smape:>10.3f}{s.mase:>14.4f}")
+    cover = ", ".join(f"q{k}: {v:.3f}" for k, v in evaluation.coverage.items())
+    lines.append(f"({evaluation.origins} origins, stride {evaluation.stride}{'; coverage ' + cover if cover else ''})")
     return "\n".join(lines)

@@ -1,9 +1,14 @@
-"""The training loop: AdamW, a learning-rate schedule, gradient clipping, early stopping, seeded."""
+"""The training loop: AdamW, a learning-rate schedule, gradient clipping, early stopping, seeded.
+
+Windows are cut batch by batch from the series (never all at once), so memory grows with the series,
+not with series x context. A wall-clock deadline ends training early like early stopping does.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import Series, Split, fit_scaler, load_series, origins, split_rows, windows
+from .data import Series, Split, fit_scaler, origins
 from .model import Forecaster, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,8 @@ class TrainResult:
     seconds: float
     history: list[tuple[float, float]] = field(default_factory=list)  # (train loss, val loss) per epoch
     lrs: list[float] = field(default_factory=list)  # learning rate at the end of each epoch
+    grad_norms: list[float] = field(default_factory=list)  # mean pre-clip gradient norm per epoch
+    initial_val: float = float("inf")  # validation loss of the untrained model ("epoch 0")
 
 
 def seed_everything(seed: int) -> None:
@@ -38,21 +45,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=gen).split(size))
+class WindowSource:
+    """Windows x [n, context, features] and targets y [n, horizon, targets] cut on demand from one series."""
+
+    def __init__(self, values: np.ndarray, at: np.ndarray, context: int, horizon: int, n_targets: int) -> None:
+        self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        self.at = torch.from_numpy(at)
+        self.context, self.horizon, self.n_targets = context, horizon, n_targets
+        self._ix = torch.arange(-context, 0)
+        self._iy = torch.arange(horizon)
+
+    def __len__(self) -> int:
+        return int(self.at.numel())
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self.at[idx]
+        x = self.values[o[:, None] + self._ix[None, :]]
+        y = self.values[o[:, None] + self._iy[None, :]][:, :, : self.n_targets]
+        return x, y
 
 
 def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
-    """The forecast for windows x [B, T, F] from a zero state, i.e. `model(x, *zero_state).y`.
+    """The forecast for windows x [B, T, F] from a zero state, i.e. `model(x, *zero_state).y`."""
+    return forward_window_out(model, x).y
 
-    With the seasonal form and no level input, the first `season` rows of a window only fill the buffer:
-    the network sees constant zeros there, so its state after them is the same for every window. That
-    state is computed once at batch 1 and broadcast, and the buffer is filled directly, which makes a
-    training step cost T - season recurrent steps instead of T. The result is the same computation.
+
+def forward_window_out(model: Forecaster, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    """`model(x, *zero_state)`, computed faster where the result is the same.
+
+    With the seasonal form, one season and no level input, the first `season` rows of a window only fill
+    the buffer: the network sees constant zeros there, so its state after them is the same for every
+    window. That state is computed once at batch 1 and broadcast, and the buffer is filled directly,
+    which makes a training step cost T - season recurrent steps instead of T.
     """
     cfg = model.cfg
-    if not (cfg.season and not cfg.level_input and x.shape[1] > cfg.season):
-        return model(x, *model.zero_state(x.shape[0])).y
+    if not (cfg.season and not cfg.extra_seasons and not cfg.level_input and x.shape[1] > cfg.season):
+        return model(x, *model.zero_state(x.shape[0]))
     b, s = x.shape[0], cfg.season
     h, c, buf = model.zero_state(1)
     idle = model(x[:1, :s], h, c, buf)  # inputs are all zero while nothing is known
@@ -61,68 +89,171 @@ def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
         fill = torch.cat([torch.zeros_like(fill[: cfg.recent]), fill], dim=0)
     h_b = idle.h.expand(-1, b, -1).contiguous()
     c_b = idle.c.expand(-1, b, -1).contiguous() if idle.c is not None else None
-    return model(x[:, s:], h_b, c_b, fill).y
+    return model(x[:, s:], h_b, c_b, fill)
 
 
 @torch.no_grad()
 def predict(model: Forecaster, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Forecasts from a zero state for windows x [n, time, features]."""
+    return predict_all(model, x, batch)[0]
+
+
+@torch.no_grad()
+def predict_all(model: Forecaster, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+    """Point forecasts [n, horizon, targets] and quantiles [n, horizon, targets, q] (None without)."""
     model.eval()
-    out = []
+    ys, qs = [], []
     for i in range(0, x.shape[0], batch):
-        xb = torch.from_numpy(x[i : i + batch])
-        out.append(forward_window(model, xb).numpy())
-    return np.concatenate(out, axis=0)
+        out = forward_window_out(model, torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
+        ys.append(out.y.numpy())
+        if out.q is not None:
+            qs.append(out.q.numpy())
+    return np.concatenate(ys, axis=0), (np.concatenate(qs, axis=0) if qs else None)
 
 
-def _val_loss(model: Forecaster, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        model.eval()
-        return float(model.scaled_error(forward_window(model, x), y))
+@torch.no_grad()
+def _val_loss(model: Forecaster, source: WindowSource | torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """The mean squared error in standardised units over the validation windows."""
+    model.eval()
+    if isinstance(source, torch.Tensor):
+        assert y is not None
+        return float((((forward_window(model, source) - y) / model.target_scale()) ** 2).mean())
+    total, n = 0.0, 0
+    for idx in torch.arange(len(source)).split(512):
+        xb, yb = source.batch(idx)
+        err = (forward_window(model, xb) - yb) / model.target_scale()
+        total += float((err**2).sum())
+        n += err.numel()
+    return total / max(n, 1)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Fits one model as cfg says; returns it with the best validation weights restored."""
+def ridge_fit(
+    values: np.ndarray,
+    at: np.ndarray,
+    lookback: int,
+    horizon: int,
+    n_targets: int,
+    std: np.ndarray,
+    lams: tuple[float, ...] | float,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The lookback form's linear map in closed form, for each ridge strength in `lams`: the next
+    `horizon` standardised values relative to the last one, from the last `lookback` relative to it,
+    pooled over targets. Returns [(W [H, L], b [H])] in the order of `lams`."""
+    gram = np.zeros((lookback + 1, lookback + 1))
+    cross = np.zeros((lookback + 1, horizon))
+    for t in range(n_targets):
+        z = values[:, t].astype(np.float64) / float(std[t])
+        for part in np.array_split(at, max(1, at.size // 8192)):
+            last = z[part - 1][:, None]
+            x = z[part[:, None] + np.arange(-lookback, 0)[None, :]] - last
+            x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            gram += x1.T @ x1
+            cross += x1.T @ (z[part[:, None] + np.arange(horizon)[None, :]] - last)
+    out = []
+    for lam in (lams,) if isinstance(lams, float) else lams:
+        reg = lam * np.eye(lookback + 1)
+        reg[-1, -1] = 1e-6  # the intercept (a drift) is not shrunk
+        w = np.linalg.solve(gram + reg, cross)  # [L + 1, H]
+        out.append((w[:-1].T.astype(np.float32), w[-1].astype(np.float32)))
+    return out
+
+
+def ridge_predict(
+    values: np.ndarray, at: np.ndarray, w: np.ndarray, b: np.ndarray, n_targets: int, std: np.ndarray
+) -> np.ndarray:
+    lookback = w.shape[1]
+    out = []
+    for t in range(n_targets):
+        z = values[:, t].astype(np.float64) / float(std[t])
+        last = z[at - 1][:, None]
+        rel = z[at[:, None] + np.arange(-lookback, 0)[None, :]] - last
+        out.append((rel @ w.T + b + last) * float(std[t]))
+    return np.stack(out, axis=2)  # [n, H, targets]
+
+
+def model_config(cfg: TrainConfig, series: Series, split: Split) -> ModelConfig:
+    """The network's shape and the scalers, fitted on the training split only."""
+    values, n_t = series.values, len(series.targets)
+    train_rows = values[: split.train_end]
+    mean, std = fit_scaler(train_rows)
+    diff_std = None
+    if cfg.season:
+        diff_std = fit_scaler(train_rows[cfg.season :] - train_rows[: -cfg.season])[1]
+    elif cfg.lookback:
+        diff_std = fit_scaler(train_rows[1:] - train_rows[:-1])[1]
+    assert cfg.horizon is not None
+    return ModelConfig(
+        cell=cfg.cell,
+        n_features=len(series.features),
+        n_targets=n_t,
+        hidden_size=cfg.hidden_size,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+        horizon=cfg.horizon,
+        residual=cfg.residual,
+        relative=cfg.relative,
+        season=cfg.season,
+        extra_seasons=list(cfg.extra_seasons),
+        level_input=cfg.level_input,
+        recent=cfg.recent,
+        lookback=cfg.lookback,
+        quantiles=list(cfg.quantiles),
+        mean=mean,
+        std=std,
+        diff_std=diff_std,
+    )
+
+
+def default_stride(n_origins: int, max_windows: int) -> int:
+    return max(1, math.ceil(n_origins / max_windows))
+
+
+def train(
+    cfg: TrainConfig,
+    series: Series | None = None,
+    split: Split | None = None,
+    deadline: float | None = None,
+    ridge: tuple[np.ndarray, np.ndarray] | None = None,
+) -> TrainResult:
+    """Fits one concrete candidate (form, sizes and context resolved in cfg); returns it with the best
+    validation weights restored. `ridge` = (W, b) initialises the lookback form's linear map. Without a
+    series and split, cfg's data file is read and split as `gatecast train` would."""
+    if series is None or split is None:
+        from .pipeline import prepare
+
+        prep = prepare(cfg)
+        cfg, series, split = prep.cfg, prep.series, prep.split
+        if cfg.context is None:
+            cfg = cfg.model_copy(update={"context": cfg.lookback or cfg.season + 2 * (cfg.horizon or 1)})
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    series = load_series(cfg.data, cfg.targets, cfg.covariates, cfg.time_column, cfg.fill)
-    split = split_rows(
-        series, cfg.context, cfg.horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start
-    )
+    assert cfg.context is not None and cfg.horizon is not None
+    context, horizon = cfg.context, cfg.horizon
     values, n_t = series.values, len(series.targets)
-    mean, std = fit_scaler(values[: split.train_end])
-    diff_std = None
-    if cfg.season:
-        train_rows = values[: split.train_end]
-        diff_std = fit_scaler(train_rows[cfg.season :] - train_rows[: -cfg.season])[1]
-    model = Forecaster(
-        ModelConfig(
-            cell=cfg.cell,
-            n_features=len(series.features),
-            n_targets=n_t,
-            hidden_size=cfg.hidden_size,
-            layers=cfg.layers,
-            dropout=cfg.dropout,
-            horizon=cfg.horizon,
-            residual=cfg.residual,
-            relative=cfg.relative,
-            season=cfg.season,
-            level_input=cfg.level_input,
-            recent=cfg.recent,
-            mean=mean,
-            std=std,
-            diff_std=diff_std,
-        )
-    )
-    tr_at = origins(0, split.train_end, cfg.context, cfg.horizon, cfg.train_stride)
-    va_at = origins(split.train_end, split.val_end, cfg.context, cfg.horizon, 1)
-    xt, yt = (torch.from_numpy(a) for a in windows(values, tr_at, cfg.context, cfg.horizon, n_t))
-    xv, yv = (torch.from_numpy(a) for a in windows(values, va_at, cfg.context, cfg.horizon, n_t))
-    log.info("windows: %d train, %d validation", len(tr_at), len(va_at))
+    model = Forecaster(model_config(cfg, series, split))
+    if model.linear is not None and ridge is not None:
+        with torch.no_grad():
+            model.linear.weight.copy_(torch.from_numpy(ridge[0]))
+            model.linear.bias.copy_(torch.from_numpy(ridge[1]))
+        # the closed-form map is already the best linear one on the training split (at the ridge strength
+        # validation chose); the network learns what it misses, which keeps the map from drifting
+        model.linear.requires_grad_(False)
+    all_train = origins(0, split.train_end, context, horizon, 1)
+    stride = cfg.train_stride or default_stride(all_train.size, cfg.max_train_windows)
+    tr = WindowSource(values, all_train[::stride], context, horizon, n_t)
+    va_at = origins(split.train_end, split.val_end, context, horizon, 1)
+    va = WindowSource(values, va_at[:: default_stride(va_at.size, 4 * cfg.max_train_windows)], context, horizon, n_t)
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError(f"no windows: train {len(tr)}, validation {len(va)} (context {context}, horizon {horizon})")
+    log.info("windows: %d train (stride %d), %d validation", len(tr), stride, len(va))
+    if model.qbias is not None:
+        _init_quantiles(model, tr)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(tr_at) + cfg.batch_size - 1) // cfg.batch_size
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = (len(tr) + cfg.batch_size - 1) // cfg.batch_size
     # build only the schedule asked for: OneCycleLR rewrites the optimizer's lr as soon as it exists
     cosine = (
         torch.optim.lr_scheduler.OneCycleLR(
@@ -148,18 +279,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         else None
     )
     scored: Forecaster = ema.module if ema is not None else model  # type: ignore[assignment]
-    best_val, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    # epoch 0 is the untrained model: for the lookback form that is the ridge regression, which training
+    # must beat on validation to replace
+    initial_val = _val_loss(scored, va)
+    best_val, best_epoch, best_state = initial_val, 0, copy.deepcopy(scored.state_dict())
     history: list[tuple[float, float]] = []
     lrs: list[float] = []
+    grad_norms: list[float] = []
     start = time.monotonic()
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.cell}", disable=not cfg.progress, unit="epoch")
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.form} {cfg.cell}", disable=not cfg.progress, unit="epoch")
     for epoch in bar:
         model.train()
-        total = 0.0
-        for idx in _batches(len(tr_at), cfg.batch_size, gen):
-            loss = model.scaled_error(forward_window(model, xt[idx]), yt[idx])
+        total, norms = 0.0, []
+        for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
+            xb, yb = tr.batch(idx)
+            loss = model.loss(forward_window_out(model, xb), yb, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
             if cfg.clip_value is not None:
                 torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
             if cfg.clip_norm is not None:
@@ -170,17 +307,21 @@ def train(cfg: TrainConfig) -> TrainResult:
             if cosine is not None:
                 cosine.step()
             total += float(loss.detach()) * len(idx)
-        train_loss = total / len(tr_at)
-        val = _val_loss(scored, xv, yv)
+        train_loss = total / len(tr)
+        val = _val_loss(scored, va)
         if plateau is not None:
             plateau.step(val)
         history.append((train_loss, val))
         lrs.append(float(opt.param_groups[0]["lr"]))
+        grad_norms.append(float(np.mean(norms)) if norms else 0.0)
         if val < best_val:
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(scored.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best_val:.4f}@{best_epoch}")
         if epoch - best_epoch >= cfg.patience:
             log.info("early stop at epoch %d; best validation %.4f at epoch %d", epoch, best_val, best_epoch)
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("time budget reached at epoch %d; best validation %.4f at epoch %d", epoch, best_val, best_epoch)
             break
     model.load_state_dict(best_state)
     model.eval()
@@ -194,4 +335,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         seconds=time.monotonic() - start,
         history=history,
         lrs=lrs,
+        grad_norms=grad_norms,
+        initial_val=initial_val,
     )
+
+
+@torch.no_grad()
+def _init_quantiles(model: Forecaster, tr: WindowSource) -> None:
+    """Starts each quantile at the empirical quantile of the untrained model's errors on training windows,
+    per step ahead, so coverage is right before training sharpens it."""
+    assert model.qbias is not None
+    model.eval()
+    idx = torch.arange(len(tr))[:: max(1, len(tr) // 2000)]
+    xb, yb = tr.batch(idx)
+    out = forward_window_out(model, xb)
+    scale = model.cfg.diff_std if model.cfg.season and model.cfg.diff_std else model.cfg.std
+    unit = torch.tensor(scale[: model.cfg.n_targets]).view(1, 1, -1)
+    err = (yb - out.y) / unit  # [n, H, T]
+    levels = torch.tensor(model.cfg.quantiles)
+    model.qbias.copy_(torch.quantile(err, levels, dim=0).permute(1, 2, 0))

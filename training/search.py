@@ -1,0 +1,214 @@
+"""Choosing the model on the validation split, within a wall-clock budget.
+
+The candidates (and the Optuna search space for `--tune N`) live here, in one place. Every choice is
+made on validation windows against the naive baselines on the same windows; the test split only reports.
+
+- lookback: the linear map over the last L rows is fitted in closed form for several L and ridge
+  strengths; the best pair on validation starts the network, which then learns a correction.
+- seasonal: one candidate per season found in the data.
+- level: a plain recurrent forecaster relative to the last value.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import Series, Split, origins
+from .scoring import naive, seasonal_naive
+from .train import TrainResult, default_stride, ridge_fit, ridge_predict, train
+
+log = logging.getLogger(__name__)
+
+RIDGE_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+@dataclass
+class Candidate:
+    label: str
+    cfg: TrainConfig
+    result: TrainResult | None = None
+    val_mse: float = float("inf")
+    note: str = ""
+
+
+@dataclass
+class RidgeChoice:
+    lookback: int
+    lam: float
+    w: np.ndarray
+    b: np.ndarray
+    val_mse: float
+
+
+def _zmse(pred: np.ndarray, truth: np.ndarray, std: np.ndarray) -> float:
+    return float((((pred - truth) / std) ** 2).mean())
+
+
+def validation_baselines(
+    series: Series, split: Split, horizon: int, seasons: list[int], context: int
+) -> dict[str, float]:
+    """MSE in standardised units of naive and each seasonal naive on the validation origins."""
+    values, n_t = series.values, len(series.targets)
+    std = values[: split.train_end, :n_t].std(axis=0) + 1e-12
+    at = origins(split.train_end, split.val_end, max(context, *seasons, 1), horizon)
+    truth = values[at[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
+    out = {"naive": _zmse(naive(values, at, horizon, n_t), truth, std)}
+    for m in seasons:
+        out[f"seasonal_naive_{m}"] = _zmse(seasonal_naive(values, at, horizon, n_t, m), truth, std)
+    return out
+
+
+def lookback_sizes(horizon: int, seasons: list[int], train_rows: int) -> list[int]:
+    longest = max(seasons, default=0)
+    sizes = {2 * horizon, 4 * horizon}
+    if longest:
+        sizes |= {longest, longest + horizon, 2 * longest, 3 * longest}
+    for s in seasons:
+        sizes.add(s * max(1, (2 * horizon) // s + 1))
+    cap = max(2, train_rows // 4)
+    return sorted(x for x in sizes if 2 <= x <= cap)
+
+
+def choose_ridge(series: Series, split: Split, horizon: int, seasons: list[int]) -> RidgeChoice | None:
+    """The lookback and ridge strength with the lowest validation MSE of the linear map alone."""
+    values, n_t = series.values, len(series.targets)
+    std = values[: split.train_end, :n_t].std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    best: RidgeChoice | None = None
+    for size in lookback_sizes(horizon, seasons, split.train_end):
+        tr = origins(0, split.train_end, size, horizon)
+        va = origins(split.train_end, split.val_end, size, horizon)
+        if tr.size < 4 * size or va.size == 0:
+            continue
+        tr = tr[:: default_stride(tr.size, 20000)]
+        truth = values[va[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
+        for lam, (w, b) in zip(
+            RIDGE_LAMBDAS, ridge_fit(values, tr, size, horizon, n_t, std, RIDGE_LAMBDAS), strict=True
+        ):
+            mse = _zmse(ridge_predict(values, va, w, b, n_t, std), truth, std)
+            if best is None or mse < best.val_mse:
+                best = RidgeChoice(size, lam, w, b, mse)
+    if best is not None:
+        log.info("lookback %d, ridge %g: validation MSE %.4f", best.lookback, best.lam, best.val_mse)
+    return best
+
+
+def candidates(cfg: TrainConfig, seasons: list[int], ridge: RidgeChoice | None) -> list[Candidate]:
+    """The fixed candidates in the order they are tried (the strongest first, in case the budget ends)."""
+    assert cfg.horizon is not None
+    h = cfg.horizon
+    out: list[Candidate] = []
+    if cfg.form in ("auto", "lookback") and (ridge is not None or cfg.lookback):
+        size = cfg.lookback or (ridge.lookback if ridge else 0)
+        out.append(Candidate(f"lookback {size}", cfg.model_copy(update={"form": "lookback", "lookback": size})))
+    if cfg.form == "seasonal":
+        out.append(Candidate(f"seasonal {cfg.season}", cfg))
+    elif cfg.form == "auto":
+        for s in sorted(seasons, reverse=True):
+            upd: dict[str, Any] = {"form": "seasonal", "season": s, "recent": min(24, s), "level_input": False}
+            upd["context"] = cfg.context or s + max(2 * h, 48)
+            out.append(Candidate(f"seasonal {s}", cfg.model_copy(update=upd)))
+    if cfg.form in ("auto", "level"):
+        ctx = cfg.context or min(max(4 * h, *seasons, 48), 336)
+        out.append(Candidate("level", cfg.model_copy(update={"form": "level", "context": ctx})))
+    for c in out:
+        if c.cfg.context is None:
+            c.cfg = c.cfg.model_copy(update={"context": c.cfg.lookback or c.cfg.season + 2 * h})
+    return out
+
+
+def choose(
+    cfg: TrainConfig, series: Series, split: Split, seasons: list[int]
+) -> tuple[Candidate, list[Candidate], RidgeChoice | None]:
+    """Trains the candidates within cfg.budget_s and returns the best on validation, and all of them."""
+    start = time.monotonic()
+    budget_end = start + cfg.budget_s
+    ridge = choose_ridge(series, split, cfg.horizon or 1, seasons) if cfg.form in ("auto", "lookback") else None
+    if cfg.tune:
+        cands = tune(cfg, series, split, seasons, ridge, budget_end)
+    else:
+        cands = candidates(cfg, seasons, ridge)
+        for i, c in enumerate(cands):
+            left = budget_end - time.monotonic()
+            if i > 0 and left <= 0:
+                c.note = "skipped: budget spent"
+                continue
+            deadline = time.monotonic() + max(left, 1.0) / (len(cands) - i)
+            _fit(c, series, split, deadline, ridge)
+    done = [c for c in cands if c.result is not None]
+    if not done:
+        raise ValueError("no candidate could be trained within the budget; raise --budget-s")
+    best = min(done, key=lambda c: c.val_mse)
+    return best, cands, ridge
+
+
+def _fit(c: Candidate, series: Series, split: Split, deadline: float, ridge: RidgeChoice | None) -> None:
+    init = None
+    if ridge is not None and c.cfg.form == "lookback" and c.cfg.lookback == ridge.lookback:
+        init = (ridge.w, ridge.b)
+    try:
+        c.result = train(c.cfg, series, split, deadline=deadline, ridge=init)
+    except ValueError as e:  # a candidate that does not fit the data (too short for its context) is skipped
+        c.note = f"skipped: {e}"
+        return
+    c.val_mse = c.result.best_val
+    log.info("%s: validation MSE %.4f in %.1f s", c.label, c.val_mse, c.result.seconds)
+
+
+def tune(
+    cfg: TrainConfig,
+    series: Series,
+    split: Split,
+    seasons: list[int],
+    ridge: RidgeChoice | None,
+    budget_end: float,
+) -> list[Candidate]:
+    """`--tune N`: N Optuna trials (TPE, seeded) over the search space below, each scored on validation."""
+    try:
+        import optuna
+    except ImportError as e:  # pragma: no cover - optuna is in the train extra
+        raise ValueError("--tune needs optuna: pip install 'gatecast[train]'") from e
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    assert cfg.horizon is not None
+    forms = ["lookback", "level"] + ([f"seasonal_{s}" for s in seasons])
+    if ridge is None:
+        forms.remove("lookback")
+    cands: list[Candidate] = []
+
+    h = cfg.horizon
+
+    def objective(trial: Any) -> float:
+        form = trial.suggest_categorical("form", forms)
+        upd: dict[str, Any] = {
+            "cell": trial.suggest_categorical("cell", ["gru", "lstm", "rnn"]),
+            "hidden_size": trial.suggest_categorical("hidden_size", [16, 32, 64]),
+            "lr": trial.suggest_float("lr", 1e-3, 2e-2, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
+            "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        }
+        if form == "lookback" and ridge is not None:
+            upd |= {"form": "lookback", "lookback": ridge.lookback, "context": ridge.lookback}
+        elif form.startswith("seasonal_"):
+            s = int(form.split("_")[1])
+            upd |= {"form": "seasonal", "season": s, "level_input": False, "context": s + 2 * h}
+            upd["recent"] = trial.suggest_categorical("recent", [0, min(24, s)])
+        else:
+            upd |= {
+                "form": "level",
+                "context": trial.suggest_categorical("context", [2 * h, 4 * h]),
+            }
+        c = Candidate(f"trial {trial.number}: {form}", cfg.model_copy(update=upd))
+        left = budget_end - time.monotonic()
+        _fit(c, series, split, time.monotonic() + max(left, 1.0) / max(1, cfg.tune - trial.number), ridge)
+        cands.append(c)
+        return c.val_mse
+
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    study.optimize(objective, n_trials=cfg.tune, timeout=max(1.0, budget_end - time.monotonic()))
+    return cands
