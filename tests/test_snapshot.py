@@ -254,3 +254,26 @@ def test_sessions_of_a_version_no_longer_served_are_dropped_and_their_snapshot_k
         assert [r.id for r in read_file(kept)] == [sid]
     finally:
         srv.stop()
+
+
+def test_one_session_moves_to_another_server_as_a_blob(tmp_path: Path) -> None:
+    from service.snapshot import export_session, restore_session
+
+    async def on_loop(f):  # type: ignore[no-untyped-def]
+        return f()
+
+    repo = _repo(tmp_path)
+    a, b = RunningServer(server_settings(repo)), RunningServer(server_settings(repo))
+    try:
+        with grpc.insecure_channel(a.address) as cha, grpc.insecure_channel(b.address) as chb:
+            stub_a, stub_b = pb_grpc.ForecasterStub(cha), pb_grpc.ForecasterStub(chb)
+            sid = _open(stub_a)
+            first = _step(stub_a, sid, 1, ROWS[0])
+            blob = a.call(on_loop(lambda: export_session(a.app.sessions, sid)))
+            b.call(on_loop(lambda: restore_session(b.app.sessions, b.app.repo, decode_session(blob))))
+            assert _step(stub_b, sid, 1, ROWS[0]).tobytes() == first.tobytes()  # its last answer came along
+            for seq, v in enumerate(ROWS[1:], start=2):  # and it goes on exactly as it would have on a
+                assert _step(stub_b, sid, seq, v).tobytes() == _step(stub_a, sid, seq, v).tobytes()
+    finally:
+        a.stop()
+        b.stop()
