@@ -4,21 +4,30 @@ Seasons. The candidates come from the calendar cycles of the step (a half-hourly
 day, 48 rows, and every week, 336 rows; a daily one every week and every year; a monthly one every
 year), and a candidate is kept only when the training split's autocorrelation supports it:
 
-- The split must hold at least `MIN_SEASONS` (3) whole seasons, so the autocorrelation at that lag is
-  estimated from at least two seasons' worth of pairs.
+- The split must hold at least `MIN_SEASONS` (3) whole seasons.
 - The autocorrelation is computed on the series minus its centred moving average over one season (the
-  classical decomposition's detrending). That removes trend and every slower movement, so a trending or
-  wandering series (a random walk, a persistent AR process) does not make every lag look seasonal, while
-  a component that repeats every `season` rows passes through untouched. First differences would also
-  remove the trend, but they amplify step-to-step noise and push a real, smooth daily cycle of a noisy
-  series (a temperature) below any sensible threshold; the moving average does not.
+  classical decomposition's detrending). That removes the trend and every slower movement, so a
+  trending or wandering series (a random walk, a persistent AR process) does not make every lag look
+  seasonal, while a component that repeats every `season` rows passes through untouched. First
+  differences would also remove the trend, but they act as a high-pass filter: on a daily sine with
+  noise of half its amplitude the ACF of first differences at lag 24 is 0.06, against 0.68 after the
+  moving-average detrending. On random walks, white noise and a smoothed AR(1) process (10 seeds each,
+  5,000 rows, steps 30 min, 1 h, 1 day and an index) the detrended ACF stayed below 0.22 at every
+  candidate lag (within +-0.05 at the day and week lags) and no candidate was kept.
 - At the season's lag the autocorrelation must be at least `MIN_ACF` (0.3) and outside the 2/sqrt(n)
-  band of a series with no autocorrelation at all.
-- It must stand out from nearby lags that are not multiples of it: by `MIN_PEAK` (0.1) above the larger
-  of the autocorrelations half a season either side (where a cycle of that length is at its opposite
-  phase). A longer candidate that is a multiple of a shorter season already kept (a week over a day) is
-  compared instead with the lags one shorter season either side (six and eight days): those share the
-  day's phase, so the week is kept only when the day of the week matters, not merely the hour of the day.
+  band, and exceed by `MIN_PEAK` (0.1) the larger of the autocorrelations half a season either side
+  (where a cycle of that length is at its opposite phase): a peak, not a plateau.
+- A candidate that is a multiple of a season already kept (a week over a day) is tested on the change
+  over that shorter season (x[t] - x[t - day]), which removes the daily cycle: what is left repeats
+  weekly only if the day of the week matters. That change is noisier and its neighbouring rows are
+  strongly dependent, so the floor is `MIN_NESTED_ACF` (0.15) or 3/sqrt(n / shorter season), whichever is
+  higher (on ETTh2's columns, random walks and a daily-only series it stays within +-0.08; on the hourly
+  electricity series it is 0.22-0.29, on Taylor 0.85). A kept season that does not divide the candidate
+  (a week under a year of days) is averaged away first with a moving average of its length.
+
+Found on the public series at hand (training splits): Taylor half-hourly 48 (ACF 0.94) and 336 (0.85 on
+the daily change); hourly electricity 24 (0.99) and 168 (0.24); ETTh2 OT 24 (0.79), its week rejected
+(0.04).
 
 The evaluation stride: see `default_eval_stride`.
 """
