@@ -397,3 +397,19 @@ def test_monthly_gaps_and_days(tmp_path: Path) -> None:
         DataError, match=r"column 'm', row 7: 2015-06-15 00:00:00 breaks the monthly step: rows fall on day 1"
     ):
         load_series(_frame_csv(tmp_path, pd.DataFrame({"m": starts, "y": 1.0})))
+
+
+def test_parquet_time_columns(tmp_path: Path) -> None:
+    p = tmp_path / "tz.parquet"
+    t = pd.date_range("2020-03-28", periods=48, freq="h", tz="Europe/Berlin")  # across a DST change
+    pd.DataFrame({"v": np.arange(48.0), "t": t}).to_parquet(p)
+    s = load_series(p)  # one time zone: the instants are regular
+    assert (s.time_column, s.step_label, s.targets) == ("t", "1h", ["v"])
+    q = tmp_path / "int.parquet"
+    pd.DataFrame({"k": np.arange(5), "v": np.arange(5.0)}).to_parquet(q)
+    with pytest.raises(
+        DataError, match=r"int.parquet: no column holds timestamps; column 'k' holds integers.*--time-index"
+    ):
+        load_series(q, "v")
+    assert load_series(q, "v", time_index=True).step_text == "1 row (integer index 'k')"
+    assert s.step_text == "1h"

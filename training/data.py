@@ -88,6 +88,13 @@ class Series:
     def rows(self) -> int:
         return int(self.values.shape[0])
 
+    @property
+    def step_text(self) -> str:
+        """The step in words, for logs and tables: "1h", or "1 row (integer index 'k')"."""
+        if self.time_index:
+            return f"1 row (integer index {self.time_column!r})"
+        return self.step_label or "unknown (fewer than 2 rows)"
+
 
 @dataclass(frozen=True)
 class Panel:
