@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     # batching
     max_batch_size: int = Field(64, ge=1)
     max_queue_delay_ms: float = Field(2.0, ge=0)
-    max_queue_size: int = Field(4096, ge=1, description="queued items per model version before RESOURCE_EXHAUSTED")
+    max_queue_size: int = Field(
+        4096, ge=1, description="requests queued per model version (a Forecast counts one) before RESOURCE_EXHAUSTED"
+    )
     # sessions
     max_sessions: int = Field(100_000, ge=1, description="live sessions per model version")
     initial_session_slots: int = Field(1024, ge=1)
