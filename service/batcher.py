@@ -156,6 +156,8 @@ class Batcher:
         `slot` and `commit` are for a single session step."""
         if self._closing:
             raise Unavailable("the server is shutting down; retry on another instance")
+        if not xs:
+            return []
         rows = sum(int(x.shape[0]) for x in xs)
         name = f"{self.runtime.manifest.name} v{self.runtime.manifest.version}"
         self.check_request_rows(rows)

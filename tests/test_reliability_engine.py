@@ -257,6 +257,29 @@ def test_a_maximal_forecast_interleaves_with_small_requests(taylor_repo: Path) -
             np.testing.assert_allclose(array(result["reply"].forecasts[i]), reference(folder, big[i]), rtol=RTOL)
 
 
+def test_a_small_request_rides_in_the_next_run_behind_a_big_one(taylor_repo: Path) -> None:
+    """Deterministic: the worker is held inside the big request's first run while a small request
+    arrives; at most one more batch of the big request's pieces runs before the small one."""
+    values = np.tile(taylor_values(), (2, 1))
+    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.ForecasterStub(ch)
+        mv = version(srv)
+        with RuntimeDouble(mv) as rt:
+            rt.gate.clear()
+            rt.started.clear()
+            big = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:2000])] * 8))
+            assert rt.started.wait(10)
+            small = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:432])]))
+            wait_for(lambda: mv.batcher.queued_rows == 16_000 + 432)
+            rt.gate.set()
+            small.result(timeout=30)
+            big.result(timeout=30)
+        first_small = next(i for i, (b, t) in enumerate(rt.runs) if (b, t) == (1, 432))
+        before = sum(b * t for b, t in rt.runs[:first_small])
+        assert before <= 2 * srv.app.settings.max_batch_rows, f"{before} rows of the big request ran first"
+        assert max(b * t for b, t in rt.runs) <= srv.app.settings.max_batch_rows
+
+
 def test_request_cost_cap_and_a_queue_that_counts_rows(taylor_repo: Path) -> None:
     values = np.tile(taylor_values(), (2, 1))
     settings = dict(max_queue_rows=20_000, max_request_rows=50_000, max_queue_size=4096, max_queue_delay_ms=1.0)
