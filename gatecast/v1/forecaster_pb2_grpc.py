@@ -75,7 +75,9 @@ class ForecasterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Forecast(self, request, context):
-        """One-shot forecasts for one or more series, each from a zero state over its own history.
+        """One-shot forecasts for one or more series, each from a zero state over its own history. A request
+        holds at most GATECAST_MAX_REQUEST_ROWS rows summed over its series (INVALID_ARGUMENT beyond); long
+        series run in pieces interleaved with other requests, so a big request never holds the others up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +96,10 @@ class ForecasterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stream(self, request_iterator, context):
-        """Observations for any number of sessions on one stream; each session's answers come in order.
+        """Observations for any number of sessions on one stream. Each session's answers, errors included,
+        come in that session's message order; an error (a message that does not decode included) answers
+        its own message and the stream stays open. The server reads at most GATECAST_MAX_STREAM_INFLIGHT
+        messages ahead of the answers the client has taken: a client that stops reading is held back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
