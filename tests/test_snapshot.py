@@ -152,7 +152,7 @@ def test_sigterm_snapshot_restores_sessions_exactly(tmp_path: Path) -> None:
 def test_kill9_restores_last_periodic_snapshot_and_names_the_expected_sequence(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
     snap = tmp_path / "sessions.snap"
-    env = {"GATECAST_SNAPSHOT_PATH": str(snap), "GATECAST_SNAPSHOT_INTERVAL_S": "1.5"}
+    env = {"GATECAST_SNAPSHOT_PATH": str(snap), "GATECAST_SNAPSHOT_INTERVAL_S": "2"}
     proc, port = start_server(repo, env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
