@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from training.config import build_config
+from training.pipeline import prepare
 from training.scoring import evaluate
 from training.train import predict, train
 
@@ -25,17 +26,19 @@ def main() -> None:
 
     rows = []
     for cell in args.cells:
-        cfg = build_config(args.config, {"cell": cell, "progress": False})
-        result = train(cfg)
+        prep = prepare(build_config(args.config, {"cell": cell, "progress": False}))
+        cfg = prep.cfg
+        assert cfg.context is not None and cfg.horizon is not None
+        result = train(cfg, prep.series, prep.split)
         evaluation, _, _ = evaluate(
             lambda x, r=result: predict(r.model, x),  # type: ignore[misc]
             result.series.values,
             result.split,
             cfg.context,
             cfg.horizon,
-            len(cfg.targets),
-            cfg.eval_stride,
-            cfg.seasons,
+            len(result.series.targets),
+            cfg.eval_stride or 1,
+            prep.seasons,
         )
         rows.append(
             {

@@ -72,7 +72,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, help="keep and export an EMA of the weights (0: off)")
     p.add_argument("--context", type=int, help="window length in rows")
     p.add_argument("--horizon", type=int, help="rows forecast")
-    p.add_argument("--train-stride", type=int)
+    p.add_argument("--train-stride", type=int, help="rows between training windows (default: from --max-train-windows)")
+    p.add_argument(
+        "--max-train-windows", type=int, help="the default train stride keeps about this many windows (default 4000)"
+    )
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--batch-size", type=int)
@@ -122,7 +125,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_model_dir
 
-    _, table = evaluate_model_dir(args.model_dir, args.data, args.test_fraction, args.stride, args.seasons, args.fill)
+    _, table = evaluate_model_dir(
+        args.model_dir,
+        args.data,
+        test_fraction=args.test_fraction,
+        stride=args.stride,
+        seasons=args.seasons,
+        fill=args.fill,
+        val_fraction=args.val_fraction,
+        val_start=args.val_start,
+        test_start=args.test_start,
+        time_index=args.time_index,
+    )
     print(table)
     return 0
 
@@ -151,10 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score an exported model with onnxruntime on a data file")
     ev.add_argument("model_dir", type=Path, help="models/<name>/<version>/")
     ev.add_argument("--data", type=Path, required=True)
-    ev.add_argument("--test-fraction", type=float, default=0.15)
-    ev.add_argument("--stride", type=int, default=48)
-    ev.add_argument("--season", dest="seasons", type=int, action="append")
-    ev.add_argument("--fill", choices=["error", "ffill", "interpolate", "zero"], default="error")
+    ev.add_argument("--val-fraction", type=float, default=0.15, help="as given to train (default 0.15)")
+    ev.add_argument("--test-fraction", type=float, default=0.15, help="as given to train (default 0.15)")
+    ev.add_argument("--val-start", help="as given to train: first timestamp of the validation split")
+    ev.add_argument("--test-start", help="as given to train: first timestamp of the test split")
+    ev.add_argument("--time-index", action="store_true", help="the time column is an integer row index")
+    ev.add_argument("--stride", type=int, help="rows between forecast origins (default: as train chooses)")
+    ev.add_argument(
+        "--season", dest="seasons", type=int, action="append", help="seasonal-naive season (default: the model's)"
+    )
+    ev.add_argument(
+        "--fill", choices=["error", "ffill", "interpolate", "zero"], default="error", help="missing-value policy"
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     serve = sub.add_parser("serve", help="run the gRPC server over a model repository")

@@ -250,3 +250,10 @@ def test_fast_seasonal_window_is_the_same_computation(cell: CellName, recent: in
     x = 100 + 10 * torch.randn(5, 20, 2)
     slow = model(x, *model.zero_state(5)).y
     torch.testing.assert_close(forward_window(model, x), slow, atol=1e-5, rtol=1e-5)
+
+
+def test_export_leaves_a_dropout_model_in_eval_mode(tmp_path: Path) -> None:
+    model = Forecaster(ModelConfig(cell="lstm", hidden_size=8, layers=2, dropout=0.4, horizon=3))
+    export_onnx(model, tmp_path / "d.onnx", 4)
+    assert not model.training  # dropout left on would make every later check and forecast random
+    assert verify(model, tmp_path / "d.onnx", context=8) < 1e-4

@@ -70,7 +70,9 @@ def export_onnx(model: Forecaster, path: Path, example_time: int) -> None:
     model.eval()
     x = torch.randn(2, example_time, model.cfg.n_features)
     specs = state_specs(model)
-    graph = _Graph(model)
+    # the wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards, and a new
+    # module is in training mode, which would switch the model's dropout back on
+    graph = _Graph(model).eval()
     args = (x, *(t for t in model.zero_state(2) if t is not None))
     dynamic = {"x": {0: "batch", 1: "time"}, "y": {0: "batch"}}
     outputs = ["y", *(s.output for s in specs)]
@@ -107,6 +109,7 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
     does not show (batch 37, one row, a buffer half seen); inputs unlike the data can amplify float32
     rounding a thousandfold in a correct recurrent net, so those answer to RANDOM_TOLERANCE.
     """
+    model.eval()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -23,12 +23,13 @@ from gatecast.manifest import (
 )
 
 from .config import TrainConfig
-from .data import DataError, Series, Split, load_series, split_rows
+from .data import DataError, Series, Split, load_series
 from .detect import default_eval_stride, find_seasons
 from .export import OPSET, discard, export_onnx, publish, staging_dir, state_specs, verify
 from .model import Forecaster
 from .scoring import evaluate, format_table
 from .search import Candidate, choose
+from .splits import resolve_split
 from .train import TrainResult, predict_all
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,8 @@ def plot_forecasts(
     plt.close(fig)
 
 
-def resolve_split(cfg: TrainConfig, series: Series, context: int, horizon: int) -> Split:
-    """split_rows, plus `--test-fraction 0`: no test split, train and validate on everything."""
-    if cfg.test_fraction == 0 and cfg.test_start is None and cfg.val_start is None:
-        n = series.rows
-        train_end = int(n * (1 - cfg.val_fraction))
-        if train_end < context + horizon or n - train_end < horizon:
-            raise DataError(f"{series.path}: too few rows ({n}) for context {context} + horizon {horizon}")
-        return Split(train_end=train_end, val_end=n, rows=n)
-    return split_rows(series, context, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
+def _split(cfg: TrainConfig, series: Series, context: int, horizon: int) -> Split:
+    return resolve_split(series, context, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
 
 
 @dataclass
@@ -127,7 +121,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise DataError("no horizon: give --horizon H (rows to forecast)")
     horizon = cfg.horizon
     # a provisional split (context = horizon) to look at the training rows only
-    probe = resolve_split(cfg, series, horizon, horizon)
+    probe = _split(cfg, series, horizon, horizon)
     if cfg.seasons is not None:
         seasons = list(cfg.seasons)
     else:
@@ -136,7 +130,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
         log.info("seasons found in the training split: %s", seasons or "none")
     longest = max([*seasons, cfg.season, cfg.lookback, cfg.context or 0, horizon])
-    split = resolve_split(cfg, series, min(longest, probe.train_end // 2), horizon)
+    split = _split(cfg, series, min(longest, probe.train_end // 2), horizon)
     updates: dict[str, object] = {"targets": list(series.targets), "seasons": seasons, "name": cfg.model_name}
     cfg = cfg.model_copy(update=updates)
     return Prepared(series, split, seasons, cfg)
