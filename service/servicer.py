@@ -408,10 +408,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             x: np.ndarray,
         ) -> None:
             waiting.pop(ticket, None)
-            if not ticket.cancelled():
+            if not ticket.cancelled():  # cancelled only when the stream has ended: nobody to answer
                 start(key, place, req, call, session, mv, x)
-            else:
-                answer(key, place, req, call, None, ServiceError("the stream ended before this step's turn"))
 
         def handle(req: pb.ObserveRequest | Malformed) -> None:
             nonlocal pending
