@@ -1,11 +1,14 @@
 """Streaming sessions: an id, a pool slot holding the recurrent state, and sequence bookkeeping.
 
-Sequence numbers make retries safe: the last applied number is answered again from the stored
-forecast; the next number is applied; anything else is an error naming the number expected. Steps take
+Sequence numbers make retries safe: the last applied number, sent again with the same rows (a digest
+is kept), is answered again from the stored forecast; the same number with other rows, or any number
+but the next, is an error naming the number expected. Steps take
 turns: a ticket is queued the moment a message arrives and the turn passes on only when the step has
 finished, so at most one step is in flight and steps apply in arrival order. The batcher records an
 applied step (`commit`) on the event loop even when the caller has gone away, so state and sequence
-number never disagree.
+number never disagree. A session removed while a step of it is queued or running (an OpenSession
+cancelled during its warm-up) keeps its pool slot until that step has finished: a slot goes back to the
+pool only when nothing can write it any more.
 """
 
 from __future__ import annotations
