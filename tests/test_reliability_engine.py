@@ -121,8 +121,9 @@ def test_cancelled_open_session_keeps_its_slot_until_the_warmup_wrote_it(taylor_
             wait_for(lambda: len(srv.app.sessions) == 0)  # the server has dropped the cancelled session
             assert mv.pool.used == used + 1, "the slot was freed while the warm-up step could still write it"
             other = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
-            rt.gate.set()  # the warm-up finishes and writes its state
-            wait_for(lambda: mv.pool.used == used + 1)  # now the cancelled session's slot is free
+            rt.gate.set()  # the warm-up finishes (all its chunks) and writes its state
+            wait_for(lambda: mv.batcher.queued_rows == 0)
+            assert mv.pool.used == used + 1  # now the cancelled session's slot is free: only `other` holds one
         row = values[3000:3001]
         got = array(stub.Observe(pb.ObserveRequest(session_id=other, sequence=1, rows=matrix(row))).forecast)
         fresh = array(stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(row)])).forecasts[0])
