@@ -18,6 +18,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML or YAML file of training settings; flags override it")
     p.add_argument("--data", type=Path, help="CSV or Parquet file with a time column and value columns")
     p.add_argument("--target", dest="targets", action="append", help="target column (repeatable)")
+    p.add_argument(
+        "--series-column",
+        help="long-format file: the column naming each series; one global model is trained over all of them",
+    )
     p.add_argument("--covariate", dest="covariates", action="append", help="input-only column (repeatable)")
     p.add_argument("--time-column", help="name of the time column (default: the first column of timestamps)")
     p.add_argument(

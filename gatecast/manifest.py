@@ -63,6 +63,9 @@ class Evaluation(_Strict):
     scores: dict[str, Score]  # forecaster name ("model", "naive", "seasonal_naive_48", ...) -> score
     # quantile level ("0.1") -> share of true values at or below that quantile forecast
     coverage: dict[str, float] = {}
+    # "data": in the data's units; "z": each series' errors divided by its training std, then averaged
+    # over the series (a global model over series of different scales)
+    units: str = "data"
 
 
 class DataFingerprint(_Strict):
@@ -112,6 +115,8 @@ class Manifest(_Strict):
     created: datetime
     # seasons found in the data (rows); the reference forecast and the baselines use them
     seasons: list[int] = []
+    # a global model (one graph over many series): the ids of the series it was trained on
+    series_ids: list[str] = []
     # the data's step as a pandas offset string ("30min", "1h", "1D"); "" when the time column is an index
     step: str = ""
     # scores on the validation split (what chose this model) beside the same baselines

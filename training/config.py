@@ -28,6 +28,9 @@ class TrainConfig(BaseModel):
     time_index: bool = Field(False, description="the time column is an integer row index, one step per row")
     targets: list[str] | None = Field(None, description="target columns (default: the only numeric column)")
     covariates: list[str] = Field(default_factory=list, description="input-only columns known up to the present")
+    series_column: str | None = Field(
+        None, description="long format: the column naming each series; one global model is trained over all"
+    )
     fill: FillPolicy = Field("error", description="missing values: error, ffill, interpolate or zero")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of rows in the validation split")
     test_fraction: float = Field(

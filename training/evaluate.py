@@ -54,7 +54,12 @@ def evaluate_model_dir(
         raise DataError(f"{model_dir}: no manifest.json; expected a folder models/<name>/<version>/")
     manifest = Manifest.read(model_dir)
     series = load_series(
-        data, manifest.targets, manifest.features[manifest.n_targets :], None, fill, time_index=time_index
+        data,
+        manifest.targets,
+        manifest.features[manifest.n_targets :],
+        manifest.data.time_column,
+        fill,
+        time_index=time_index,
     )
     split = resolve_split(
         series, manifest.context_length, manifest.horizon, val_fraction, test_fraction, val_start, test_start

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gatecast.errors import UserError
 from gatecast.manifest import Manifest, StateSpec, next_version
 
-from .model import Forecaster
+from .model import Forecaster, SeriesScale
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -42,11 +42,13 @@ class _Graph(nn.Module):
 
     def forward(self, x: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         m = self.model
-        h = states[0]
-        c = states[1] if m.is_lstm else None
-        s = states[-1] if m.cfg.buffer_rows else None
-        out = m(x, h, c, s)
-        return (out.y, *(t for t in (out.h, out.c, out.s, out.q) if t is not None))
+        rest = list(states)
+        h = rest.pop(0)
+        c = rest.pop(0) if m.is_lstm else None
+        s = rest.pop(0) if m.cfg.buffer_rows else None
+        stats = rest.pop(0) if m.cfg.series_scale else None
+        out = m(x, h, c, s, stats)
+        return (out.y, *(t for t in (out.h, out.c, out.s, out.m, out.q) if t is not None))
 
 
 def state_specs(model: Forecaster) -> list[StateSpec]:
@@ -56,14 +58,13 @@ def state_specs(model: Forecaster) -> list[StateSpec]:
         specs.append(StateSpec(input="c0", output="cn", dims=dims))
     if model.cfg.buffer_rows:
         specs.append(StateSpec(input="s0", output="sn", dims=(model.cfg.buffer_rows, model.cfg.n_features + 1)))
+    if model.cfg.series_scale:
+        specs.append(StateSpec(input="m0", output="mn", dims=(SeriesScale.ROWS, model.cfg.n_features)))
     return specs
 
 
 def _torch_states(model: Forecaster, states: dict[str, np.ndarray]) -> tuple[Tensor | None, ...]:
-    h = torch.from_numpy(states["h0"])
-    c = torch.from_numpy(states["c0"]) if "c0" in states else None
-    s = torch.from_numpy(states["s0"]) if "s0" in states else None
-    return h, c, s
+    return tuple(torch.from_numpy(states[k]) if k in states else None for k in ("h0", "c0", "s0", "m0"))
 
 
 def export_onnx(model: Forecaster, path: Path, example_time: int) -> None:
@@ -134,13 +135,12 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
     def compare(x: np.ndarray, states: dict[str, np.ndarray], where: str, tolerance: float) -> None:
         with torch.no_grad():
             out = model(torch.from_numpy(x), *_torch_states(model, states))
-        expected = [t.numpy() for t in (out.h, out.c, out.s) if t is not None]
+        expected = [t.numpy() for t in (out.h, out.c, out.s, out.m) if t is not None]
         got = _ort_run(sess, x, states)
         y_scale = out_scale(out.y.numpy())
         check(f"y ({where})", got[0], out.y.numpy(), y_scale, tolerance)
         for spec, g, e in zip(specs, got[1 : 1 + len(specs)], expected, strict=True):
-            scale = 1.0 if spec.input != "s0" else _buffer_scale(std)
-            check(f"{spec.output} ({where})", g, e, scale, tolerance)
+            check(f"{spec.output} ({where})", g, e, _state_scale(spec, std, e), tolerance)
         if out.q is not None:
             check(f"q ({where})", got[-1], out.q.numpy(), y_scale[..., None], tolerance)
 
@@ -169,9 +169,19 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
         states = {s.input: step[1 + i] for i, s in enumerate(specs)}
     check(f"{what}, window vs one row at a time: y", whole[0], step[0], out_scale(whole[0]), tolerance)
     for i, s in enumerate(specs):
-        scale = 1.0 if s.input != "s0" else _buffer_scale(std)
+        scale = _state_scale(s, std, whole[1 + i])
         check(f"{what}, window vs one row at a time: {s.output}", whole[1 + i], step[1 + i], scale, tolerance)
     return worst
+
+
+def _state_scale(spec: StateSpec, std: np.ndarray, expected: np.ndarray) -> np.ndarray | float:
+    """What a state's differences are measured against: the data's std for the row buffer, the size of
+    the running sums for the step statistics, 1 for hidden states (they live in [-1, 1])."""
+    if spec.input == "s0":
+        return _buffer_scale(std)
+    if spec.input == "m0":
+        return np.maximum(1.0, np.abs(expected))
+    return 1.0
 
 
 def _buffer_scale(std: np.ndarray) -> np.ndarray:
@@ -181,6 +191,10 @@ def _buffer_scale(std: np.ndarray) -> np.ndarray:
 def _random_state(
     rng: np.random.Generator, spec: StateSpec, batch: int, mean: np.ndarray, std: np.ndarray
 ) -> np.ndarray:
+    if spec.input == "m0":  # rows and steps seen, sums of their absolute sizes: non-negative, of the data's scale
+        count = rng.integers(0, 50, (1, batch, spec.dims[1])).astype(float)
+        sums = [count + 1, (count + 1) * np.abs(mean), count, count * std * 0.2]
+        return np.concatenate(sums, axis=0).astype(np.float32)
     if spec.input != "s0":
         return rng.uniform(-0.5, 0.5, (spec.dims[0], batch, spec.dims[1])).astype(np.float32)
     # a season buffer: plausible raw values, and a "seen" flag that is 0 for the oldest rows

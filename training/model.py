@@ -51,6 +51,9 @@ class ModelConfig:
     level_input: bool = True  # also feed the standardised level, not only differences
     recent: int = 0  # seasonal form: also add a learned linear map of the last `recent` seasonal differences
     lookback: int = 0  # > 0: lookback input form with a linear map over this many rows
+    # lookback form: scale each series by its own mean absolute step (carried in a state m), so one model
+    # serves series of any scale (the global model over many series)
+    series_scale: bool = False
     quantiles: list[float] = field(default_factory=list)
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
@@ -76,6 +79,25 @@ class Output(NamedTuple):
     c: Tensor | None  # [layers, B, H] for an LSTM
     s: Tensor | None  # [rows, B, features + 1] for the seasonal and lookback forms
     q: Tensor | None = None  # [B, horizon, targets, quantiles] when the model has quantiles
+    m: Tensor | None = None  # [4, B, features]: running sums of the global model, see SeriesScale
+    unit: Tensor | None = None  # [B, 1, targets]: each series' own scale (series_scale), for the loss
+
+
+class SeriesScale:
+    """The global model's per-series unit, from running sums carried in the state m [4, batch, features]:
+    rows seen, the sum of their absolute values, steps seen, the sum of their absolute sizes. The unit is
+    the mean absolute step, floored at 1% of the mean absolute level; the same formula serves training
+    (numpy, per window) and the graph."""
+
+    ROWS = 4
+    LEVEL_FLOOR = 0.01
+    EPS = 1e-6
+
+    @staticmethod
+    def size(rows: Tensor, levels: Tensor, steps: Tensor, total: Tensor) -> Tensor:
+        mad = total / steps.clamp(min=1.0)
+        floor = SeriesScale.LEVEL_FLOOR * levels / rows.clamp(min=1.0)
+        return torch.maximum(mad, floor) + SeriesScale.EPS
 
 
 class Forecaster(nn.Module):
@@ -92,11 +114,13 @@ class Forecaster(nn.Module):
             raise ValueError("choose the seasonal or the lookback input form, not both")
         if cfg.extra_seasons and not cfg.season:
             raise ValueError("extra seasons need the seasonal input form (season > 0)")
+        if cfg.series_scale and not cfg.lookback:
+            raise ValueError("series_scale (the global model) needs the lookback form")
         n_f, n_t = cfg.n_features, cfg.n_targets
         n_diff = (1 + len(cfg.extra_seasons)) * n_f if cfg.season else n_f if cfg.lookback else 0
         n_in = n_f
         if n_diff:
-            n_in = n_diff + (n_f if cfg.level_input else 0) + 1
+            n_in = n_diff + (n_f if cfg.level_input and not cfg.series_scale else 0) + 1
         cls = _CELLS[cfg.cell]
         self.rnns = nn.ModuleList(
             [cls(n_in if i == 0 else cfg.hidden_size, cfg.hidden_size, batch_first=True) for i in range(cfg.layers)]
@@ -134,24 +158,47 @@ class Forecaster(nn.Module):
     def is_lstm(self) -> bool:
         return self.cfg.cell == "lstm"
 
-    def zero_state(self, batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def zero_state(self, batch: int) -> tuple[Tensor | None, ...]:
+        """(h, c, s, m) from nothing seen; c, s and m are None where the model has no such state."""
         shape = (self.cfg.layers, batch, self.cfg.hidden_size)
         h = torch.zeros(shape)
         c = torch.zeros(shape) if self.is_lstm else None
         rows = self.cfg.buffer_rows
         s = torch.zeros(rows, batch, self.cfg.n_features + 1) if rows else None
-        return h, c, s
+        m = torch.zeros(SeriesScale.ROWS, batch, self.cfg.n_features) if self.cfg.series_scale else None
+        return h, c, s, m
 
-    def forward(self, x: Tensor, h: Tensor, c: Tensor | None = None, s: Tensor | None = None) -> Output:
+    def forward(
+        self, x: Tensor, h: Tensor, c: Tensor | None = None, s: Tensor | None = None, m: Tensor | None = None
+    ) -> Output:
         cfg = self.cfg
         n_t, n_f = cfg.n_targets, cfg.n_features
         mean: Tensor = self.mean  # type: ignore[assignment]
         std: Tensor = self.std  # type: ignore[assignment]
         d_std: Tensor = self.diff_std  # type: ignore[assignment]
         z = (x - mean) / std  # [B, T, F]
-        s_n = None
+        s_n = m_n = unit = None
         n_buf = cfg.buffer_rows
-        if n_buf:
+        if cfg.series_scale:
+            assert s is not None and m is not None, "the global model needs its states s and m"
+            seen = torch.cat([x.transpose(0, 1), torch.ones_like(x[:, :, :1]).transpose(0, 1)], dim=2)
+            rows = torch.cat([s, seen], dim=0)  # [rows + T, B, F + 1]
+            prev = rows[n_buf - 1 : -1]  # [T, B, F + 1]: the row before each x
+            known = prev[:, :, n_f:]  # [T, B, 1]
+            step = (x.transpose(0, 1) - prev[:, :, :n_f]) * known  # [T, B, F]
+            # running sums up to each row: rows seen, their absolute levels, steps seen, their absolute sizes
+            rows_seen = m[0:1] + torch.cumsum(torch.ones_like(step), dim=0)
+            levels = m[1:2] + torch.cumsum(x.transpose(0, 1).abs(), dim=0)
+            count = m[2:3] + torch.cumsum(known.expand(-1, -1, n_f), dim=0)
+            total = m[3:4] + torch.cumsum(step.abs(), dim=0)
+            # each series' scale: its mean absolute step so far, never below 1% of its mean absolute level
+            # (a flat stretch, a sensor stuck at one value, must not make every later change look huge)
+            size = SeriesScale.size(rows_seen, levels, count, total)  # [T, B, F]
+            z = torch.cat([(step / size).transpose(0, 1), known.transpose(0, 1)], dim=2)  # [B, T, F + 1]
+            s_n = rows[-n_buf:]
+            m_n = torch.cat([rows_seen[-1:], levels[-1:], count[-1:], total[-1:]], dim=0)  # [4, B, F]
+            unit = size[-1:, :, :n_t].transpose(0, 1)  # [B, 1, targets]
+        elif n_buf:
             assert s is not None, "the seasonal and lookback forms need their buffer state s"
             seen = torch.cat([x.transpose(0, 1), torch.ones_like(x[:, :, :1]).transpose(0, 1)], dim=2)
             rows = torch.cat([s, seen], dim=0)  # [rows + T, B, F + 1], oldest first
@@ -196,8 +243,11 @@ class Forecaster(nn.Module):
                 y = y + self.skip(recent).transpose(1, 2)  # [B, horizon, targets]
         elif self.linear is not None:
             assert s_n is not None
+            per_row = scale
+            if unit is not None:
+                scale, per_row = unit, unit.transpose(0, 1)  # [B, 1, targets]: the series' own scale
             # the last L rows relative to the last value, standardised; rows not seen yet count as "no change"
-            rel = (s_n[:, :, :n_t] - now.transpose(0, 1)) * s_n[:, :, n_f:] / scale  # [L, B, targets]
+            rel = (s_n[:, :, :n_t] - now.transpose(0, 1)) * s_n[:, :, n_f:] / per_row  # [L, B, targets]
             lin = self.linear(rel.permute(1, 2, 0)).transpose(1, 2)  # [B, horizon, targets]
             y = now + (lin + delta) * scale
         else:
@@ -205,25 +255,25 @@ class Forecaster(nn.Module):
         q = None
         if self.qhead is not None and self.qbias is not None:
             spread = self.qhead(last).view(-1, cfg.horizon, n_t, len(cfg.quantiles)) + self.qbias
-            q = torch.sort(y.unsqueeze(-1) + spread * scale.view(1, 1, n_t, 1), dim=-1).values
+            q = torch.sort(y.unsqueeze(-1) + spread * scale.unsqueeze(-1), dim=-1).values
         h_n = torch.cat(hs, dim=0)  # [layers, B, H]
         c_n = torch.cat(cs, dim=0) if self.is_lstm else None
-        return Output(y, h_n, c_n, s_n, q)
+        return Output(y, h_n, c_n, s_n, q, m_n, unit)
 
     def target_scale(self) -> Tensor:
         """Per target: the unit the point loss is measured in (the standard deviation of the training split)."""
         std: Tensor = self.std  # type: ignore[assignment]
         return std[: self.cfg.n_targets]
 
-    def loss(self, out: Output, y_true: Tensor, kind: str = "mse") -> Tensor:
-        """Point loss in standardised units (every target weighs the same), plus the pinball loss of the
-        quantiles when there are any."""
-        scale = self.target_scale()
+    def loss(self, out: Output, y_true: Tensor, kind: str = "mse", unit: Tensor | None = None) -> Tensor:
+        """Point loss in standardised units (every target weighs the same; `unit` [B, 1, targets] sets them
+        per window, e.g. each series' own std for a global model), plus the pinball loss of the quantiles."""
+        scale = self.target_scale() if unit is None else unit
         err = (out.y - y_true) / scale
         loss = (err**2).mean() if kind == "mse" else err.abs().mean()
         if out.q is not None:
             levels = torch.tensor(self.cfg.quantiles, dtype=y_true.dtype)
-            miss = (y_true.unsqueeze(-1) - out.q) / scale.view(1, 1, -1, 1)  # [B, H, T, Q]
+            miss = (y_true.unsqueeze(-1) - out.q) / scale.unsqueeze(-1)  # [B, H, T, Q]
             loss = loss + torch.maximum(levels * miss, (levels - 1) * miss).mean()
         return loss
 

@@ -5,6 +5,7 @@ export, check the graph on real windows, publish."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from .model import Forecaster
 from .scoring import evaluate, format_table
 from .search import Candidate, choose
 from .splits import resolve_split
-from .train import TrainResult, predict_all
+from .train import Fitted, predict_all
 
 log = logging.getLogger(__name__)
 PLOT_FILE = "forecast.png"
@@ -170,6 +171,10 @@ def _evaluation(
 
 
 def run(cfg: TrainConfig) -> Published:
+    if cfg.series_column:
+        from .panel import run_global
+
+        return run_global(cfg)
     prep = prepare(cfg)
     cfg = prep.cfg
     assert cfg.horizon is not None
@@ -196,27 +201,60 @@ def run(cfg: TrainConfig) -> Published:
     warnings = _baseline_warnings(validation)
     for w in warnings:
         log.warning("%s", w)
-    staging = staging_dir(cfg.repo, cfg.model_name)
-    try:
-        onnx_path = staging / ONNX_FILE
-        export_onnx(result.model, onnx_path, example_time=min(context, 8))
-        worst = verify(result.model, onnx_path, context, real=_real_windows(prep, context))
-        log.info("export verified: worst difference %.2g (relative to the output scale)", worst)
-        size = f"{best.cfg.cell} {best.cfg.layers}x{best.cfg.hidden_size}"
-        version = next_version(cfg.repo, cfg.model_name)
-        title = f"{cfg.model_name} v{version} ({best.label}, {size}) on {prep.series.path.name}"
+    size = f"{best.cfg.cell} {best.cfg.layers}x{best.cfg.hidden_size}"
+    title = f"{cfg.model_name} ({best.label}, {size}) on {prep.series.path.name}"
+
+    def plot(folder: Path, version: int) -> None:
         if cfg.plot_windows:
-            plot_forecasts(staging / PLOT_FILE, title, prep.series, at, forecasts, context, cfg.plot_windows)
-        manifest = build_manifest(best, prep, result, evaluation, validation, warnings, onnx_path)
-        path, manifest = publish(staging, cfg.repo, cfg.model_name, manifest)
-    except BaseException:
-        discard(staging)
-        raise
+            named = title.replace(cfg.model_name, f"{cfg.model_name} v{version}", 1)
+            plot_forecasts(folder / PLOT_FILE, named, prep.series, at, forecasts, context, cfg.plot_windows)
+
+    def card(onnx_path: Path) -> Manifest:
+        return build_manifest(
+            best.cfg,
+            best.label,
+            cfg.model_name,
+            result,
+            prep.series.features,
+            prep.series.targets,
+            prep.seasons,
+            prep.series.step_label,
+            fingerprint(prep.series, split),
+            evaluation,
+            validation,
+            warnings,
+            onnx_path,
+        )
+
+    path, manifest = export_and_publish(result.model, context, _real_windows(prep, context), cfg, card, plot)
     lines = [format_table(validation, f"{manifest.name} v{manifest.version}: {best.label} — validation split")]
     lines.append(format_table(evaluation, f"{evaluation.split} split"))
     lines.append(_candidates_table(cands, validation))
     lines.extend(f"WARNING: {w}" for w in warnings)
     return Published(path=path, manifest=manifest, table="\n\n".join(lines))
+
+
+def export_and_publish(
+    model: Forecaster,
+    context: int,
+    real: np.ndarray,
+    cfg: TrainConfig,
+    card: Callable[[Path], Manifest],
+    plot: Callable[[Path, int], None],
+) -> tuple[Path, Manifest]:
+    """Export to a staging folder, check the graph on real windows, plot, write the card, and publish the
+    folder as the next version with one rename; nothing is left behind when any step fails."""
+    staging = staging_dir(cfg.repo, cfg.model_name)
+    try:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(model, onnx_path, example_time=min(context, 8))
+        worst = verify(model, onnx_path, context, real=real)
+        log.info("export verified: worst difference %.2g (relative to the output scale)", worst)
+        plot(staging, next_version(cfg.repo, cfg.model_name))
+        return publish(staging, cfg.repo, cfg.model_name, card(onnx_path))
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def _baseline_warnings(validation: Evaluation) -> list[str]:
@@ -248,15 +286,21 @@ def _real_windows(prep: Prepared, context: int) -> np.ndarray:
 
 
 def build_manifest(
-    best: Candidate,
-    prep: Prepared,
-    result: TrainResult,
+    cfg: TrainConfig,
+    label: str,
+    name: str,
+    result: Fitted,
+    features: list[str],
+    targets: list[str],
+    seasons: list[int],
+    step: str,
+    data: DataFingerprint,
     evaluation: Evaluation,
     validation: Evaluation,
     warnings: list[str],
     onnx_path: Path,
+    series_ids: list[str] | None = None,
 ) -> Manifest:
-    cfg = best.cfg
     model: Forecaster = result.model
     assert cfg.horizon is not None and cfg.context is not None
     history = [
@@ -264,25 +308,26 @@ def build_manifest(
         for i, ((tr, va), lr, g) in enumerate(zip(result.history, result.lrs, result.grad_norms, strict=True))
     ]
     return Manifest(
-        name=prep.cfg.model_name,
+        name=name,
         version=1,
         cell=cfg.cell,
         layers=cfg.layers,
         hidden_size=cfg.hidden_size,
         dropout=cfg.dropout,
         residual=cfg.residual,
-        features=result.series.features,
-        targets=result.series.targets,
+        features=features,
+        targets=targets,
         horizon=cfg.horizon,
         context_length=cfg.context,
         input_form=model.cfg.form,  # type: ignore[arg-type]
         season=cfg.season,
-        seasons=prep.seasons,
-        step=prep.series.step_label,
+        seasons=seasons,
+        step=step,
+        series_ids=series_ids or [],
         quantiles=list(cfg.quantiles),
         states=state_specs(model),
         scaler=Scaler(mean=list(model.cfg.mean), std=list(model.cfg.std), diff_std=list(model.cfg.diff_std or [])),
-        data=fingerprint(result.series, result.split),
+        data=data,
         evaluation=evaluation,
         validation=validation,
         beats_baselines=not warnings,
@@ -295,7 +340,7 @@ def build_manifest(
             quantile_output="q" if cfg.quantiles else None,
         ),
         training={
-            "candidate": best.label,
+            "candidate": label,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val,

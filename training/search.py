@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,7 @@ def validation_baselines(
     values, n_t = series.values, len(series.targets)
     std = values[: split.train_end, :n_t].std(axis=0) + 1e-12
     at = origins(split.train_end, split.val_end, max(context, *seasons, 1), horizon)
+    at = at[:: default_stride(at.size, 20000)]
     truth = values[at[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
     out = {"naive": _zmse(naive(values, at, horizon, n_t), truth, std)}
     for m in seasons:
@@ -80,18 +82,39 @@ def choose_ridge(series: Series, split: Split, horizon: int, seasons: list[int])
     values, n_t = series.values, len(series.targets)
     std = values[: split.train_end, :n_t].std(axis=0)
     std = np.where(std > 1e-8, std, 1.0)
+
+    def at(size: int) -> tuple[np.ndarray, np.ndarray]:
+        return origins(0, split.train_end, size, horizon), origins(split.train_end, split.val_end, size, horizon)
+
+    return ridge_search(values, n_t, horizon, lookback_sizes(horizon, seasons, split.train_end), at, std)
+
+
+def ridge_search(
+    values: np.ndarray,
+    n_t: int,
+    horizon: int,
+    sizes: list[int],
+    at: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    std: np.ndarray | None,
+    unit_of: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> RidgeChoice | None:
+    """Tries each lookback size (train and validation origins from `at(size)`) and ridge strength. The map
+    works in units of `std`, or of each window's own scale when std is None; validation errors are
+    measured in `unit_of(origins)` ([n, 1, targets]; default: std)."""
     best: RidgeChoice | None = None
-    for size in lookback_sizes(horizon, seasons, split.train_end):
-        tr = origins(0, split.train_end, size, horizon)
-        va = origins(split.train_end, split.val_end, size, horizon)
+    for size in sizes:
+        tr, va = at(size)
         if tr.size < 4 * size or va.size == 0:
             continue
         tr = tr[:: default_stride(tr.size, 20000)]
+        va = va[:: default_stride(va.size, 20000)]  # bounded memory on long series: [origins, L] per call
         truth = values[va[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
+        unit = unit_of(va) if unit_of is not None else std
+        assert unit is not None, "give std or unit_of"
         for lam, (w, b) in zip(
             RIDGE_LAMBDAS, ridge_fit(values, tr, size, horizon, n_t, std, RIDGE_LAMBDAS), strict=True
         ):
-            mse = _zmse(ridge_predict(values, va, w, b, n_t, std), truth, std)
+            mse = _zmse(ridge_predict(values, va, w, b, n_t, std), truth, unit)
             if best is None or mse < best.val_mse:
                 best = RidgeChoice(size, lam, w, b, mse)
     if best is not None:

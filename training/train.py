@@ -19,16 +19,14 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import Series, Split, fit_scaler, origins
-from .model import Forecaster, ModelConfig
+from .model import Forecaster, ModelConfig, SeriesScale
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainResult:
+class Fitted:
     model: Forecaster
-    series: Series
-    split: Split
     epochs: int
     best_epoch: int
     best_val: float
@@ -37,6 +35,12 @@ class TrainResult:
     lrs: list[float] = field(default_factory=list)  # learning rate at the end of each epoch
     grad_norms: list[float] = field(default_factory=list)  # mean pre-clip gradient norm per epoch
     initial_val: float = float("inf")  # validation loss of the untrained model ("epoch 0")
+
+
+@dataclass(kw_only=True)
+class TrainResult(Fitted):
+    series: Series
+    split: Split
 
 
 def seed_everything(seed: int) -> None:
@@ -48,9 +52,19 @@ def seed_everything(seed: int) -> None:
 class WindowSource:
     """Windows x [n, context, features] and targets y [n, horizon, targets] cut on demand from one series."""
 
-    def __init__(self, values: np.ndarray, at: np.ndarray, context: int, horizon: int, n_targets: int) -> None:
+    def __init__(
+        self,
+        values: np.ndarray,
+        at: np.ndarray,
+        context: int,
+        horizon: int,
+        n_targets: int,
+        unit: np.ndarray | None = None,
+    ) -> None:
         self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         self.at = torch.from_numpy(at)
+        # per window [n, targets]: the unit its error is measured in (a global model: its series' std)
+        self.unit = torch.from_numpy(unit.astype(np.float32)) if unit is not None else None
         self.context, self.horizon, self.n_targets = context, horizon, n_targets
         self._ix = torch.arange(-context, 0)
         self._iy = torch.arange(horizon)
@@ -63,6 +77,9 @@ class WindowSource:
         x = self.values[o[:, None] + self._ix[None, :]]
         y = self.values[o[:, None] + self._iy[None, :]][:, :, : self.n_targets]
         return x, y
+
+    def units(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if self.unit is None else self.unit[idx][:, None, :]  # [B, 1, targets]
 
 
 def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +99,8 @@ def forward_window_out(model: Forecaster, x: torch.Tensor):  # type: ignore[no-u
     if not (cfg.season and not cfg.extra_seasons and not cfg.level_input and x.shape[1] > cfg.season):
         return model(x, *model.zero_state(x.shape[0]))
     b, s = x.shape[0], cfg.season
-    h, c, buf = model.zero_state(1)
+    h, c, buf, _ = model.zero_state(1)
+    assert h is not None
     idle = model(x[:1, :s], h, c, buf)  # inputs are all zero while nothing is known
     fill = torch.cat([x[:, :s], torch.ones_like(x[:, :s, :1])], dim=2).transpose(0, 1)  # [S, B, F + 1]
     if cfg.recent:  # the buffer holds S + K rows; after S rows from a zero state the oldest K are empty
@@ -121,10 +139,30 @@ def _val_loss(model: Forecaster, source: WindowSource | torch.Tensor, y: torch.T
     total, n = 0.0, 0
     for idx in torch.arange(len(source)).split(512):
         xb, yb = source.batch(idx)
-        err = (forward_window(model, xb) - yb) / model.target_scale()
+        unit = source.units(idx)
+        err = (forward_window(model, xb) - yb) / (model.target_scale() if unit is None else unit)
         total += float((err**2).sum())
         n += err.numel()
     return total / max(n, 1)
+
+
+def _relative(
+    values: np.ndarray, at: np.ndarray, lookback: int, horizon: int, t: int, unit: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For target column t: the last `lookback` values before each origin and the next `horizon`, both
+    relative to the last value and divided by the unit: `unit` (the training std) or, when None, each
+    window's own mean absolute step (as the global model's graph computes it). Returns x, y, last, unit."""
+    z = values[:, t].astype(np.float64)
+    window = z[at[:, None] + np.arange(-lookback, 0)[None, :]]
+    last = window[:, -1:]
+    if unit is None:  # SeriesScale over the window, as the graph computes it from a zero state
+        mad = np.abs(np.diff(window, axis=1)).mean(axis=1, keepdims=True) if lookback > 1 else 0 * last
+        floor = SeriesScale.LEVEL_FLOOR * np.abs(window).mean(axis=1, keepdims=True)
+        scale = np.maximum(mad, floor) + SeriesScale.EPS
+    else:
+        scale = np.full_like(last, unit)
+    future = z[at[:, None] + np.arange(horizon)[None, :]] if horizon else window[:, :0]
+    return (window - last) / scale, (future - last) / scale, last, scale
 
 
 def ridge_fit(
@@ -133,22 +171,23 @@ def ridge_fit(
     lookback: int,
     horizon: int,
     n_targets: int,
-    std: np.ndarray,
+    std: np.ndarray | None,
     lams: tuple[float, ...] | float,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The lookback form's linear map in closed form, for each ridge strength in `lams`: the next
-    `horizon` standardised values relative to the last one, from the last `lookback` relative to it,
-    pooled over targets. Returns [(W [H, L], b [H])] in the order of `lams`."""
+    `horizon` values relative to the last one, from the last `lookback` relative to it, in units of the
+    training std (or, with std None, of each window's own mean absolute step), pooled over targets.
+    Returns [(W [H, L], b [H])] in the order of `lams`."""
     gram = np.zeros((lookback + 1, lookback + 1))
     cross = np.zeros((lookback + 1, horizon))
     for t in range(n_targets):
-        z = values[:, t].astype(np.float64) / float(std[t])
         for part in np.array_split(at, max(1, at.size // 8192)):
-            last = z[part - 1][:, None]
-            x = z[part[:, None] + np.arange(-lookback, 0)[None, :]] - last
+            x, y, _, scale = _relative(values, part, lookback, horizon, t, None if std is None else float(std[t]))
+            keep = scale[:, 0] > 10 * SeriesScale.EPS  # a window of zeros (a dead sensor) has no scale to learn in
+            x, y = x[keep], y[keep]
             x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
             gram += x1.T @ x1
-            cross += x1.T @ (z[part[:, None] + np.arange(horizon)[None, :]] - last)
+            cross += x1.T @ y
     out = []
     for lam in (lams,) if isinstance(lams, float) else lams:
         reg = lam * np.eye(lookback + 1)
@@ -159,15 +198,12 @@ def ridge_fit(
 
 
 def ridge_predict(
-    values: np.ndarray, at: np.ndarray, w: np.ndarray, b: np.ndarray, n_targets: int, std: np.ndarray
+    values: np.ndarray, at: np.ndarray, w: np.ndarray, b: np.ndarray, n_targets: int, std: np.ndarray | None
 ) -> np.ndarray:
-    lookback = w.shape[1]
     out = []
     for t in range(n_targets):
-        z = values[:, t].astype(np.float64) / float(std[t])
-        last = z[at - 1][:, None]
-        rel = z[at[:, None] + np.arange(-lookback, 0)[None, :]] - last
-        out.append((rel @ w.T + b + last) * float(std[t]))
+        x, _, last, scale = _relative(values, at, w.shape[1], 0, t, None if std is None else float(std[t]))
+        out.append((x @ w.T + b) * scale + last)
     return np.stack(out, axis=2)  # [n, H, targets]
 
 
@@ -240,10 +276,34 @@ def train(
         # validation chose); the network learns what it misses, which keeps the map from drifting
         model.linear.requires_grad_(False)
     all_train = origins(0, split.train_end, context, horizon, 1)
-    stride = cfg.train_stride or default_stride(all_train.size, cfg.max_train_windows)
-    tr = WindowSource(values, all_train[::stride], context, horizon, n_t)
     va_at = origins(split.train_end, split.val_end, context, horizon, 1)
-    va = WindowSource(values, va_at[:: default_stride(va_at.size, 4 * cfg.max_train_windows)], context, horizon, n_t)
+    fitted = fit(cfg, model, values, all_train, va_at, n_t, deadline)
+    return TrainResult(series=series, split=split, **fitted.__dict__)
+
+
+def _every(a: np.ndarray | None, stride: int) -> np.ndarray | None:
+    return None if a is None else a[::stride]
+
+
+def fit(
+    cfg: TrainConfig,
+    model: Forecaster,
+    values: np.ndarray,
+    train_at: np.ndarray,
+    val_at: np.ndarray,
+    n_t: int,
+    deadline: float | None = None,
+    train_unit: np.ndarray | None = None,
+    val_unit: np.ndarray | None = None,
+) -> Fitted:
+    """The training loop over windows of `values` ending at the given origins (stride-1 candidates: the
+    train stride and the validation sample are taken here)."""
+    assert cfg.context is not None and cfg.horizon is not None
+    context, horizon = cfg.context, cfg.horizon
+    stride = cfg.train_stride or default_stride(train_at.size, cfg.max_train_windows)
+    tr = WindowSource(values, train_at[::stride], context, horizon, n_t, _every(train_unit, stride))
+    val_stride = default_stride(val_at.size, 4 * cfg.max_train_windows)
+    va = WindowSource(values, val_at[::val_stride], context, horizon, n_t, _every(val_unit, val_stride))
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"no windows: train {len(tr)}, validation {len(va)} (context {context}, horizon {horizon})")
     log.info("windows: %d train (stride %d), %d validation", len(tr), stride, len(va))
@@ -293,7 +353,7 @@ def train(
         total, norms = 0.0, []
         for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
             xb, yb = tr.batch(idx)
-            loss = model.loss(forward_window_out(model, xb), yb, cfg.loss)
+            loss = model.loss(forward_window_out(model, xb), yb, cfg.loss, tr.units(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
@@ -325,10 +385,8 @@ def train(
             break
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(
+    return Fitted(
         model=model,
-        series=series,
-        split=split,
         epochs=len(history),
         best_epoch=best_epoch,
         best_val=best_val,

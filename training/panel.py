@@ -1,0 +1,210 @@
+"""One model over many series: `gatecast train --series-column ID` on a long-format file.
+
+The global model is the lookback form with each series scaled by its own mean absolute step, which the
+graph computes from what it has seen and carries in a state (m: steps seen and the sum of their sizes),
+so a session continues it exactly and one graph serves a series of any scale. Its linear map is fitted
+in closed form over the windows of every series (each window in its own scale), chosen on the pooled
+validation windows, and the network then learns a correction within the budget.
+
+Each series is split in time on its own (the same fractions or start timestamps) and scored on its own
+z-scale (its errors divided by its training std); the card reports the mean over the series.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from gatecast.manifest import DataFingerprint, Evaluation, Score
+
+from .config import TrainConfig
+from .data import DataError, Series, Split, fit_scaler, load_panel, origins
+from .detect import default_eval_stride, find_seasons
+from .model import Forecaster, ModelConfig
+from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
+from .scoring import evaluate, format_table
+from .search import lookback_sizes, ridge_search
+from .splits import resolve_split
+from .train import fit, predict
+
+log = logging.getLogger(__name__)
+
+
+def run_global(cfg: TrainConfig) -> Published:
+    if cfg.data is None or cfg.series_column is None:
+        raise DataError("a global model needs --data and --series-column")
+    if cfg.horizon is None:
+        raise DataError("no horizon: give --horizon H (rows to forecast)")
+    start = time.monotonic()
+    horizon = cfg.horizon
+    panel = load_panel(
+        cfg.data, cfg.series_column, cfg.time_column, cfg.targets, cfg.covariates, cfg.fill, cfg.time_index
+    )
+    parts: list[tuple[Series, Split]] = []
+    for s in panel.series:
+        try:
+            sp = resolve_split(s, horizon, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
+        except DataError as e:
+            log.warning("series %s left out: %s", s.series_id, e)
+            continue
+        parts.append((s, sp))
+    if not parts:
+        raise DataError(f"{cfg.data}: no series is long enough to split for horizon {horizon}")
+    n_t = len(panel.targets)
+    seasons = cfg.seasons if cfg.seasons is not None else _common_seasons(parts, n_t)
+    values = np.concatenate([s.values for s, _ in parts]).astype(np.float32)
+    offsets = np.cumsum([0] + [s.rows for s, _ in parts])[:-1]
+
+    def at(size: int) -> tuple[np.ndarray, np.ndarray]:
+        tr = [origins(0, sp.train_end, size, horizon) + o for (_, sp), o in zip(parts, offsets, strict=True)]
+        va = [origins(sp.train_end, sp.val_end, size, horizon) + o for (_, sp), o in zip(parts, offsets, strict=True)]
+        return np.concatenate(tr), np.concatenate(va)
+
+    # errors are measured in each series' own training std (what the scores report)
+    stds = np.stack([np.maximum(s.values[: sp.train_end, :n_t].std(axis=0), 1e-8) for s, sp in parts])
+    owner = np.concatenate([np.full(s.rows, i) for i, (s, _) in enumerate(parts)])
+
+    def unit_of(at_: np.ndarray) -> np.ndarray:
+        return stds[owner[at_]]  # [n, targets]
+
+    shortest = min(sp.train_end for _, sp in parts)
+    sizes = [cfg.lookback] if cfg.lookback else lookback_sizes(horizon, seasons, shortest)
+    ridge = ridge_search(values, n_t, horizon, sizes, at, std=None, unit_of=lambda a: unit_of(a)[:, None, :])
+    if ridge is None:
+        raise DataError(f"{cfg.data}: the training splits are too short for any lookback at horizon {horizon}")
+    lookback = ridge.lookback
+    gcfg = cfg.model_copy(update={"form": "lookback", "lookback": lookback, "context": lookback})
+    train_rows = np.concatenate([s.values[: sp.train_end] for s, sp in parts])
+    mean, std = fit_scaler(train_rows)
+    model = Forecaster(
+        ModelConfig(
+            cell=cfg.cell,
+            n_features=len(panel.features),
+            n_targets=n_t,
+            hidden_size=cfg.hidden_size,
+            layers=cfg.layers,
+            dropout=cfg.dropout,
+            horizon=horizon,
+            lookback=lookback,
+            series_scale=True,
+            level_input=False,
+            quantiles=list(cfg.quantiles),
+            mean=mean,
+            std=std,
+        )
+    )
+    with torch.no_grad():
+        assert model.linear is not None
+        model.linear.weight.copy_(torch.from_numpy(ridge.w))
+        model.linear.bias.copy_(torch.from_numpy(ridge.b))
+        model.linear.requires_grad_(False)
+    tr_at, va_at = at(lookback)
+    fitted = fit(
+        gcfg, model, values, tr_at, va_at, n_t, start + cfg.budget_s, train_unit=unit_of(tr_at), val_unit=unit_of(va_at)
+    )
+    label = f"global lookback {lookback}"
+    log.info(
+        "%s over %d series: validation MSE %.4f (ridge alone %.4f)", label, len(parts), fitted.best_val, ridge.val_mse
+    )
+
+    def forecast(x: np.ndarray) -> np.ndarray:
+        return predict(fitted.model, x)
+
+    validation, _ = _pooled(forecast, parts, lookback, horizon, n_t, seasons, "validation")
+    evaluation, test_rows = _pooled(forecast, parts, lookback, horizon, n_t, seasons, "test")
+    warnings = _baseline_warnings(validation)
+    first = parts[0][0]
+    data = DataFingerprint(
+        file=panel.path.name,
+        sha256=panel.sha256,
+        rows=int(sum(s.rows for s, _ in parts)),
+        time_column=first.time_column,
+        first_time=str(min(s.times.iloc[0] for s, _ in parts)),
+        last_time=str(max(s.times.iloc[-1] for s, _ in parts)),
+        train_rows=int(sum(sp.train_end for _, sp in parts)),
+        validation_rows=int(sum(sp.val_end - sp.train_end for _, sp in parts)),
+        test_rows=int(sum(sp.rows - sp.val_end for _, sp in parts)),
+    )
+
+    def card(onnx_path):  # type: ignore[no-untyped-def]
+        return build_manifest(
+            gcfg,
+            label,
+            cfg.model_name,
+            fitted,
+            panel.features,
+            panel.targets,
+            seasons,
+            panel.step_label,
+            data,
+            evaluation,
+            validation,
+            warnings,
+            onnx_path,
+            series_ids=[str(s.series_id) for s, _ in parts],
+        )
+
+    s0, sp0 = parts[0]
+    real = np.stack([s0.values[i - lookback : i] for i in np.linspace(lookback, sp0.val_end, 8).astype(int)])
+    path, manifest = export_and_publish(fitted.model, lookback, real, gcfg, card, lambda folder, version: None)
+    lines = [
+        format_table(validation, f"{manifest.name} v{manifest.version}: {label}, {len(parts)} series — validation"),
+        format_table(evaluation, "test split (each series on its own z-scale, averaged)"),
+        "per series, test MSE on its z-scale: model / best baseline\n" + "\n".join(test_rows),
+    ]
+    lines.extend(f"WARNING: {w}" for w in warnings)
+    return Published(path=path, manifest=manifest, table="\n\n".join(lines))
+
+
+def _common_seasons(parts: list[tuple[Series, Split]], n_t: int) -> list[int]:
+    """Seasons found in at least half of the series' training splits."""
+    found: Counter[int] = Counter()
+    for s, sp in parts:
+        found.update(find_seasons(s.values[: sp.train_end, :n_t], s.step, sp.train_end // 3))
+    return sorted(m for m, k in found.items() if 2 * k >= len(parts))
+
+
+def _pooled(forecast, parts, context, horizon, n_t, seasons, which):  # type: ignore[no-untyped-def]
+    """Scores per series on its own z-scale, averaged over the series."""
+    per: list[Evaluation] = []
+    rows = []
+    for s, sp in parts:
+        start, end = (sp.train_end, sp.val_end) if which == "validation" else (sp.val_end, sp.rows)
+        if end - start < horizon:
+            continue
+        stride = default_eval_stride(horizon, seasons, end - start - horizon + 1)
+        ev, _, _ = evaluate(forecast, s.values[:end], sp, context, horizon, n_t, stride, seasons, start=start)
+        std = float(s.values[: sp.train_end, :n_t].std()) or 1.0
+        scaled = {
+            k: Score(mae=v.mae / std, rmse=v.rmse / std, smape=v.smape, mase=v.mase, mse=(v.mse or 0.0) / std**2)
+            for k, v in ev.scores.items()
+        }
+        per.append(ev.model_copy(update={"scores": scaled}))
+        best = min((v.mse or 0.0) for k, v in scaled.items() if k != "model")
+        rows.append(f"  {s.series_id}: {scaled['model'].mse:.4f} / {best:.4f}")
+    if not per:
+        raise DataError(f"no series has a {which} split of at least {horizon} rows")
+    names = set.intersection(*(set(e.scores) for e in per))
+    mean = {
+        k: Score(
+            mae=float(np.mean([e.scores[k].mae for e in per])),
+            rmse=float(np.mean([e.scores[k].rmse for e in per])),
+            smape=float(np.mean([e.scores[k].smape for e in per])),
+            mase=float(np.mean([e.scores[k].mase for e in per])),
+            mse=float(np.mean([e.scores[k].mse or 0.0 for e in per])),
+        )
+        for k in sorted(names, key=lambda n: (n != "model", n))
+    }
+    pooled = Evaluation(
+        split=which,
+        origins=int(sum(e.origins for e in per)),
+        stride=per[0].stride,
+        mase_season=per[0].mase_season,
+        scores=mean,
+        units="z",
+    )
+    return pooled, rows
