@@ -23,6 +23,7 @@ from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from service.settings import SettingsError, load_settings
 from tests.conftest import DEFAULT_MODEL, ROOT, TAYLOR, RunningServer, array, matrix, server_settings, taylor_values
+from tests.test_reliability_engine import RuntimeDouble
 from tests.test_server import metric
 
 ROW = matrix(np.array([[30000.0]]))
@@ -92,9 +93,15 @@ def test_session_cap_and_queue_limit_answer_resource_exhausted(tmp_path: Path, m
             assert "2 live sessions" in e.value.details() and "GATECAST_MAX_SESSIONS" in e.value.details()
             stub.CloseSession(pb.CloseSessionRequest(session_id=ids[0]))
             stub.OpenSession(pb.OpenSessionRequest(model="taylor"))  # a freed slot is reused
-            with pytest.raises(grpc.RpcError) as e:
-                stub.Forecast(pb.ForecastRequest(model="taylor", series=[ROW, ROW]))
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "batch queue full" in e.value.details()
+            with RuntimeDouble(srv.app.repo.resolve("taylor")) as rt:
+                rt.gate.clear()
+                held = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[ROW, ROW]))
+                assert rt.started.wait(10)
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Forecast(pb.ForecastRequest(model="taylor", series=[ROW]))
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "batch queue full" in e.value.details()
+                rt.gate.set()
+                assert len(held.result(timeout=10).forecasts) == 2
         assert metric(srv, "gatecast_sessions_rejected_total", model="taylor") == 1
         assert metric(srv, "gatecast_live_sessions", model="taylor") == 2
     finally:
