@@ -81,7 +81,7 @@ def test_forward_returns_separate_states(cell: CellName) -> None:
             residual=True,
         )
     )
-    h, c, s = model.zero_state(5)
+    h, c, s, _ = model.zero_state(5)
     out = model(torch.randn(5, 7, 2), h, c, s)
     assert out.y.shape == (5, 4, 1)
     assert out.h.shape == (3, 5, 6)

@@ -27,7 +27,7 @@ from .detect import default_eval_stride, find_seasons
 from .model import Forecaster, ModelConfig
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
 from .scoring import evaluate, format_table
-from .search import lookback_sizes, ridge_search
+from .search import TRAIN_SHARE, lookback_sizes, ridge_search
 from .splits import resolve_split
 from .train import fit, predict
 
@@ -104,7 +104,15 @@ def run_global(cfg: TrainConfig) -> Published:
         model.linear.requires_grad_(False)
     tr_at, va_at = at(lookback)
     fitted = fit(
-        gcfg, model, values, tr_at, va_at, n_t, start + cfg.budget_s, train_unit=unit_of(tr_at), val_unit=unit_of(va_at)
+        gcfg,
+        model,
+        values,
+        tr_at,
+        va_at,
+        n_t,
+        start + TRAIN_SHARE * cfg.budget_s,
+        train_unit=unit_of(tr_at),
+        val_unit=unit_of(va_at),
     )
     label = f"global lookback {lookback}"
     log.info(

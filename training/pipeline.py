@@ -5,6 +5,7 @@ export, check the graph on real windows, publish."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -175,10 +176,11 @@ def run(cfg: TrainConfig) -> Published:
         from .panel import run_global
 
         return run_global(cfg)
+    started = time.monotonic()
     prep = prepare(cfg)
     cfg = prep.cfg
     assert cfg.horizon is not None
-    best, cands, _ = choose(cfg, prep.series, prep.split, prep.seasons)
+    best, cands, _ = choose(cfg, prep.series, prep.split, prep.seasons, started)
     result = best.result
     assert result is not None and best.cfg.context is not None
     context = best.cfg.context

@@ -27,6 +27,7 @@ from .train import TrainResult, default_stride, ridge_fit, ridge_predict, train
 log = logging.getLogger(__name__)
 
 RIDGE_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+ENSEMBLE = 3  # the lookback form may average the linear maps of the best few lookback sizes
 
 
 @dataclass
@@ -66,9 +67,22 @@ def validation_baselines(
     return out
 
 
+def _truth(
+    values: np.ndarray,
+    va: np.ndarray,
+    horizon: int,
+    n_t: int,
+    std: np.ndarray | None,
+    unit_of: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    unit = unit_of(va) if unit_of is not None else std
+    assert unit is not None, "give std or unit_of"
+    return values[va[:, None] + np.arange(horizon)[None, :]][:, :, :n_t], unit
+
+
 def lookback_sizes(horizon: int, seasons: list[int], train_rows: int) -> list[int]:
     longest = max(seasons, default=0)
-    sizes = {2 * horizon, 4 * horizon}
+    sizes = {2 * horizon, 4 * horizon, 96, 192, 336, 512, 720}  # the last five: the literature's usual lookbacks
     if longest:
         sizes |= {longest, longest + horizon, 2 * longest, 3 * longest}
     for s in seasons:
@@ -101,24 +115,45 @@ def ridge_search(
     """Tries each lookback size (train and validation origins from `at(size)`) and ridge strength. The map
     works in units of `std`, or of each window's own scale when std is None; validation errors are
     measured in `unit_of(origins)` ([n, 1, targets]; default: std)."""
-    best: RidgeChoice | None = None
+    # per size: the best strength, its validation predictions and origins
+    per_size: list[tuple[RidgeChoice, np.ndarray, np.ndarray]] = []
     for size in sizes:
         tr, va = at(size)
         if tr.size < 4 * size or va.size == 0:
             continue
         tr = tr[:: default_stride(tr.size, 20000)]
         va = va[:: default_stride(va.size, 20000)]  # bounded memory on long series: [origins, L] per call
-        truth = values[va[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
-        unit = unit_of(va) if unit_of is not None else std
-        assert unit is not None, "give std or unit_of"
+        truth, unit = _truth(values, va, horizon, n_t, std, unit_of)
+        best_here: tuple[RidgeChoice, np.ndarray, np.ndarray] | None = None
         for lam, (w, b) in zip(
             RIDGE_LAMBDAS, ridge_fit(values, tr, size, horizon, n_t, std, RIDGE_LAMBDAS), strict=True
         ):
-            mse = _zmse(ridge_predict(values, va, w, b, n_t, std), truth, unit)
-            if best is None or mse < best.val_mse:
-                best = RidgeChoice(size, lam, w, b, mse)
-    if best is not None:
-        log.info("lookback %d, ridge %g: validation MSE %.4f", best.lookback, best.lam, best.val_mse)
+            pred = ridge_predict(values, va, w, b, n_t, std)
+            mse = _zmse(pred, truth, unit)
+            if best_here is None or mse < best_here[0].val_mse:
+                best_here = (RidgeChoice(size, lam, w, b, mse), pred, va)
+        if best_here is not None:
+            per_size.append(best_here)
+    if not per_size:
+        return None
+    ranked = sorted(per_size, key=lambda c: c[0].val_mse)
+    best = ranked[0][0]
+    # the average of the best few sizes' maps is one linear map over the longest of them (each padded with
+    # zeros for the rows it does not see): kept when it beats the single best on validation
+    top = ranked[:ENSEMBLE]
+    if len(top) > 1 and all(np.array_equal(t[2], top[0][2]) for t in top):
+        truth, unit = _truth(values, top[0][2], horizon, n_t, std, unit_of)
+        mse = _zmse(np.mean([t[1] for t in top], axis=0), truth, unit)
+        if mse < best.val_mse:
+            longest = max(t[0].lookback for t in top)
+            w = np.zeros((horizon, longest), np.float32)
+            for c, _, _ in top:
+                w[:, longest - c.lookback :] += c.w / len(top)
+            b = np.mean([t[0].b for t in top], axis=0).astype(np.float32)
+            used = "+".join(str(t[0].lookback) for t in top)
+            log.info("average of lookbacks %s: validation MSE %.4f (best single %.4f)", used, mse, best.val_mse)
+            best = RidgeChoice(longest, float("nan"), w, b, mse)
+    log.info("lookback %d, ridge %g: validation MSE %.4f", best.lookback, best.lam, best.val_mse)
     return best
 
 
@@ -146,12 +181,18 @@ def candidates(cfg: TrainConfig, seasons: list[int], ridge: RidgeChoice | None) 
     return out
 
 
+# of --budget-s, the share that choosing and training may use; the rest is for reading the data, scoring
+# validation and test, exporting and checking the graph, and the plot
+TRAIN_SHARE = 0.8
+
+
 def choose(
-    cfg: TrainConfig, series: Series, split: Split, seasons: list[int]
+    cfg: TrainConfig, series: Series, split: Split, seasons: list[int], started: float | None = None
 ) -> tuple[Candidate, list[Candidate], RidgeChoice | None]:
-    """Trains the candidates within cfg.budget_s and returns the best on validation, and all of them."""
-    start = time.monotonic()
-    budget_end = start + cfg.budget_s
+    """Trains the candidates within the budget (counted from `started`, default now) and returns the best
+    on validation, and all of them."""
+    start = time.monotonic() if started is None else started
+    budget_end = start + TRAIN_SHARE * cfg.budget_s
     ridge = choose_ridge(series, split, cfg.horizon or 1, seasons) if cfg.form in ("auto", "lookback") else None
     if cfg.tune:
         cands = tune(cfg, series, split, seasons, ridge, budget_end)
