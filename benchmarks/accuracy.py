@@ -107,25 +107,91 @@ def train(name: str, args: list[str], repo: Path) -> dict[str, Any]:
     }
 
 
+def global_vs_local(work: Path, horizon: int) -> dict[str, Any]:
+    """One model over ETTh2's seven columns as seven series against one model per column (each with the
+    CLI's defaults and the usual split), every series scored on its own training z-scale."""
+    df = pd.read_csv(ETTH2).iloc[:14400]
+    val_start, test_start = str(df["date"].iloc[8640]), str(df["date"].iloc[11520])
+    split = ["--val-start", val_start, "--test-start", test_start]
+    long = df.melt(id_vars=["date"], var_name="series", value_name="value")[["series", "date", "value"]]
+    long_file = work / "etth2_long.csv"
+    long.to_csv(long_file, index=False)
+    wide_file = work / "ETTh2.csv"
+    df.to_csv(wide_file, index=False)
+    repo = work / "repo"
+    name = f"etth2_global_h{horizon}"
+    cmd = [sys.executable, "-m", "gatecast.cli", "train", "--data", str(long_file), "--series-column", "series"]
+    cmd += ["--horizon", str(horizon), *split, "--name", name, "--repo", str(repo), "--no-progress"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    per_series = {}
+    for line in proc.stdout.splitlines():  # "  HUFL: 0.2809 / 0.4273" (model / best baseline, test z-MSE)
+        head, _, tail = line.strip().partition(": ")
+        if " / " in tail and head in df.columns:
+            model, base = (float(v) for v in tail.split(" / "))
+            per_series[head] = {"global": model, "best_baseline": base}
+    local_seconds = 0.0
+    for column in df.columns[1:]:
+        row = train(
+            f"etth2_{column}_h{horizon}",
+            ["--data", str(wide_file), "--target", column, "--horizon", str(horizon), *split],
+            repo,
+        )
+        per_series[column]["local"] = row["mse_z"]
+        local_seconds += row["train_seconds"]
+        print(f"  {column}: global {per_series[column]['global']:.4f}, local {row['mse_z']:.4f}", flush=True)
+    mean = {
+        k: float(sum(v[k] for v in per_series.values()) / len(per_series)) for k in ("global", "local", "best_baseline")
+    }
+    return {
+        "horizon": horizon,
+        "per_series": per_series,
+        "mean": mean,
+        "global_seconds": seconds,
+        "local_seconds": local_seconds,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="run only these (names as in the table)")
+    ap.add_argument("--global-horizon", type=int, default=24, help="horizon of the global-vs-local comparison")
+    ap.add_argument("--no-global", action="store_true", help="skip the global-vs-local comparison")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
     args = ap.parse_args()
     rows = []
+    comparison = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, run_args in runs(work).items():
-            if args.only and name not in args.only:
+            if args.only is not None and name not in args.only:
                 continue
             row = train(name, run_args, work / "repo")
             rows.append(row)
             print(_line(row), flush=True)
+        if not args.no_global:
+            comparison = global_vs_local(work, args.global_horizon)
     print()
     print(_table(rows))
+    if comparison is not None:
+        print(_global_table(comparison))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.write_text(json.dumps({"runs": rows, "global_vs_local": comparison}, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def _global_table(c: dict[str, Any]) -> str:
+    lines = [f"\nETTh2, 7 columns as 7 series, horizon {c['horizon']}: test MSE on each series' z-scale"]
+    lines.append(f"{'series':<8}{'global':>9}{'local':>9}{'best baseline':>15}")
+    for k, v in c["per_series"].items():
+        lines.append(f"{k:<8}{v['global']:>9.4f}{v['local']:>9.4f}{v['best_baseline']:>15.4f}")
+    m = c["mean"]
+    lines.append(f"{'mean':<8}{m['global']:>9.4f}{m['local']:>9.4f}{m['best_baseline']:>15.4f}")
+    lines.append(f"training: global {c['global_seconds']:.0f} s for all, local {c['local_seconds']:.0f} s in all")
+    return "\n".join(lines)
 
 
 def _line(r: dict[str, Any]) -> str:

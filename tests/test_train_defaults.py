@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from gatecast.cli import main
 from gatecast.manifest import Manifest
-from tests.conftest import TAYLOR
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
+from tests.conftest import TAYLOR, RunningServer, array, matrix, server_settings
 from training.evaluate import evaluate_model_dir
 
 QUICK = ["--budget-s", "12", "--no-progress", "--threads", "1", "--plot-windows", "1", "--max-train-windows", "600"]
@@ -84,6 +87,17 @@ def test_quantiles_are_trained_exported_and_covered(tmp_path: Path) -> None:
     feed = {"x": x, **{s.input: np.zeros((s.dims[0], 1, s.dims[1]), np.float32) for s in m.states}}
     y, *_, q = sess.run(None, feed)
     assert q.shape == (1, 12, 1, 2) and (q[..., 0] <= y).all() and (y <= q[..., 1]).all()
+    # the server returns them beside the point forecast
+    srv = RunningServer(server_settings(tmp_path))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.ForecasterStub(channel)
+            reply = stub.Forecast(pb.ForecastRequest(model="taylor_halfhourly", series=[matrix(x[0])]))
+            assert list(reply.quantiles) == pytest.approx([0.1, 0.9])
+            np.testing.assert_allclose(array(reply.forecasts[0]), y[0], rtol=1e-5)
+            np.testing.assert_allclose(array(reply.quantile_forecasts[0]), q[0, :, 0, :], rtol=1e-5)
+    finally:
+        srv.stop()
 
 
 def test_tune_runs_optuna_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
