@@ -98,6 +98,7 @@ FORMS = {
     "lookback": {"lookback": 12},
     "lookback+quantiles": {"lookback": 12, "quantiles": [0.1, 0.5, 0.9]},
     "level+quantiles": {"quantiles": [0.25, 0.75]},
+    "global (series scale)": {"lookback": 12, "series_scale": True, "quantiles": [0.2, 0.8]},
 }
 
 
@@ -257,3 +258,18 @@ def test_export_leaves_a_dropout_model_in_eval_mode(tmp_path: Path) -> None:
     export_onnx(model, tmp_path / "d.onnx", 4)
     assert not model.training  # dropout left on would make every later check and forecast random
     assert verify(model, tmp_path / "d.onnx", context=8) < 1e-4
+
+
+def test_seasonal_form_reaches_past_the_season_at_the_same_phase() -> None:
+    """Horizon 10 with season 4: with the network's correction at zero, step k ahead repeats the value at the
+    same phase of the most recent observed season, i.e. the seasonal-naive forecast, for k beyond S too."""
+    from training.scoring import seasonal_naive
+
+    model = Forecaster(ModelConfig(cell="gru", hidden_size=4, horizon=10, season=4, extra_seasons=[6]))
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    values = np.arange(1, 31, dtype=np.float32)[:, None] ** 1.5
+    x = torch.from_numpy(values[None, :20])
+    y = model(x, *model.zero_state(1)).y.detach().numpy()
+    expected = seasonal_naive(values, np.array([20]), 10, 1, 4)
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
