@@ -350,7 +350,7 @@ def fit(
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.form} {cfg.cell}", disable=not cfg.progress, unit="epoch")
     for epoch in bar:
         model.train()
-        total, norms = 0.0, []
+        total, norms, done = 0.0, [], 0
         for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
             xb, yb = tr.batch(idx)
             loss = model.loss(forward_window_out(model, xb), yb, cfg.loss, tr.units(idx))
@@ -367,7 +367,10 @@ def fit(
             if cosine is not None:
                 cosine.step()
             total += float(loss.detach()) * len(idx)
-        train_loss = total / len(tr)
+            done += len(idx)
+            if deadline is not None and time.monotonic() > deadline:
+                break  # the budget ends mid-epoch: validate what there is and stop
+        train_loss = total / max(done, 1)
         val = _val_loss(scored, va)
         if plateau is not None:
             plateau.step(val)
