@@ -16,7 +16,8 @@ _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 def to_array(m: pb.Matrix, n_features: int, what: str, max_rows: int) -> np.ndarray:
     """A Matrix as float32 [rows, cols], checked against the model's feature count."""
     if m.rows == 0:
-        raise InvalidArgument(f"{what}: no rows; expected at least one row of {n_features} feature(s)")
+        given = f" but {len(m.values)} values" if m.values else ""
+        raise InvalidArgument(f"{what}: no rows{given}; expected at least one row of {n_features} feature(s)")
     if m.cols != n_features:
         raise InvalidArgument(f"{what}: {m.cols} column(s); the model expects {n_features} feature(s) per row")
     if m.rows > max_rows:

@@ -92,6 +92,15 @@ def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None
     server.add_registered_method_handlers(capture.name, handlers)
 
 
+def _release(session: Session, step: asyncio.Future[Output]) -> None:
+    """A step's end: the turn passes on, and its error counts as read. A caller that left while waiting
+    (asyncio.shield drops its callback) never reads it, and asyncio would log "Future exception was
+    never retrieved" at ERROR for a client's ordinary timeout."""
+    session.release()
+    if not step.cancelled():
+        step.exception()
+
+
 class _Call:
     """Per-request bookkeeping: the model label for metrics is known only once the request is read."""
 
@@ -193,7 +202,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         except BaseException:
             session.release()
             raise
-        fut.add_done_callback(lambda _: session.release())
+        fut.add_done_callback(lambda f: _release(session, f))
         session.last_used = time.monotonic()
         return fut
 
@@ -264,7 +273,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             call.model = mv.name
             m = mv.runtime.manifest
             history = None
-            if request.HasField("history") and request.history.rows > 0:
+            # an empty matrix is no history; rows 0 beside values is a matrix that lies about its size
+            if request.HasField("history") and (request.history.rows > 0 or request.history.values):
                 mv.batcher.check_request_rows(request.history.rows)
                 history = to_array(request.history, m.n_features, "history", self.settings.max_rows)
             rows = 0 if history is None else int(history.shape[0])
