@@ -88,6 +88,8 @@ def train(name: str, args: list[str], repo: Path) -> dict[str, Any]:
         "run": name,
         "args": args,
         "chosen": m.training.get("candidate"),
+        "epochs": m.training.get("epochs"),
+        "best_epoch": m.training.get("best_epoch"),  # 0: the network's correction did not beat its start
         "cell": m.cell,
         "context": m.context_length,
         "seasons": m.seasons,
