@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.pipeline import run
 
     overrides: dict[str, Any] = {k: getattr(args, k) for k in TrainConfig.model_fields if hasattr(args, k)}
-    published = run(build_config(args.config, overrides))
+    published = run(build_config(args.config, overrides), started=args.started)
     print(published.table)
     print(f"wrote {published.path}/ (model.onnx, manifest.json, forecast.png)")
     return 0
@@ -204,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # --budget-s counts from here, imports included
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -73,6 +73,7 @@ class TrainConfig(BaseModel):
     budget_s: float = Field(120.0, gt=0, description="wall-clock seconds for choosing and training the model")
     tune: int = Field(0, ge=0, description="Optuna trials over the search space (0: the fixed candidates)")
     max_train_windows: int = Field(4000, ge=1, description="default train stride keeps about this many windows")
+    max_val_windows: int = Field(1000, ge=1, description="validation windows scored after each epoch (evenly spread)")
     # evaluation
     eval_stride: int | None = Field(None, ge=1, description="rows between test origins (default: from the data)")
     seasons: list[int] | None = Field(None, description="seasons for the baselines (default: found in the data)")

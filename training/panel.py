@@ -34,12 +34,12 @@ from .train import fit, predict
 log = logging.getLogger(__name__)
 
 
-def run_global(cfg: TrainConfig) -> Published:
+def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     if cfg.data is None or cfg.series_column is None:
         raise DataError("a global model needs --data and --series-column")
     if cfg.horizon is None:
         raise DataError("no horizon: give --horizon H (rows to forecast)")
-    start = time.monotonic()
+    start = time.monotonic() if started is None else started
     horizon = cfg.horizon
     panel = load_panel(
         cfg.data, cfg.series_column, cfg.time_column, cfg.targets, cfg.covariates, cfg.fill, cfg.time_index

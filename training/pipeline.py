@@ -171,12 +171,13 @@ def _evaluation(
     return evaluation.model_copy(update=updates), forecasts, at
 
 
-def run(cfg: TrainConfig) -> Published:
+def run(cfg: TrainConfig, started: float | None = None) -> Published:
+    """Trains, scores and publishes; --budget-s counts from `started` (default: now)."""
+    started = time.monotonic() if started is None else started
     if cfg.series_column:
         from .panel import run_global
 
-        return run_global(cfg)
-    started = time.monotonic()
+        return run_global(cfg, started)
     prep = prepare(cfg)
     cfg = prep.cfg
     assert cfg.horizon is not None
@@ -187,7 +188,8 @@ def run(cfg: TrainConfig) -> Published:
     split = prep.split
     # validation: what chose the model; every origin the data allows at the default stride
     n_val = max(1, split.val_end - split.train_end - cfg.horizon + 1)
-    val_stride = default_eval_stride(cfg.horizon, prep.seasons, n_val)
+    # at most ~2,000 origins: this table reports what chose the model, the test split below is the measure
+    val_stride = max(default_eval_stride(cfg.horizon, prep.seasons, n_val), n_val // 2000)
     validation, _, _ = _evaluation(
         result.model, prep, context, split.train_end, split.val_end, val_stride, "validation"
     )

@@ -183,7 +183,7 @@ def candidates(cfg: TrainConfig, seasons: list[int], ridge: RidgeChoice | None) 
 
 # of --budget-s, the share that choosing and training may use; the rest is for reading the data, scoring
 # validation and test, exporting and checking the graph, and the plot
-TRAIN_SHARE = 0.8
+TRAIN_SHARE = 0.7
 
 
 def choose(

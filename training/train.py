@@ -302,7 +302,7 @@ def fit(
     context, horizon = cfg.context, cfg.horizon
     stride = cfg.train_stride or default_stride(train_at.size, cfg.max_train_windows)
     tr = WindowSource(values, train_at[::stride], context, horizon, n_t, _every(train_unit, stride))
-    val_stride = default_stride(val_at.size, 4 * cfg.max_train_windows)
+    val_stride = default_stride(val_at.size, cfg.max_val_windows)
     va = WindowSource(values, val_at[::val_stride], context, horizon, n_t, _every(val_unit, val_stride))
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"no windows: train {len(tr)}, validation {len(va)} (context {context}, horizon {horizon})")
