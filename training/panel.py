@@ -22,14 +22,14 @@ import torch
 from gatecast.manifest import DataFingerprint, Evaluation, Score
 
 from .config import TrainConfig
-from .data import DataError, Series, Split, fit_scaler, load_panel, origins
+from .data import DataError, Series, Split, load_panel, origins
 from .detect import default_eval_stride, find_seasons
-from .model import Forecaster, ModelConfig
+from .model import Forecaster
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
 from .scoring import evaluate, format_table
 from .search import TRAIN_SHARE, lookback_sizes, ridge_search
 from .splits import resolve_split
-from .train import fit, predict
+from .train import fit, model_config, predict
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     lookback = ridge.lookback
     gcfg = cfg.model_copy(update={"form": "lookback", "lookback": lookback, "context": lookback})
     train_rows = np.concatenate([s.values[: sp.train_end] for s, sp in parts])
-    mean, std = fit_scaler(train_rows)
-    model = Forecaster(
-        ModelConfig(
-            cell=cfg.cell,
-            n_features=len(panel.features),
-            n_targets=n_t,
-            hidden_size=cfg.hidden_size,
-            layers=cfg.layers,
-            dropout=cfg.dropout,
-            horizon=horizon,
-            lookback=lookback,
-            series_scale=True,
-            level_input=False,
-            quantiles=list(cfg.quantiles),
-            mean=mean,
-            std=std,
-        )
-    )
+    model = Forecaster(model_config(gcfg, panel.features, n_t, train_rows, series_scale=True))
     with torch.no_grad():
         assert model.linear is not None
         model.linear.weight.copy_(torch.from_numpy(ridge.w))

@@ -207,10 +207,11 @@ def ridge_predict(
     return np.stack(out, axis=2)  # [n, H, targets]
 
 
-def model_config(cfg: TrainConfig, series: Series, split: Split) -> ModelConfig:
-    """The network's shape and the scalers, fitted on the training split only."""
-    values, n_t = series.values, len(series.targets)
-    train_rows = values[: split.train_end]
+def model_config(
+    cfg: TrainConfig, features: list[str], n_t: int, train_rows: np.ndarray, series_scale: bool = False
+) -> ModelConfig:
+    """The network's shape and the scalers, fitted on the training rows only (`series_scale`: the global
+    model, which scales each series itself and takes no level input)."""
     mean, std = fit_scaler(train_rows)
     diff_std = None
     if cfg.season:
@@ -220,7 +221,7 @@ def model_config(cfg: TrainConfig, series: Series, split: Split) -> ModelConfig:
     assert cfg.horizon is not None
     return ModelConfig(
         cell=cfg.cell,
-        n_features=len(series.features),
+        n_features=len(features),
         n_targets=n_t,
         hidden_size=cfg.hidden_size,
         layers=cfg.layers,
@@ -230,9 +231,10 @@ def model_config(cfg: TrainConfig, series: Series, split: Split) -> ModelConfig:
         relative=cfg.relative,
         season=cfg.season,
         extra_seasons=list(cfg.extra_seasons),
-        level_input=cfg.level_input,
+        level_input=cfg.level_input and not series_scale,
         recent=cfg.recent,
         lookback=cfg.lookback,
+        series_scale=series_scale,
         quantiles=list(cfg.quantiles),
         mean=mean,
         std=std,
@@ -267,7 +269,7 @@ def train(
     assert cfg.context is not None and cfg.horizon is not None
     context, horizon = cfg.context, cfg.horizon
     values, n_t = series.values, len(series.targets)
-    model = Forecaster(model_config(cfg, series, split))
+    model = Forecaster(model_config(cfg, series.features, n_t, values[: split.train_end]))
     if model.linear is not None and ridge is not None:
         with torch.no_grad():
             model.linear.weight.copy_(torch.from_numpy(ridge[0]))
