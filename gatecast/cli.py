@@ -117,13 +117,16 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.data is not None and not args.data.is_file():  # said before torch is imported (seconds)
+        raise UserError(f"{args.data}: no such file")
     from training.config import TrainConfig, build_config
     from training.pipeline import run
 
     overrides: dict[str, Any] = {k: getattr(args, k) for k in TrainConfig.model_fields if hasattr(args, k)}
     published = run(build_config(args.config, overrides), started=args.started)
     print(published.table)
-    print(f"wrote {published.path}/ (model.onnx, manifest.json, forecast.png)")
+    files = ", ".join(sorted(p.name for p in published.path.iterdir()))
+    print(f"wrote {published.path}/ ({files})")
     return 0
 
 
@@ -174,13 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-fraction", type=float, default=0.15, help="as given to train (default 0.15)")
     ev.add_argument("--val-start", help="as given to train: first timestamp of the validation split")
     ev.add_argument("--test-start", help="as given to train: first timestamp of the test split")
-    ev.add_argument("--time-index", action="store_true", help="the time column is an integer row index")
+    ev.add_argument(
+        "--time-index",
+        action="store_true",
+        default=None,
+        help="the time column is an integer row index (default: as the model was trained)",
+    )
     ev.add_argument("--stride", type=int, help="rows between forecast origins (default: as train chooses)")
     ev.add_argument(
         "--season", dest="seasons", type=int, action="append", help="seasonal-naive season (default: the model's)"
     )
     ev.add_argument(
-        "--fill", choices=["error", "ffill", "interpolate", "zero"], default="error", help="missing-value policy"
+        "--fill",
+        choices=["error", "ffill", "interpolate", "zero"],
+        help="missing-value policy (default: as the model was trained)",
     )
     ev.set_defaults(func=cmd_evaluate)
 

@@ -115,7 +115,9 @@ class Manifest(_Strict):
     created: datetime
     # seasons found in the data (rows); the reference forecast and the baselines use them
     seasons: list[int] = []
-    # a global model (one graph over many series): the ids of the series it was trained on
+    # a global model (one graph over many series): the id column of its long-format file and the ids of
+    # the series it was trained on
+    series_column: str = ""
     series_ids: list[str] = []
     # the data's step as a pandas offset string ("30min", "1h", "1D"); "" when the time column is an index
     step: str = ""

@@ -29,6 +29,7 @@ def global_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = ["region,timestamp,load"]
     for name, rows in pieces.items():
         lines += [f"{name},{t},{float(v) * SCALES[name]:.6g}" for t, v in rows]
+    lines += [f"dead,{t},0" for t, _ in raw[:1200]]  # a sensor that never moved: left out, and said so
     data = tmp / "regions.csv"
     data.write_text("\n".join(lines) + "\n")
     repo = tmp / "repo"
@@ -39,7 +40,8 @@ def global_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_global_model_card(global_model: Path) -> None:
     m = Manifest.read(global_model)
-    assert m.series_ids == ["north", "south", "east"]
+    assert m.series_ids == ["north", "south", "east"] and m.series_column == "region"
+    assert any("series dead left out: constant" in w for w in m.warnings)
     assert m.input_form == "lookback" and [s.input for s in m.states][-1] == "m0"
     assert m.evaluation.units == "z" and m.validation is not None
     scores = m.evaluation.scores
@@ -87,3 +89,13 @@ def test_global_model_over_grpc_forecast_and_session(global_model: Path) -> None
             np.testing.assert_allclose(last, big, rtol=1e-4)
     finally:
         srv.stop()
+
+
+def test_evaluate_reproduces_the_global_models_scores(global_model: Path) -> None:
+    from training.evaluate import evaluate_model_dir
+
+    m = Manifest.read(global_model)
+    evaluation, table = evaluate_model_dir(global_model, global_model.parent.parent.parent / "regions.csv")
+    assert evaluation.units == "z" and "3 series" in table
+    for name, score in m.evaluation.scores.items():
+        assert evaluation.scores[name].mse == pytest.approx(score.mse, rel=1e-4), name

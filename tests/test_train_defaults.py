@@ -80,6 +80,7 @@ def test_quantiles_are_trained_exported_and_covered(tmp_path: Path) -> None:
     assert m.quantiles == [0.1, 0.9] and m.onnx.quantile_output == "q"
     cover = m.evaluation.coverage
     assert set(cover) == {"0.1", "0.9"}
+    assert evaluate_model_dir(folder, TAYLOR)[0].coverage == pytest.approx(cover, abs=1e-9)  # evaluate agrees
     assert 0.0 < cover["0.1"] < 0.3 and 0.7 < cover["0.9"] < 1.0  # ordered and near nominal, even if quick
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()][-1] == "q"

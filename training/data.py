@@ -802,7 +802,8 @@ def split_rows(
     if val_end - train_end < horizon or n - val_end < horizon:
         raise DataError(
             f"{series.path}: validation ({val_end - train_end} rows) and test ({n - val_end} rows) "
-            f"must each hold at least one horizon ({horizon} rows)"
+            f"must each hold at least one horizon ({horizon} rows); lower --horizon or raise --val-fraction / "
+            "--test-fraction"
         )
     return Split(train_end=train_end, val_end=val_end, rows=n)
 

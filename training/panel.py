@@ -19,15 +19,15 @@ from collections import Counter
 import numpy as np
 import torch
 
-from gatecast.manifest import DataFingerprint, Evaluation, Score
+from gatecast.manifest import DataFingerprint
 
 from .config import TrainConfig
 from .data import DataError, Series, Split, load_panel, origins
-from .detect import default_eval_stride, find_seasons
+from .detect import find_seasons
 from .model import Forecaster
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
-from .scoring import evaluate, format_table
-from .search import TRAIN_SHARE, lookback_sizes, ridge_search
+from .scoring import format_table, pooled_evaluation
+from .search import lookback_sizes, ridge_search, training_share
 from .splits import resolve_split
 from .train import fit, model_config, predict
 
@@ -45,13 +45,22 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
         cfg.data, cfg.series_column, cfg.time_column, cfg.targets, cfg.covariates, cfg.fill, cfg.time_index
     )
     parts: list[tuple[Series, Split]] = []
+    left_out: list[str] = []
     for s in panel.series:
         try:
             sp = resolve_split(s, horizon, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
         except DataError as e:
-            log.warning("series %s left out: %s", s.series_id, e)
+            left_out.append(f"series {s.series_id} left out: {e}")
+            continue
+        if float(np.ptp(s.values[: sp.train_end, : len(panel.targets)])) == 0.0:
+            left_out.append(
+                f"series {s.series_id} left out: constant over its training split, so it has no scale to "
+                "learn in (its last value is its best forecast)"
+            )
             continue
         parts.append((s, sp))
+    for note in left_out:
+        log.warning("%s", note)
     if not parts:
         raise DataError(f"{cfg.data}: no series is long enough to split for horizon {horizon}")
     n_t = len(panel.targets)
@@ -73,7 +82,16 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
 
     shortest = min(sp.train_end for _, sp in parts)
     sizes = [cfg.lookback] if cfg.lookback else lookback_sizes(horizon, seasons, shortest)
-    ridge = ridge_search(values, n_t, horizon, sizes, at, std=None, unit_of=lambda a: unit_of(a)[:, None, :])
+    ridge = ridge_search(
+        values,
+        n_t,
+        horizon,
+        sizes,
+        at,
+        std=None,
+        unit_of=lambda a: unit_of(a)[:, None, :],
+        deadline=start + 0.25 * training_share(cfg.budget_s),
+    )
     if ridge is None:
         raise DataError(f"{cfg.data}: the training splits are too short for any lookback at horizon {horizon}")
     lookback = ridge.lookback
@@ -93,7 +111,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
         tr_at,
         va_at,
         n_t,
-        start + TRAIN_SHARE * cfg.budget_s,
+        start + training_share(cfg.budget_s),
         train_unit=unit_of(tr_at),
         val_unit=unit_of(va_at),
     )
@@ -105,9 +123,9 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     def forecast(x: np.ndarray) -> np.ndarray:
         return predict(fitted.model, x)
 
-    validation, _ = _pooled(forecast, parts, lookback, horizon, n_t, seasons, "validation")
-    evaluation, test_rows = _pooled(forecast, parts, lookback, horizon, n_t, seasons, "test")
-    warnings = _baseline_warnings(validation)
+    validation, _ = pooled_evaluation(forecast, parts, lookback, horizon, n_t, seasons, "validation")
+    evaluation, test_rows = pooled_evaluation(forecast, parts, lookback, horizon, n_t, seasons, "test")
+    warnings = _baseline_warnings(validation) + left_out
     first = parts[0][0]
     data = DataFingerprint(
         file=panel.path.name,
@@ -137,6 +155,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
             warnings,
             onnx_path,
             series_ids=[str(s.series_id) for s, _ in parts],
+            series_column=cfg.series_column or "",
         )
 
     s0, sp0 = parts[0]
@@ -157,45 +176,3 @@ def _common_seasons(parts: list[tuple[Series, Split]], n_t: int) -> list[int]:
     for s, sp in parts:
         found.update(find_seasons(s.values[: sp.train_end, :n_t], s.step, sp.train_end // 3))
     return sorted(m for m, k in found.items() if 2 * k >= len(parts))
-
-
-def _pooled(forecast, parts, context, horizon, n_t, seasons, which):  # type: ignore[no-untyped-def]
-    """Scores per series on its own z-scale, averaged over the series."""
-    per: list[Evaluation] = []
-    rows = []
-    for s, sp in parts:
-        start, end = (sp.train_end, sp.val_end) if which == "validation" else (sp.val_end, sp.rows)
-        if end - start < horizon:
-            continue
-        stride = default_eval_stride(horizon, seasons, end - start - horizon + 1)
-        ev, _, _ = evaluate(forecast, s.values[:end], sp, context, horizon, n_t, stride, seasons, start=start)
-        std = float(s.values[: sp.train_end, :n_t].std()) or 1.0
-        scaled = {
-            k: Score(mae=v.mae / std, rmse=v.rmse / std, smape=v.smape, mase=v.mase, mse=(v.mse or 0.0) / std**2)
-            for k, v in ev.scores.items()
-        }
-        per.append(ev.model_copy(update={"scores": scaled}))
-        best = min((v.mse or 0.0) for k, v in scaled.items() if k != "model")
-        rows.append(f"  {s.series_id}: {scaled['model'].mse:.4f} / {best:.4f}")
-    if not per:
-        raise DataError(f"no series has a {which} split of at least {horizon} rows")
-    names = set.intersection(*(set(e.scores) for e in per))
-    mean = {
-        k: Score(
-            mae=float(np.mean([e.scores[k].mae for e in per])),
-            rmse=float(np.mean([e.scores[k].rmse for e in per])),
-            smape=float(np.mean([e.scores[k].smape for e in per])),
-            mase=float(np.mean([e.scores[k].mase for e in per])),
-            mse=float(np.mean([e.scores[k].mse or 0.0 for e in per])),
-        )
-        for k in sorted(names, key=lambda n: (n != "model", n))
-    }
-    pooled = Evaluation(
-        split=which,
-        origins=int(sum(e.origins for e in per)),
-        stride=per[0].stride,
-        mase_season=per[0].mase_season,
-        scores=mean,
-        units="z",
-    )
-    return pooled, rows

@@ -29,7 +29,7 @@ from .data import DataError, Series, Split, load_series
 from .detect import default_eval_stride, find_seasons
 from .export import OPSET, discard, export_onnx, publish, staging_dir, state_specs, verify
 from .model import Forecaster
-from .scoring import evaluate, format_table
+from .scoring import coverage, evaluate, format_table
 from .search import Candidate, choose
 from .splits import resolve_split
 from .train import Fitted, predict_all
@@ -79,7 +79,12 @@ def plot_forecasts(
     fig, axes = plt.subplots(len(picks), 1, figsize=(10, 2.8 * len(picks) + 0.6), squeeze=False)
     horizon = forecasts["model"].shape[1]
     show = min(context, 2 * horizon)
-    seasonal = [n for n in forecasts if n.startswith("seasonal_naive")]
+    # the seasonal baseline that does best on these windows is drawn beside the model
+    truth_all = forecasts["truth"]
+    seasonal = sorted(
+        (n for n in forecasts if n.startswith("seasonal_naive")),
+        key=lambda n: float(np.abs(forecasts[n] - truth_all).mean()),
+    )
     for ax, k in zip(axes[:, 0], picks, strict=True):
         o = int(at[k])
         ax.plot(series.times[o - show : o], series.values[o - show : o, 0], color="0.55", label="history")
@@ -166,7 +171,7 @@ def _evaluation(
     if "q" in q_store:
         truth = forecasts["truth"]
         q = q_store["q"]
-        updates["coverage"] = {f"{lv:g}": float((truth <= q[..., i]).mean()) for i, lv in enumerate(cfg.quantiles)}
+        updates["coverage"] = coverage(truth, q, cfg.quantiles)
         forecasts["q_low"], forecasts["q_high"] = q[..., 0], q[..., -1]
     return evaluation.model_copy(update=updates), forecasts, at
 
@@ -203,6 +208,11 @@ def run(cfg: TrainConfig, started: float | None = None) -> Published:
             result.model, prep, context, split.train_end, split.val_end, val_stride, "validation"
         )
     warnings = _baseline_warnings(validation)
+    if cfg.covariates and best.cfg.form == "lookback" and result.best_epoch == 0:
+        warnings.append(
+            f"covariates {cfg.covariates} are not used by the published model: its lookback map reads the "
+            "targets only, and the network that reads the covariates did not improve on it on validation"
+        )
     for w in warnings:
         log.warning("%s", w)
     size = f"{best.cfg.cell} {best.cfg.layers}x{best.cfg.hidden_size}"
@@ -232,9 +242,13 @@ def run(cfg: TrainConfig, started: float | None = None) -> Published:
 
     path, manifest = export_and_publish(result.model, context, _real_windows(prep, context), cfg, card, plot)
     lines = [format_table(validation, f"{manifest.name} v{manifest.version}: {best.label} — validation split")]
-    lines.append(format_table(evaluation, f"{evaluation.split} split"))
+    if has_test:
+        lines.append(format_table(evaluation, "test split"))
+    else:
+        lines.append("no test split (--test-fraction 0): the validation scores above are the card's")
     lines.append(_candidates_table(cands, validation))
     lines.extend(f"WARNING: {w}" for w in warnings)
+    lines.extend(f"NOTE: {n}" for n in _test_notes(evaluation if has_test else None))
     return Published(path=path, manifest=manifest, table="\n\n".join(lines))
 
 
@@ -265,7 +279,7 @@ def _baseline_warnings(validation: Evaluation) -> list[str]:
     model = validation.scores["model"]
     baselines = {k: v for k, v in validation.scores.items() if k != "model"}
     name, best = min(baselines.items(), key=lambda kv: kv[1].rmse)
-    if model.rmse < best.rmse:
+    if model.rmse < best.rmse or (best.rmse == 0.0 and model.rmse <= 1e-6):  # a constant series: both exact
         return []
     return [
         f"the model does not beat the best naive baseline on validation ({name}: RMSE {best.rmse:.4g}, "
@@ -273,11 +287,22 @@ def _baseline_warnings(validation: Evaluation) -> list[str]:
     ]
 
 
+def _test_notes(test: Evaluation | None) -> list[str]:
+    """Said, not marked: the choice is made on validation, but a user should see a test-split loss."""
+    if test is None:
+        return []
+    model = test.scores["model"]
+    name, best = min(((k, v) for k, v in test.scores.items() if k != "model"), key=lambda kv: kv[1].rmse)
+    if model.rmse <= best.rmse:
+        return []
+    return [f"on the test split {name} does better (RMSE {best.rmse:.4g} against {model.rmse:.4g})"]
+
+
 def _candidates_table(cands: list[Candidate], validation: Evaluation) -> str:
     lines = ["candidates (validation MSE in standardised units; the lowest is published)"]
     for c in cands:
         r = c.result
-        took = f"{r.seconds:6.1f} s, {r.epochs} epochs (best {r.best_epoch})" if r else c.note
+        took = f"{c.seconds:6.1f} s, {r.epochs} epochs (best {r.best_epoch})" if r else c.note
         lines.append(f"  {c.label:<24}{c.val_mse:>10.4f}   {took}")
     return "\n".join(lines)
 
@@ -304,6 +329,7 @@ def build_manifest(
     warnings: list[str],
     onnx_path: Path,
     series_ids: list[str] | None = None,
+    series_column: str = "",
 ) -> Manifest:
     model: Forecaster = result.model
     assert cfg.horizon is not None and cfg.context is not None
@@ -328,6 +354,7 @@ def build_manifest(
         seasons=seasons,
         step=step,
         series_ids=series_ids or [],
+        series_column=series_column,
         quantiles=list(cfg.quantiles),
         states=state_specs(model),
         scaler=Scaler(mean=list(model.cfg.mean), std=list(model.cfg.std), diff_std=list(model.cfg.diff_std or [])),
@@ -360,6 +387,8 @@ def build_manifest(
             "level_input": cfg.level_input,
             "weight_decay": cfg.weight_decay,
             "budget_s": cfg.budget_s,
+            "fill": cfg.fill,
+            "time_index": cfg.time_index,
         },
         created=datetime.now(UTC),
     )

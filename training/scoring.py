@@ -12,7 +12,8 @@ import numpy as np
 
 from gatecast.manifest import Evaluation, Score
 
-from .data import Split, origins, windows
+from .data import DataError, Series, Split, origins, windows
+from .detect import default_eval_stride
 
 Predict = Callable[[np.ndarray], np.ndarray]  # x [n, context, features] -> y [n, horizon, targets]
 
@@ -97,3 +98,58 @@ def format_table(evaluation: Evaluation, title: str = "") -> str:
     cover = ", ".join(f"q{k}: {v:.3f}" for k, v in evaluation.coverage.items())
     lines.append(f"({evaluation.origins} origins, stride {evaluation.stride}{'; coverage ' + cover if cover else ''})")
     return "\n".join(lines)
+
+
+def pooled_evaluation(
+    predict: Predict,
+    parts: list[tuple[Series, Split]],
+    context: int,
+    horizon: int,
+    n_t: int,
+    seasons: list[int],
+    which: str,
+) -> tuple[Evaluation, list[str]]:
+    """Scores per series on its own z-scale, averaged over the series."""
+    per: list[Evaluation] = []
+    rows = []
+    for s, sp in parts:
+        start, end = (sp.train_end, sp.val_end) if which == "validation" else (sp.val_end, sp.rows)
+        if end - start < horizon:
+            continue
+        stride = default_eval_stride(horizon, seasons, end - start - horizon + 1)
+        ev, _, _ = evaluate(predict, s.values[:end], sp, context, horizon, n_t, stride, seasons, start=start)
+        std = float(s.values[: sp.train_end, :n_t].std()) or 1.0
+        scaled = {
+            k: Score(mae=v.mae / std, rmse=v.rmse / std, smape=v.smape, mase=v.mase, mse=(v.mse or 0.0) / std**2)
+            for k, v in ev.scores.items()
+        }
+        per.append(ev.model_copy(update={"scores": scaled}))
+        best = min((v.mse or 0.0) for k, v in scaled.items() if k != "model")
+        rows.append(f"  {s.series_id}: {scaled['model'].mse:.4f} / {best:.4f}")
+    if not per:
+        raise DataError(f"no series has a {which} split of at least {horizon} rows")
+    names = set.intersection(*(set(e.scores) for e in per))
+    mean = {
+        k: Score(
+            mae=float(np.mean([e.scores[k].mae for e in per])),
+            rmse=float(np.mean([e.scores[k].rmse for e in per])),
+            smape=float(np.mean([e.scores[k].smape for e in per])),
+            mase=float(np.mean([e.scores[k].mase for e in per])),
+            mse=float(np.mean([e.scores[k].mse or 0.0 for e in per])),
+        )
+        for k in sorted(names, key=lambda n: (n != "model", n))
+    }
+    pooled = Evaluation(
+        split=which,
+        origins=int(sum(e.origins for e in per)),
+        stride=per[0].stride,
+        mase_season=per[0].mase_season,
+        scores=mean,
+        units="z",
+    )
+    return pooled, rows
+
+
+def coverage(truth: np.ndarray, q: np.ndarray, levels: list[float]) -> dict[str, float]:
+    """Share of true values at or below each quantile forecast; truth [n, H, T], q [n, H, T, Q]."""
+    return {f"{lv:g}": float((truth <= q[..., i]).mean()) for i, lv in enumerate(levels)}

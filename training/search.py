@@ -37,6 +37,7 @@ class Candidate:
     result: TrainResult | None = None
     val_mse: float = float("inf")
     note: str = ""
+    seconds: float = 0.0  # the candidate's whole wall time: set-up, every validation pass, training
 
 
 @dataclass
@@ -91,7 +92,9 @@ def lookback_sizes(horizon: int, seasons: list[int], train_rows: int) -> list[in
     return sorted(x for x in sizes if 2 <= x <= cap)
 
 
-def choose_ridge(series: Series, split: Split, horizon: int, seasons: list[int]) -> RidgeChoice | None:
+def choose_ridge(
+    series: Series, split: Split, horizon: int, seasons: list[int], deadline: float | None = None
+) -> RidgeChoice | None:
     """The lookback and ridge strength with the lowest validation MSE of the linear map alone."""
     values, n_t = series.values, len(series.targets)
     std = values[: split.train_end, :n_t].std(axis=0)
@@ -100,7 +103,8 @@ def choose_ridge(series: Series, split: Split, horizon: int, seasons: list[int])
     def at(size: int) -> tuple[np.ndarray, np.ndarray]:
         return origins(0, split.train_end, size, horizon), origins(split.train_end, split.val_end, size, horizon)
 
-    return ridge_search(values, n_t, horizon, lookback_sizes(horizon, seasons, split.train_end), at, std)
+    sizes = lookback_sizes(horizon, seasons, split.train_end)
+    return ridge_search(values, n_t, horizon, sizes, at, std, deadline=deadline)
 
 
 def ridge_search(
@@ -111,13 +115,17 @@ def ridge_search(
     at: Callable[[int], tuple[np.ndarray, np.ndarray]],
     std: np.ndarray | None,
     unit_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    deadline: float | None = None,
 ) -> RidgeChoice | None:
     """Tries each lookback size (train and validation origins from `at(size)`) and ridge strength. The map
     works in units of `std`, or of each window's own scale when std is None; validation errors are
     measured in `unit_of(origins)` ([n, 1, targets]; default: std)."""
     # per size: the best strength, its validation predictions and origins
     per_size: list[tuple[RidgeChoice, np.ndarray, np.ndarray]] = []
-    for size in sizes:
+    for size in sizes:  # shortest first: when the deadline comes, the cheap sizes have been tried
+        if deadline is not None and per_size and time.monotonic() > deadline:
+            log.info("lookback sizes from %d on not tried: their share of the budget is spent", size)
+            break
         tr, va = at(size)
         if tr.size < 4 * size or va.size == 0:
             continue
@@ -184,6 +192,12 @@ def candidates(cfg: TrainConfig, seasons: list[int], ridge: RidgeChoice | None) 
 # of --budget-s, the share that choosing and training may use; the rest is for reading the data, scoring
 # validation and test, exporting and checking the graph, and the plot
 TRAIN_SHARE = 0.7
+RESERVE_S = 12.0  # ... and never less than this for them
+
+
+def training_share(budget_s: float) -> float:
+    """Seconds of the budget for choosing and training."""
+    return max(min(TRAIN_SHARE * budget_s, budget_s - RESERVE_S), 0.25 * budget_s)
 
 
 def choose(
@@ -192,8 +206,10 @@ def choose(
     """Trains the candidates within the budget (counted from `started`, default now) and returns the best
     on validation, and all of them."""
     start = time.monotonic() if started is None else started
-    budget_end = start + TRAIN_SHARE * cfg.budget_s
-    ridge = choose_ridge(series, split, cfg.horizon or 1, seasons) if cfg.form in ("auto", "lookback") else None
+    budget_end = start + training_share(cfg.budget_s)
+    ridge = None
+    if cfg.form in ("auto", "lookback"):  # the closed-form fits may take a quarter of the training share
+        ridge = choose_ridge(series, split, cfg.horizon or 1, seasons, start + 0.25 * TRAIN_SHARE * cfg.budget_s)
     if cfg.tune:
         cands = tune(cfg, series, split, seasons, ridge, budget_end)
     else:
@@ -216,13 +232,16 @@ def _fit(c: Candidate, series: Series, split: Split, deadline: float, ridge: Rid
     init = None
     if ridge is not None and c.cfg.form == "lookback" and c.cfg.lookback == ridge.lookback:
         init = (ridge.w, ridge.b)
+    began = time.monotonic()
     try:
         c.result = train(c.cfg, series, split, deadline=deadline, ridge=init)
     except ValueError as e:  # a candidate that does not fit the data (too short for its context) is skipped
         c.note = f"skipped: {e}"
         return
+    finally:
+        c.seconds = time.monotonic() - began
     c.val_mse = c.result.best_val
-    log.info("%s: validation MSE %.4f in %.1f s", c.label, c.val_mse, c.result.seconds)
+    log.info("%s: validation MSE %.4f in %.1f s", c.label, c.val_mse, c.seconds)
 
 
 def tune(
