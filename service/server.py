@@ -27,7 +27,7 @@ from gatecast.v1 import forecaster_pb2
 
 from .metrics import Metrics
 from .repository import Repository, check_repo
-from .servicer import ForecasterServicer, add_to_server
+from .servicer import ForecasterServicer, TolerantDecoding, add_to_server
 from .sessions import SessionTable
 from .settings import Settings
 from .snapshot import Snapshotter
@@ -211,7 +211,8 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a second server on this port must fail, not share it
-        ]
+        ],
+        interceptors=[TolerantDecoding()],  # health and reflection: malformed requests are INVALID_ARGUMENT too
     )
     add_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)  # malformed requests: INVALID_ARGUMENT
     health = HealthServicer()

@@ -92,6 +92,56 @@ def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None
     server.add_registered_method_handlers(capture.name, handlers)
 
 
+class TolerantDecoding(grpc.aio.ServerInterceptor):
+    """Malformed requests to the services gatecast does not write itself (health, reflection) answer
+    INVALID_ARGUMENT like its own, instead of UNKNOWN with a traceback in the log: their deserializers
+    are made tolerant and a malformed request is refused before their code sees it."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = str(details.method)
+        own = f"/{pb.DESCRIPTOR.services_by_name['Forecaster'].full_name}/"
+        if handler is None or method.startswith(own) or handler.request_deserializer is None:
+            return handler
+        tolerant = _tolerant(handler.request_deserializer, method.rsplit("/", 1)[-1] + " request")
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem().message)
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await refuse(request, context)
+                return await inner_uu(request, context)
+
+            return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await refuse(request, context)
+                async for answer in inner_us(request, context):
+                    yield answer
+
+            return handler._replace(request_deserializer=tolerant, unary_stream=unary_stream)
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        await refuse(request, context)
+                        yield request
+
+                async for answer in inner_ss(checked(), context):
+                    yield answer
+
+            return handler._replace(request_deserializer=tolerant, stream_stream=stream_stream)
+        return handler
+
+
 def _release(session: Session, step: asyncio.Future[Output]) -> None:
     """A step's end: the turn passes on, and its error counts as read. A caller that left while waiting
     (asyncio.shield drops its callback) never reads it, and asyncio would log "Future exception was

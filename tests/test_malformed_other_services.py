@@ -1,0 +1,54 @@
+"""Malformed bytes sent to the services gatecast does not write itself (health, reflection) answer
+INVALID_ARGUMENT like its own methods, log no traceback, and leave the server serving."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import DEFAULT_MODEL, RunningServer, server_settings
+
+GARBAGE = b"\\xff\\xff\\x01"
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(DEFAULT_MODEL, Path(repo) / "taylor")
+    srv = RunningServer(server_settings(repo))
+    yield srv.address
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("/grpc.health.v1.Health/Check", "unary"),
+        ("/grpc.health.v1.Health/Watch", "server-stream"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi"),
+    ],
+)
+def test_malformed_request_to_health_and_reflection(
+    address: str, method: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    with grpc.insecure_channel(address) as channel:
+        raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+        with pytest.raises(grpc.RpcError) as e:
+            if kind == "unary":
+                channel.unary_unary(method, **raw)(GARBAGE, timeout=5)
+            elif kind == "server-stream":
+                list(channel.unary_stream(method, **raw)(GARBAGE, timeout=5))
+            else:
+                list(channel.stream_stream(method, **raw)(iter([GARBAGE]), timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert "not a valid" in str(e.value.details())
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert not [r for r in caplog.records if r.exc_info], "a malformed request must not log a traceback"
