@@ -61,6 +61,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float)
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
+        "--forget-bias",
+        type=float,
+        help="initial forget-gate bias (lstm) or update-gate bias (gru), e.g. 1.0 (default 0: torch's init)",
+    )
+    p.add_argument(
         "--relative",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -149,6 +154,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
+    from training.diagnose import CELLS, diagnose_gradients, table
+
+    if args.steps < 2:
+        raise UserError("--steps must be at least 2")
+    if args.forget_bias and args.cell == "rnn":
+        raise UserError("--forget-bias needs a gated cell: a plain RNN has no forget or update gate")
+    cells = [args.cell] if args.cell else list(CELLS)  # with --forget-bias the rnn runs without one, to compare
+    results = diagnose_gradients(
+        cells,
+        args.steps,
+        hidden=args.hidden,
+        seed=args.seed,
+        train_steps=args.train_steps,
+        json_path=args.json,
+        png_path=args.png,
+        forget_bias=args.forget_bias,
+    )
+    print(table(results))
+    for path in (args.json, args.png):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.main import serve
 
@@ -193,6 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="missing-value policy (default: as the model was trained)",
     )
     ev.set_defaults(func=cmd_evaluate)
+
+    diag = sub.add_parser("diagnose", help="diagnostics of the recurrent cells")
+    diag_sub = diag.add_subparsers(dest="diagnostic", required=True)
+    grads = diag_sub.add_parser(
+        "gradients",
+        help="||dLoss/dh_t|| at every step of a long window, at initialisation and after a short training",
+    )
+    grads.add_argument("--cell", choices=["rnn", "lstm", "gru"], help="one cell (default: all three)")
+    grads.add_argument("--steps", type=int, required=True, help="sequence length T")
+    grads.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
+    grads.add_argument("--seed", type=int, default=0)
+    grads.add_argument("--train-steps", type=int, default=200, help="Adam steps of the short training (default 200)")
+    grads.add_argument(
+        "--forget-bias",
+        type=float,
+        default=0.0,
+        help="initial forget (lstm) / update (gru) gate bias (default 0; the rnn, which has no gate, runs as it is)",
+    )
+    grads.add_argument("--json", type=Path, help="write the per-step norms and the fitted decay here")
+    grads.add_argument("--png", type=Path, help="write the plot here")
+    grads.set_defaults(func=cmd_diagnose_gradients)
 
     serve = sub.add_parser("serve", help="run the gRPC server over a model repository")
     serve.add_argument("--settings", type=Path, help="settings file (TOML); GATECAST_* variables override it")

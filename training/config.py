@@ -50,6 +50,11 @@ class TrainConfig(BaseModel):
     layers: int = Field(1, ge=1, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and before the head")
     residual: bool = Field(False, description="residual connections between stacked layers")
+    forget_bias: float = Field(
+        0.0,
+        description="initial forget-gate bias (lstm) or update-gate bias (gru; > 0 keeps the state), e.g. 1.0;"
+        " 0 keeps torch's initialisation; not for rnn",
+    )
     relative: bool = Field(True, description="level form: forecast relative to the last observed value")
     season: int = Field(0, ge=0, description="> 0: seasonal input form with this season (rows)")
     extra_seasons: list[int] = Field(default_factory=list, description="seasonal form: more seasonal differences")
@@ -89,6 +94,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.seasons is not None and any(m < 1 for m in self.seasons):
             raise ValueError("seasons must be positive")
+        if self.forget_bias and self.cell == "rnn" and not self.tune:
+            raise ValueError("forget_bias needs a gated cell (lstm or gru): a plain RNN has no forget gate")
         if self.season and self.lookback:
             raise ValueError("season (seasonal form) and lookback (lookback form) exclude each other")
         if any(not 0 < q < 1 for q in self.quantiles):

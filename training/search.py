@@ -269,7 +269,8 @@ def tune(
     def objective(trial: Any) -> float:
         form = trial.suggest_categorical("form", forms)
         upd: dict[str, Any] = {
-            "cell": trial.suggest_categorical("cell", ["gru", "lstm", "rnn"]),
+            # a forget-gate bias needs a gate: a plain RNN is not tried then
+            "cell": trial.suggest_categorical("cell", ["gru", "lstm"] if cfg.forget_bias else ["gru", "lstm", "rnn"]),
             "hidden_size": trial.suggest_categorical("hidden_size", [16, 32, 64]),
             "lr": trial.suggest_float("lr", 1e-3, 2e-2, log=True),
             "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),

@@ -229,6 +229,7 @@ def model_config(
         horizon=cfg.horizon,
         residual=cfg.residual,
         relative=cfg.relative,
+        forget_bias=cfg.forget_bias,
         season=cfg.season,
         extra_seasons=list(cfg.extra_seasons),
         level_input=cfg.level_input and not series_scale,
