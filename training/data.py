@@ -780,7 +780,7 @@ def split_rows(
     test_start: str | None = None,
 ) -> Split:
     """Chronological split by fractions, or by explicit start timestamps (row indexes with a time index)
-    of validation and test."""
+    of validation and test. `test_fraction` 0 keeps no test split: validation is then the last rows."""
     n = series.rows
     if n < context + horizon:
         raise DataError(f"{series.path}: the series has {n} rows, shorter than context + horizon = {context + horizon}")
@@ -790,7 +790,7 @@ def split_rows(
         train_end = _row_at(series, val_start)
         val_end = _row_at(series, test_start)
     else:
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise DataError(f"split fractions must be in (0, 1) and sum below 1: {val_fraction}, {test_fraction}")
         val_end = int(n * (1 - test_fraction))
         train_end = int(n * (1 - test_fraction - val_fraction))
@@ -799,7 +799,9 @@ def split_rows(
             f"{series.path}: the training split has {train_end} rows; it needs at least "
             f"context + horizon = {context + horizon}"
         )
-    if val_end - train_end < horizon or n - val_end < horizon:
+    # test_fraction 0 keeps no test split (training for production once the evaluation is done)
+    no_test = test_fraction == 0 and test_start is None
+    if val_end - train_end < horizon or (n - val_end < horizon and not no_test):
         raise DataError(
             f"{series.path}: validation ({val_end - train_end} rows) and test ({n - val_end} rows) "
             f"must each hold at least one horizon ({horizon} rows); lower --horizon or raise --val-fraction / "

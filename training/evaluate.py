@@ -14,10 +14,9 @@ import onnxruntime as ort
 
 from gatecast.manifest import Evaluation, Manifest
 
-from .data import DataError, FillPolicy, Series, Split, load_panel, load_series
+from .data import DataError, FillPolicy, Series, Split, load_panel, load_series, split_rows
 from .detect import default_eval_stride
 from .scoring import coverage, evaluate, format_table, pooled_evaluation
-from .splits import resolve_split
 
 
 class OnnxPredictor:
@@ -74,7 +73,7 @@ def evaluate_model_dir(
     h, context = manifest.horizon, manifest.context_length
 
     def split_of(s: Series) -> Split:
-        return resolve_split(s, context, h, val_fraction, test_fraction, val_start, test_start)
+        return split_rows(s, context, h, val_fraction, test_fraction, val_start, test_start)
 
     if manifest.series_column:  # a global model: every series of the long-format file, as in training
         panel = load_panel(

@@ -302,7 +302,3 @@ class Forecaster(nn.Module):
             miss = (y_true.unsqueeze(-1) - out.q) / scale.unsqueeze(-1)  # [B, H, T, Q]
             loss = loss + torch.maximum(levels * miss, (levels - 1) * miss).mean()
         return loss
-
-    def scaled_error(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        """L1 error in standardised units."""
-        return ((y_pred - y_true).abs() / self.target_scale()).mean()

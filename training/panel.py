@@ -22,13 +22,12 @@ import torch
 from gatecast.manifest import DataFingerprint
 
 from .config import TrainConfig
-from .data import DataError, Series, Split, load_panel, origins
+from .data import DataError, Series, Split, load_panel, origins, split_rows
 from .detect import find_seasons
 from .model import Forecaster
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
 from .scoring import format_table, pooled_evaluation
 from .search import lookback_sizes, ridge_search, training_share
-from .splits import resolve_split
 from .train import fit, model_config, predict
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     left_out: list[str] = []
     for s in panel.series:
         try:
-            sp = resolve_split(s, horizon, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
+            sp = split_rows(s, horizon, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
         except DataError as e:
             left_out.append(f"series {s.series_id} left out: {e}")
             continue

@@ -25,13 +25,12 @@ from gatecast.manifest import (
 )
 
 from .config import TrainConfig
-from .data import DataError, Series, Split, load_series
+from .data import DataError, Series, Split, load_series, split_rows
 from .detect import default_eval_stride, find_seasons
 from .export import OPSET, discard, export_onnx, publish, staging_dir, state_specs, verify
 from .model import Forecaster
 from .scoring import coverage, evaluate, format_table
 from .search import Candidate, choose
-from .splits import resolve_split
 from .train import Fitted, predict_all
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def plot_forecasts(
 
 
 def _split(cfg: TrainConfig, series: Series, context: int, horizon: int) -> Split:
-    return resolve_split(series, context, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
+    return split_rows(series, context, horizon, cfg.val_fraction, cfg.test_fraction, cfg.val_start, cfg.test_start)
 
 
 @dataclass

@@ -21,7 +21,6 @@ import numpy as np
 
 from .config import TrainConfig
 from .data import Series, Split, origins
-from .scoring import naive, seasonal_naive
 from .train import TrainResult, default_stride, ridge_fit, ridge_predict, train
 
 log = logging.getLogger(__name__)
@@ -51,21 +50,6 @@ class RidgeChoice:
 
 def _zmse(pred: np.ndarray, truth: np.ndarray, std: np.ndarray) -> float:
     return float((((pred - truth) / std) ** 2).mean())
-
-
-def validation_baselines(
-    series: Series, split: Split, horizon: int, seasons: list[int], context: int
-) -> dict[str, float]:
-    """MSE in standardised units of naive and each seasonal naive on the validation origins."""
-    values, n_t = series.values, len(series.targets)
-    std = values[: split.train_end, :n_t].std(axis=0) + 1e-12
-    at = origins(split.train_end, split.val_end, max(context, *seasons, 1), horizon)
-    at = at[:: default_stride(at.size, 20000)]
-    truth = values[at[:, None] + np.arange(horizon)[None, :]][:, :, :n_t]
-    out = {"naive": _zmse(naive(values, at, horizon, n_t), truth, std)}
-    for m in seasons:
-        out[f"seasonal_naive_{m}"] = _zmse(seasonal_naive(values, at, horizon, n_t, m), truth, std)
-    return out
 
 
 def _truth(

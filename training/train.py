@@ -130,12 +130,9 @@ def predict_all(model: Forecaster, x: np.ndarray, batch: int = 512) -> tuple[np.
 
 
 @torch.no_grad()
-def _val_loss(model: Forecaster, source: WindowSource | torch.Tensor, y: torch.Tensor | None = None) -> float:
-    """The mean squared error in standardised units over the validation windows."""
+def _val_loss(model: Forecaster, source: WindowSource) -> float:
+    """The mean squared error in standardised units (or each window's own unit) over the windows."""
     model.eval()
-    if isinstance(source, torch.Tensor):
-        assert y is not None
-        return float((((forward_window(model, source) - y) / model.target_scale()) ** 2).mean())
     total, n = 0.0, 0
     for idx in torch.arange(len(source)).split(512):
         xb, yb = source.batch(idx)
