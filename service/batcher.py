@@ -159,12 +159,12 @@ class Batcher:
         if not xs:
             return []
         rows = sum(int(x.shape[0]) for x in xs)
-        name = f"{self.runtime.manifest.name} v{self.runtime.manifest.version}"
         self.check_request_rows(rows)
         if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
             self._m_rejected.inc()
             raise ResourceExhausted(
-                f"batch queue full for {name} ({self._rows} rows of {self._n_flows} request(s) waiting; "
+                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
+                f"({self._rows} rows of {self._n_flows} request(s) waiting; "
                 f"bounds {self.max_queue_rows} rows, {self.max_queue_size} requests); retry with backoff"
             )
         loop = asyncio.get_running_loop()

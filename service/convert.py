@@ -40,7 +40,7 @@ def to_matrix(y: np.ndarray) -> pb.Matrix:
 def to_quantile_matrix(q: np.ndarray) -> pb.Matrix:
     """q [horizon, targets, quantiles] as rows = horizon, cols = targets * quantiles, target-major."""
     h, t, n = q.shape
-    return pb.Matrix(rows=h, cols=t * n, values=q.reshape(h, t * n).ravel().tolist())
+    return pb.Matrix(rows=h, cols=t * n, values=q.ravel().tolist())
 
 
 def quote(text: str, limit: int = 64) -> str:

@@ -98,7 +98,6 @@ def check_outputs(rt: ModelRuntime) -> None:
     quantiles] when the manifest names one. Raises ModelLoadError on the first mismatch."""
     m = rt.manifest
     where = f"{rt.path / m.onnx.file}"
-    graph_outputs = [o.name for o in rt.session.get_outputs()]
     expected: list[tuple[str, tuple[int, ...], str]] = [
         (m.onnx.output, (2, m.horizon, m.n_targets), f"[batch, horizon {m.horizon}, targets {m.n_targets}]")
     ]
@@ -111,11 +110,6 @@ def check_outputs(rt: ModelRuntime) -> None:
                 (2, m.horizon, m.n_targets, q),
                 f"[batch, horizon {m.horizon}, targets {m.n_targets}, quantiles {q}]",
             )
-        )
-    missing = [name for name, _, _ in expected if name not in graph_outputs]
-    if missing:
-        raise ModelLoadError(
-            f"{where}: the manifest names outputs {missing} that the graph lacks (it has {graph_outputs})"
         )
     x = np.tile(np.asarray(m.scaler.mean, np.float32), (2, 3, 1))
     feed = {m.onnx.input: x}
@@ -136,7 +130,6 @@ class Repository:
         self.settings = settings
         self.metrics = metrics
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        self._folders: dict[tuple[str, int], Path] = {}  # where each loaded version came from
         self._retiring: list[ModelVersion] = []  # deleted from disk; unloaded when their last session ends
         # folder -> (its signature when loading failed, monotonic time of the next retry, backoff, error)
         self._failed: dict[Path, tuple[object, float, float, str]] = {}
@@ -220,7 +213,6 @@ class Repository:
         if same:
             self._retiring.remove(old)
             self._models.setdefault(name, {})[version] = old
-            self._folders[(name, version)] = folder
             log.info("%s v%d is back on disk with the same graph: served again", name, version)
         return True
 
@@ -229,8 +221,7 @@ class Repository:
             for version, mv in list(versions.items()):
                 if (name, version) in on_disk:
                     continue
-                folder = self._folders.get((name, version))
-                if folder is not None and folder.is_dir():
+                if mv.runtime.path.is_dir():
                     continue  # its manifest is being replaced: not deleted
                 del versions[version]
                 if not versions:
@@ -247,7 +238,6 @@ class Repository:
         idle = [mv for mv in self._retiring if mv.pool.used == 0]
         for mv in idle:
             self._retiring.remove(mv)
-            self._folders.pop((mv.name, mv.version), None)
             await mv.batcher.close()
             labels = (mv.name, str(mv.version), mv.runtime.provider)
             with contextlib.suppress(KeyError):
@@ -261,7 +251,6 @@ class Repository:
         batcher.start()
         m = runtime.manifest
         self._models.setdefault(m.name, {})[m.version] = ModelVersion(runtime, pool, batcher)
-        self._folders[(m.name, m.version)] = folder
         self.metrics.model_loaded.labels(m.name, str(m.version), runtime.provider).set(1)
         log.info(
             "serving %s v%d (%s %dx%d, context %d, horizon %d) on %s; default version now %d",

@@ -97,11 +97,23 @@ class TolerantDecoding(grpc.aio.ServerInterceptor):
     INVALID_ARGUMENT like its own, instead of UNKNOWN with a traceback in the log: their deserializers
     are made tolerant and a malformed request is refused before their code sees it."""
 
+    _OWN = f"/{pb.DESCRIPTOR.services_by_name['Forecaster'].full_name}/"  # decoded by add_to_server already
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}  # method -> its tolerant handler, built once
+
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
         method = str(details.method)
-        own = f"/{pb.DESCRIPTOR.services_by_name['Forecaster'].full_name}/"
-        if handler is None or method.startswith(own) or handler.request_deserializer is None:
+        if method.startswith(self._OWN):
+            return await continuation(details)
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method, await continuation(details))
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, handler: Any) -> Any:
+        if handler is None or handler.request_deserializer is None:
             return handler
         tolerant = _tolerant(handler.request_deserializer, method.rsplit("/", 1)[-1] + " request")
 
