@@ -9,10 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-from training.config import build_config
-from training.pipeline import prepare
-from training.scoring import evaluate
-from training.train import predict, train
+from gatecast.training.config import build_config
+from gatecast.training.pipeline import prepare
+from gatecast.training.scoring import evaluate
+from gatecast.training.train import predict, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -48,9 +48,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.load import start_server
+from gatecast.service.snapshot import read_file
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.snapshot import read_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "taylor_halfhourly.csv"

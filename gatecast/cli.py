@@ -124,8 +124,8 @@ def _floats(text: str) -> list[float]:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None and not args.data.is_file():  # said before torch is imported (seconds)
         raise UserError(f"{args.data}: no such file")
-    from training.config import TrainConfig, build_config
-    from training.pipeline import run
+    from gatecast.training.config import TrainConfig, build_config
+    from gatecast.training.pipeline import run
 
     overrides: dict[str, Any] = {k: getattr(args, k) for k in TrainConfig.model_fields if hasattr(args, k)}
     published = run(build_config(args.config, overrides), started=args.started)
@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_model_dir
+    from gatecast.training.evaluate import evaluate_model_dir
 
     _, table = evaluate_model_dir(
         args.model_dir,
@@ -155,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
-    from training.diagnose import CELLS, diagnose_gradients, table
+    from gatecast.training.diagnose import CELLS, diagnose_gradients, table
 
     if args.steps < 2:
         raise UserError("--steps must be at least 2")
@@ -180,13 +180,13 @@ def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.main import serve
+    from gatecast.service.main import serve
 
     return serve(args.settings, repo=args.repo, port=args.port, metrics_port=args.metrics_port, host=args.host)
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from service.client import forecast_cli
+    from gatecast.service.client import forecast_cli
 
     return forecast_cli(args)
 

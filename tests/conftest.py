@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
+from gatecast.service.server import App, create_server
+from gatecast.service.settings import Settings, load_settings
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.server import App, create_server
-from service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TAYLOR = ROOT / "data" / "taylor_halfhourly.csv"
@@ -22,7 +22,7 @@ DEFAULT_MODEL = ROOT / "models" / "taylor"
 
 
 def tiny_config(tmp: Path, **kw: object):  # type: ignore[no-untyped-def]
-    from training.config import build_config
+    from gatecast.training.config import build_config
 
     base = dict(
         data=TAYLOR,
@@ -51,7 +51,7 @@ def tiny_config(tmp: Path, **kw: object):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with the committed default model and a tiny seasonal LSTM (state h, c and s)."""
-    from training.pipeline import run
+    from gatecast.training.pipeline import run
 
     repo = tmp_path_factory.mktemp("repo")
     shutil.copytree(DEFAULT_MODEL, repo / "taylor")

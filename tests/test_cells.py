@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.model import CellName, Forecaster, ModelConfig
+from gatecast.training.model import CellName, Forecaster, ModelConfig
 
 
 def _layer(cell: CellName) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -9,10 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import build_config
-from training.data import DataError, detect_series_column, load_panel, load_series, origins, split_rows, windows
-from training.detect import calendar_candidates, default_eval_stride, find_seasons, season_scores
-from training.scoring import naive, seasonal_naive
+from gatecast.training.config import build_config
+from gatecast.training.data import (
+    DataError,
+    detect_series_column,
+    load_panel,
+    load_series,
+    origins,
+    split_rows,
+    windows,
+)
+from gatecast.training.detect import calendar_candidates, default_eval_stride, find_seasons, season_scores
+from gatecast.training.scoring import naive, seasonal_naive
 
 
 def _csv(tmp_path: Path, text: str) -> Path:

@@ -37,10 +37,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gatecast.service.runtime import ModelRuntime
+from gatecast.service.settings import Settings
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.runtime import ModelRuntime
-from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, RunningServer, array, matrix, server_settings, taylor_values
 
 METHOD = "/gatecast.v1.Forecaster/"

@@ -92,7 +92,7 @@ def test_global_model_over_grpc_forecast_and_session(global_model: Path) -> None
 
 
 def test_evaluate_reproduces_the_global_models_scores(global_model: Path) -> None:
-    from training.evaluate import evaluate_model_dir
+    from gatecast.training.evaluate import evaluate_model_dir
 
     m = Manifest.read(global_model)
     evaluation, table = evaluate_model_dir(global_model, global_model.parent.parent.parent / "regions.csv")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from gatecast.cli import main
-from training.config import build_config
-from training.data import DataError
-from training.diagnose import decay_per_step, diagnose_gradients
-from training.export import export_onnx, verify
-from training.model import CellName, Forecaster, ModelConfig
+from gatecast.training.config import build_config
+from gatecast.training.data import DataError
+from gatecast.training.diagnose import decay_per_step, diagnose_gradients
+from gatecast.training.export import export_onnx, verify
+from gatecast.training.model import CellName, Forecaster, ModelConfig
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

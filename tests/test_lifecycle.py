@@ -19,9 +19,9 @@ import pytest
 
 from benchmarks.load import start_server
 from gatecast.cli import main
+from gatecast.service.settings import SettingsError, load_settings
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.settings import SettingsError, load_settings
 from tests.conftest import DEFAULT_MODEL, ROOT, TAYLOR, RunningServer, array, matrix, server_settings, taylor_values
 from tests.test_reliability_engine import RuntimeDouble
 from tests.test_server import metric
@@ -176,7 +176,10 @@ def test_sigterm_finishes_in_flight_work_and_exits(model_repo: Path, tmp_path: P
 
 
 def test_service_never_imports_torch() -> None:
-    code = "import sys, service.main, service.server, service.client, gatecast.cli; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, gatecast.service.main, gatecast.service.server, gatecast.service.client, gatecast.cli; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -283,7 +286,7 @@ def test_start_up_problems_are_one_line_and_a_non_zero_exit(
 
 
 def test_unreadable_repository_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.repository import check_repo
+    from gatecast.service.repository import check_repo
 
     repo = _taylor_repo(tmp_path)
     check_repo(repo)

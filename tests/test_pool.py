@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gatecast.manifest import StateSpec
-from service.errors import ResourceExhausted
-from service.pool import StatePool
+from gatecast.service.errors import ResourceExhausted
+from gatecast.service.pool import StatePool
 
 SPECS = [StateSpec(input="h0", output="hn", dims=(2, 3)), StateSpec(input="c0", output="cn", dims=(2, 3))]
 

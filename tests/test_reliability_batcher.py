@@ -18,10 +18,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gatecast.manifest import StateSpec
-from service.batcher import Batcher, Output
-from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from service.metrics import Metrics
-from service.pool import StatePool
+from gatecast.service.batcher import Batcher, Output
+from gatecast.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from gatecast.service.metrics import Metrics
+from gatecast.service.pool import StatePool
 
 POISON = -1.0  # a row holding this value makes its run fail
 

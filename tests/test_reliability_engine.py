@@ -22,10 +22,10 @@ import onnxruntime as ort
 import pytest
 
 from gatecast.manifest import Manifest
+from gatecast.service.repository import ModelVersion
+from gatecast.service.sessions import Session
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.repository import ModelVersion
-from service.sessions import Session
 from tests.conftest import DEFAULT_MODEL, RunningServer, array, matrix, server_settings, taylor_values
 
 RTOL = 1e-4

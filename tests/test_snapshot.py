@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.load import start_server
-from gatecast.v1 import forecaster_pb2 as pb
-from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
-from service.snapshot import (
+from gatecast.service.snapshot import (
     SessionRecord,
     SnapshotError,
     decode_session,
@@ -28,6 +26,8 @@ from service.snapshot import (
     read_file,
     write_file,
 )
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, array, matrix, server_settings, taylor_values
 
 
@@ -257,7 +257,7 @@ def test_sessions_of_a_version_no_longer_served_are_dropped_and_their_snapshot_k
 
 
 def test_one_session_moves_to_another_server_as_a_blob(tmp_path: Path) -> None:
-    from service.snapshot import export_session, restore_session
+    from gatecast.service.snapshot import export_session, restore_session
 
     async def on_loop(f):  # type: ignore[no-untyped-def]
         return f()

@@ -14,10 +14,10 @@ import pytest
 
 from gatecast.cli import main
 from gatecast.manifest import Manifest
+from gatecast.training.evaluate import evaluate_model_dir
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import TAYLOR, RunningServer, array, matrix, server_settings
-from training.evaluate import evaluate_model_dir
 
 QUICK = ["--budget-s", "12", "--no-progress", "--threads", "1", "--plot-windows", "1", "--max-train-windows", "600"]
 

@@ -12,11 +12,11 @@ import torch
 
 from gatecast.cli import main
 from gatecast.manifest import Manifest
+from gatecast.training.evaluate import evaluate_model_dir
+from gatecast.training.export import ExportError, export_onnx, verify
+from gatecast.training.model import CellName, Forecaster, ModelConfig
+from gatecast.training.pipeline import run
 from tests.conftest import TAYLOR, tiny_config
-from training.evaluate import evaluate_model_dir
-from training.export import ExportError, export_onnx, verify
-from training.model import CellName, Forecaster, ModelConfig
-from training.pipeline import run
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -195,7 +195,7 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("clip", [{"clip_value": 1e-12, "clip_norm": None}, {"clip_norm": 1e-12}])
 def test_gradient_clipping_is_applied(tmp_path: Path, clip: dict[str, float | None]) -> None:
-    from training.train import seed_everything, train
+    from gatecast.training.train import seed_everything, train
 
     seed_everything(0)
     start = _weights(Forecaster(ModelConfig(cell="gru", hidden_size=8, horizon=12)))
@@ -209,15 +209,15 @@ def test_gradient_clipping_is_applied(tmp_path: Path, clip: dict[str, float | No
 
 @pytest.mark.parametrize(("schedule", "changes"), [("none", False), ("cosine", True), ("plateau", False)])
 def test_learning_rate_schedule(tmp_path: Path, schedule: str, changes: bool) -> None:
-    from training.train import train
+    from gatecast.training.train import train
 
     result = train(tiny_config(tmp_path, schedule=schedule, max_epochs=2, lr=1e-3))
     assert (result.lrs[-1] != 1e-3) == changes
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
-    from training.data import origins, windows
-    from training.train import predict, train
+    from gatecast.training.data import origins, windows
+    from gatecast.training.train import predict, train
 
     result = train(tiny_config(tmp_path, max_epochs=8, patience=2, lr=0.3, clip_norm=None, schedule="none"))
     vals = [result.initial_val] + [v for _, v in result.history]  # epoch 0: the untrained model
@@ -232,7 +232,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("recent", [0, 3])
 def test_fast_seasonal_window_is_the_same_computation(cell: CellName, recent: int) -> None:
-    from training.train import forward_window
+    from gatecast.training.train import forward_window
 
     torch.manual_seed(0)
     model = Forecaster(
@@ -265,7 +265,7 @@ def test_export_leaves_a_dropout_model_in_eval_mode(tmp_path: Path) -> None:
 def test_seasonal_form_reaches_past_the_season_at_the_same_phase() -> None:
     """Horizon 10 with season 4: with the network's correction at zero, step k ahead repeats the value at the
     same phase of the most recent observed season, i.e. the seasonal-naive forecast, for k beyond S too."""
-    from training.scoring import seasonal_naive
+    from gatecast.training.scoring import seasonal_naive
 
     model = Forecaster(ModelConfig(cell="gru", hidden_size=4, horizon=10, season=4, extra_seasons=[6]))
     torch.nn.init.zeros_(model.head.weight)
