@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     repo: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/")
     host: str = "127.0.0.1"
     port: int = Field(8500, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    metrics_port: int | None = Field(9100, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
+    metrics_port: int | None = Field(8510, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
     repo_poll_s: float = Field(5.0, gt=0, description="how often the repository is rescanned")
     # runtime
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
