@@ -18,7 +18,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +44,7 @@ class Session:
     id: str
     mv: ModelVersion  # the version it opened on: its runtime, batcher and state pool
     slot: int
+    owner: str | None = None  # the identity that opened it (security, issue 8): only it reaches the session
     last_seq: int = 0
     steps: int = 0  # rows applied
     forecast: np.ndarray | None = None  # answer to last_seq
@@ -137,30 +138,44 @@ class Session:
 class SessionTable:
     """All live sessions of the server, keyed by id; slots come from each model version's pool."""
 
-    def __init__(self, metrics: Metrics, idle_s: float) -> None:
+    def __init__(self, metrics: Metrics, idle_s: float, max_per_owner: int | None = None) -> None:
         self._sessions: dict[str, Session] = {}
         self._metrics = metrics
         self.idle_s = idle_s
+        # security (issue 8, docs/readme/security.md): live sessions per owner identity, so one client cannot
+        # take every slot; kept by open/restore/_remove, checked in open. Keep it in any rework of the table.
+        self.max_per_owner = max_per_owner
+        self._owned: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, mv: ModelVersion) -> Session:
+    def open(self, mv: ModelVersion, owner: str | None = None) -> Session:
         labels = (mv.name, str(mv.version))
+        if owner is not None and self.max_per_owner is not None and self._owned[owner] >= self.max_per_owner:
+            self._metrics.sessions_rejected.labels(*labels).inc()
+            raise ResourceExhausted(
+                f"{owner} holds {self._owned[owner]} live session(s), the most one client identity may hold "
+                f"(max_sessions_per_identity / GATECAST_MAX_SESSIONS_PER_IDENTITY = {self.max_per_owner}); "
+                "close one or let it expire"
+            )
         try:
             slot = mv.pool.acquire()
         except ResourceExhausted:
             self._metrics.sessions_rejected.labels(*labels).inc()
             raise
-        session = Session(id=secrets.token_hex(16), mv=mv, slot=slot)
+        session = Session(id=secrets.token_hex(16), mv=mv, slot=slot, owner=owner)
         self._sessions[session.id] = session
+        if owner is not None:
+            self._owned[owner] += 1
         self._metrics.sessions_opened.labels(*labels).inc()
         self._metrics.live_sessions.labels(*labels).inc()
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """Another identity's session is answered like a missing one (NOT_FOUND): its existence does not leak."""
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or (session.owner is not None and session.owner != owner):
             raise NotFound(
                 f"session {session_id!r} not found: it was closed, expired after {self.idle_s:.0f} s idle, "
                 "or never existed; open a new one"
@@ -171,6 +186,10 @@ class SessionTable:
         if self._sessions.pop(session.id, None) is None:
             return
         session.closed = True
+        if session.owner is not None:
+            self._owned[session.owner] -= 1
+            if not self._owned[session.owner]:
+                del self._owned[session.owner]
         pool, slot = session.mv.pool, session.slot
         if session.busy:  # a step may still write the slot: free it when the session's turn is let go
             session._free_slot = lambda: pool.release(slot)
@@ -178,8 +197,8 @@ class SessionTable:
             pool.release(slot)
         self._metrics.live_sessions.labels(session.model, str(session.version)).dec()
 
-    async def close(self, session_id: str) -> Session:
-        session = self.get(session_id)
+    async def close(self, session_id: str, owner: str | None = None) -> Session:
+        session = self.get(session_id, owner)
         await session.take()  # let an in-flight step finish before the slot is freed
         try:
             if session.closed:
@@ -210,14 +229,16 @@ class SessionTable:
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray]) -> Session:
+    def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray], owner: str | None = None) -> Session:
         """Re-creates a saved session with its state tensors ([dims0, dims1] each, in manifest order); the
         caller sets its sequence bookkeeping. Raises ValueError if the id is live, ResourceExhausted if full."""
         if session_id in self._sessions:
             raise ValueError(f"session {session_id} is already live")
         slot = mv.pool.acquire()
         mv.pool.scatter(np.array([slot], dtype=np.int64), [a[:, None, :] for a in states])
-        session = Session(id=session_id, mv=mv, slot=slot)
+        session = Session(id=session_id, mv=mv, slot=slot, owner=owner)  # snapshots do not keep owners yet
         self._sessions[session_id] = session
+        if owner is not None:
+            self._owned[owner] += 1
         self._metrics.live_sessions.labels(mv.name, str(mv.version)).inc()
         return session
