@@ -18,7 +18,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 FORMAT_VERSION = 1
 
-Cell = Literal["lstm", "gru", "rnn"]
+Cell = Literal["lstm", "gru", "rnn", "plstm"]  # plstm: the peephole LSTM (an ONNX LSTM node with input P)
 InputForm = Literal["level", "seasonal", "lookback"]
 
 

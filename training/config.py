@@ -23,24 +23,34 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # data
-    data: Path | None = Field(None, description="CSV or Parquet file with a time column and value columns")
+    data: Path | None = Field(
+        None,
+        description="CSV or Parquet file with a time column and value columns"
+        " (default: none, required here or in the config)",
+    )
     time_column: str | None = Field(None, description="the time column (default: the first column of timestamps)")
     time_index: bool = Field(False, description="the time column is an integer row index, one step per row")
     targets: list[str] | None = Field(None, description="target columns (default: the only numeric column)")
     covariates: list[str] = Field(default_factory=list, description="input-only columns known up to the present")
     series_column: str | None = Field(
-        None, description="long format: the column naming each series; one global model is trained over all"
+        None,
+        description="long format: the column naming each series; one global model is trained over all"
+        " (default: none, wide format)",
     )
     fill: FillPolicy = Field("error", description="missing values: error, ffill, interpolate or zero")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of rows in the validation split")
     test_fraction: float = Field(
         0.15, ge=0, lt=1, description="share of rows in the test split; 0 trains on everything (production)"
     )
-    val_start: str | None = Field(None, description="first timestamp (or row) of the validation split")
-    test_start: str | None = Field(None, description="first timestamp (or row) of the test split")
+    val_start: str | None = Field(
+        None, description="first timestamp (or row) of the validation split (default: from val_fraction)"
+    )
+    test_start: str | None = Field(
+        None, description="first timestamp (or row) of the test split (default: from test_fraction)"
+    )
     # windows
     context: int | None = Field(None, ge=1, description="window length in rows (default: what the form needs)")
-    horizon: int | None = Field(None, ge=1, description="rows forecast (required)")
+    horizon: int | None = Field(None, ge=1, description="rows forecast (required: no default)")
     train_stride: int | None = Field(None, ge=1, description="rows between training windows (default: from size)")
     # model
     form: InputFormName = Field("auto", description="input form; auto compares them on validation")
@@ -71,13 +81,22 @@ class TrainConfig(BaseModel):
     max_epochs: int = Field(30, ge=1, description="epoch limit per candidate")
     patience: int = Field(6, ge=1, description="epochs without validation improvement before stopping")
     clip_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this")
-    clip_value: float | None = Field(None, gt=0, description="clip each gradient value to this")
+    clip_value: float | None = Field(None, gt=0, description="clip each gradient value to this (default: none)")
+    tbptt: int = Field(
+        0,
+        ge=0,
+        description="truncated BPTT: train through the training split in consecutive chunks of this many rows,"
+        " the state carried (detached) from chunk to chunk as in a session; 0: independent windows",
+    )
+    tbptt_streams: int = Field(
+        16, ge=1, description="truncated BPTT: parallel streams (one batch), each walking its own stretch of the split"
+    )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="> 0: keep an EMA of the weights, validate and export it")
     seed: int = Field(0, description="random seed")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
     budget_s: float = Field(120.0, gt=0, description="wall-clock seconds for choosing and training the model")
     tune: int = Field(0, ge=0, description="Optuna trials over the search space (0: the fixed candidates)")
-    max_train_windows: int = Field(4000, ge=1, description="default train stride keeps about this many windows")
+    max_train_windows: int = Field(4000, ge=1, description="the default train stride keeps about this many windows")
     max_val_windows: int = Field(1000, ge=1, description="validation windows scored after each epoch (evenly spread)")
     # evaluation
     eval_stride: int | None = Field(None, ge=1, description="rows between test origins (default: from the data)")

@@ -31,8 +31,11 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-CellName = Literal["lstm", "gru", "rnn"]
-_CELLS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+from .peephole import PeepholeLSTM
+
+# plstm: an LSTM whose gates also see the cell state (peepholes); it exports as ONNX's LSTM with input P
+CellName = Literal["lstm", "gru", "rnn", "plstm"]
+_CELLS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "plstm": PeepholeLSTM}
 
 
 @dataclass
@@ -182,7 +185,8 @@ class Forecaster(nn.Module):
 
     @property
     def is_lstm(self) -> bool:
-        return self.cfg.cell == "lstm"
+        """The cell carries a cell state c beside h."""
+        return self.cfg.cell in ("lstm", "plstm")
 
     def zero_state(self, batch: int) -> tuple[Tensor | None, ...]:
         """(h, c, s, m) from nothing seen; c, s and m are None where the model has no such state."""

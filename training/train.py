@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import Series, Split, fit_scaler, origins
+from .data import DataError, Series, Split, fit_scaler, origins
 from .model import Forecaster, ModelConfig, SeriesScale
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,49 @@ class WindowSource:
 
     def units(self, idx: torch.Tensor) -> torch.Tensor | None:
         return None if self.unit is None else self.unit[idx][:, None, :]  # [B, 1, targets]
+
+
+class StreamSource:
+    """Truncated BPTT: rows [0, end) as `streams` parallel streams, each a consecutive stretch of the series
+    walked in chunks of `chunk` rows; a chunk's target is the `horizon` rows after it. Each epoch shifts
+    every chunk boundary by one random offset below `chunk`, so the boundaries are not always the same rows."""
+
+    def __init__(self, values: np.ndarray, end: int, chunk: int, horizon: int, n_targets: int, streams: int) -> None:
+        self.values = torch.from_numpy(np.ascontiguousarray(values[:end], dtype=np.float32))
+        self.chunk, self.horizon, self.n_targets = chunk, horizon, n_targets
+        self.stretch = (end - horizon - chunk) // streams  # rows each stream walks, whatever the offset
+        self.streams = streams
+        if self.stretch < chunk:
+            raise DataError(
+                f"tbptt {chunk} with {streams} streams needs at least {(streams + 1) * chunk + horizon} training rows,"
+                f" the split has {end}: lower --tbptt or --tbptt-streams"
+            )
+
+    @property
+    def chunks(self) -> int:
+        """Optimisation steps per epoch."""
+        return self.stretch // self.chunk
+
+    def epoch(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """x [streams, chunk, features] and y [streams, horizon, targets] for each chunk in turn."""
+        offset = int(torch.randint(self.chunk, (1,), generator=gen))
+        starts = offset + self.stretch * torch.arange(self.streams)
+        ix, iy = torch.arange(self.chunk), torch.arange(self.horizon)
+        for k in range(self.chunks):
+            at = starts + k * self.chunk  # [streams]: the first row of each stream's chunk
+            x = self.values[at[:, None] + ix[None, :]]
+            y = self.values[at[:, None] + self.chunk + iy[None, :]][:, :, : self.n_targets]
+            yield x, y
+
+
+def tbptt_chunk(
+    model: Forecaster, state: tuple[torch.Tensor | None, ...], x: torch.Tensor, y: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """One chunk from the carried state (h, c, s, m): its loss, and the new state detached, so the next
+    chunk starts where this one ended but its gradient stops here."""
+    out = model(x, *state)
+    new = tuple(None if t is None else t.detach() for t in (out.h, out.c, out.s, out.m))
+    return model.loss(out, y, kind), new
 
 
 def forward_window(model: Forecaster, x: torch.Tensor) -> torch.Tensor:
@@ -309,11 +353,18 @@ def fit(
     log.info("windows: %d train (stride %d), %d validation", len(tr), stride, len(va))
     if model.qbias is not None:
         _init_quantiles(model, tr)
+    streams = None
+    if cfg.tbptt:
+        if train_unit is not None:
+            raise DataError("tbptt walks one series from start to end; the global model (series_column) has many")
+        end = int(train_at[-1]) + horizon
+        streams = StreamSource(values, end, cfg.tbptt, horizon, n_t, cfg.tbptt_streams)
+        log.info("truncated BPTT: %d streams of %d rows in chunks of %d", cfg.tbptt_streams, streams.stretch, cfg.tbptt)
 
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    steps_per_epoch = (len(tr) + cfg.batch_size - 1) // cfg.batch_size
+    steps_per_epoch = streams.chunks if streams else (len(tr) + cfg.batch_size - 1) // cfg.batch_size
     # build only the schedule asked for: OneCycleLR rewrites the optimizer's lr as soon as it exists
     cosine = (
         torch.optim.lr_scheduler.OneCycleLR(
@@ -351,9 +402,7 @@ def fit(
     for epoch in bar:
         model.train()
         total, norms, done = 0.0, [], 0
-        for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
-            xb, yb = tr.batch(idx)
-            loss = model.loss(forward_window_out(model, xb), yb, cfg.loss, tr.units(idx))
+        for loss, n in _steps(cfg, model, tr, streams, gen):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
@@ -366,8 +415,8 @@ def fit(
                 ema.update_parameters(model)
             if cosine is not None:
                 cosine.step()
-            total += float(loss.detach()) * len(idx)
-            done += len(idx)
+            total += float(loss.detach()) * n
+            done += n
             if deadline is not None and time.monotonic() > deadline:
                 break  # the budget ends mid-epoch: validate what there is and stop
         train_loss = total / max(done, 1)
@@ -399,6 +448,22 @@ def fit(
         grad_norms=grad_norms,
         initial_val=initial_val,
     )
+
+
+def _steps(
+    cfg: TrainConfig, model: Forecaster, tr: WindowSource, streams: StreamSource | None, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """One epoch's losses, one per optimisation step, and the forecasts each covers: shuffled windows from
+    a zero state, or (truncated BPTT) the streams' chunks in order with the state carried between them."""
+    if streams is None:
+        for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
+            xb, yb = tr.batch(idx)
+            yield model.loss(forward_window_out(model, xb), yb, cfg.loss, tr.units(idx)), len(idx)
+        return
+    state = model.zero_state(streams.streams)
+    for xb, yb in streams.epoch(gen):
+        loss, state = tbptt_chunk(model, state, xb, yb, cfg.loss)
+        yield loss, streams.streams
 
 
 @torch.no_grad()
