@@ -4,7 +4,10 @@ a grpc.aio server bound to its port (0 picks one; the bound port is read back).
 Start-up problems a person can fix (a port in use, a missing or unreadable repository, a corrupt session
 snapshot) raise `StartupError` (a UserError: the CLI prints one line and exits non-zero). The port is
 bound without SO_REUSEPORT, so a second server on a port in use refuses to start instead of silently
-taking part of the connections."""
+taking part of the connections.
+
+TLS, mutual TLS, bearer tokens and the connection limits come from the settings (service.auth,
+`connection_options`; docs/readme/security.md)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from gatecast.errors import UserError
 from gatecast.v1 import forecaster_pb2
 
 from . import kserve
+from .auth import BearerTokens, TokenFile, metrics_tls, server_credentials
 from .metrics import Metrics
 from .repository import Repository, check_repo
 from .servicer import ForecasterServicer, TolerantDecoding, add_to_server
@@ -89,7 +93,7 @@ class App:
         if s.metrics_port is not None:
             _check_port_free(s.host, s.metrics_port, "metrics port (GATECAST_METRICS_PORT / --metrics-port)")
             try:
-                httpd, _ = start_http_server(s.metrics_port, s.host, self.metrics.registry)
+                httpd, _ = start_http_server(s.metrics_port, s.host, self.metrics.registry, **metrics_tls(s))
             except OSError as e:
                 raise StartupError(f"metrics port {s.host}:{s.metrics_port} cannot be bound: {e.strerror or e}") from e
             self._metrics_http = httpd
@@ -202,19 +206,47 @@ class App:
         self._close_metrics()
 
 
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """The connection limits as grpc core channel arguments. Beyond max_concurrent_streams a client's calls
+    wait on its side; beyond max_connections a new connection is closed before its handshake (the client
+    sees UNAVAILABLE and retries with backoff)."""
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    options = [
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+    ]
+    if settings.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)))
+    if settings.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)))
+    return options
+
+
 def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> App:
     _check_port_free(settings.host, settings.port, "gRPC port (GATECAST_PORT / --port)")
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     repo = Repository(settings, metrics)
-    sessions = SessionTable(metrics, settings.session_idle_s)
+    sessions = SessionTable(metrics, settings.session_idle_s, settings.max_sessions_per_identity)
+    credentials = server_credentials(settings)  # files checked before anything is bound
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth_tokens_file is not None:
+        interceptors.append(BearerTokens(TokenFile(settings.auth_tokens_file)))  # first: refuse before decoding
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a second server on this port must fail, not share it
+            *connection_options(settings),
         ],
-        interceptors=[TolerantDecoding()],  # health and reflection: malformed requests are INVALID_ARGUMENT too
+        interceptors=[*interceptors, TolerantDecoding()],  # TolerantDecoding: malformed health/reflection requests
     )
     add_to_server(ForecasterServicer(settings, repo, sessions, metrics), server)  # malformed requests: INVALID_ARGUMENT
     kserve.add_to_server(kserve.KServeServicer(settings, repo, metrics), server)  # KServe v2, same batchers
@@ -230,7 +262,11 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         server,
     )
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         port = 0
         cause: Exception | None = e
@@ -240,5 +276,10 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         raise StartupError(
             f"gRPC port (GATECAST_PORT / --port) {settings.host}:{settings.port} cannot be bound"
         ) from cause
+    if credentials is None and settings.host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "serving plain text on %s: set GATECAST_TLS_CERT_FILE and GATECAST_TLS_KEY_FILE (docs: security)",
+            settings.host,
+        )
     snapshots = Snapshotter(settings.snapshot_path, sessions, repo) if settings.snapshot_path is not None else None
     return App(settings, server, port, repo, sessions, metrics, health, snapshots)

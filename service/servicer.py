@@ -22,6 +22,7 @@ import numpy as np
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
+from .auth import caller_identity
 from .batcher import Output
 from .convert import check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
@@ -278,8 +279,10 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             return started
         return await asyncio.shield(started)  # a cancelled caller does not cancel an applied step
 
-    def _prepare_observe(self, req: pb.ObserveRequest, call: _Call) -> tuple[Session, ModelVersion, np.ndarray]:
-        session = self.sessions.get(check_session_id(req.session_id))
+    def _prepare_observe(
+        self, req: pb.ObserveRequest, call: _Call, owner: str | None
+    ) -> tuple[Session, ModelVersion, np.ndarray]:
+        session = self.sessions.get(check_session_id(req.session_id), owner)
         call.model = session.model
         if req.sequence == 0:
             raise InvalidArgument("sequence must be set: 1 for the first observation, then counting up by one")
@@ -287,8 +290,10 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         x = to_array(req.rows, mv.runtime.manifest.n_features, "rows", self.settings.max_rows)
         return session, mv, x
 
-    async def _observe(self, req: pb.ObserveRequest, deadline: float | None, call: _Call) -> pb.ObserveResponse:
-        session, mv, x = self._prepare_observe(req, call)
+    async def _observe(
+        self, req: pb.ObserveRequest, deadline: float | None, call: _Call, owner: str | None
+    ) -> pb.ObserveResponse:
+        session, mv, x = self._prepare_observe(req, call, owner)
         out = await self._step(session, mv, x, deadline, req.sequence)
         response = pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(out.y))
         if out.q is not None:
@@ -340,7 +345,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 mv.batcher.check_request_rows(request.history.rows)
                 history = to_array(request.history, m.n_features, "history", self.settings.max_rows)
             rows = 0 if history is None else int(history.shape[0])
-            session = self.sessions.open(mv)
+            session = self.sessions.open(mv, caller_identity(context, self.settings))  # owner: see service.auth
             response = pb.OpenSessionResponse(
                 session_id=session.id,
                 model=mv.name,
@@ -369,7 +374,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
 
     async def Observe(self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext) -> pb.ObserveResponse:
         async def handle(call: _Call) -> pb.ObserveResponse:
-            return await self._observe(request, _deadline(context), call)
+            return await self._observe(request, _deadline(context), call, caller_identity(context, self.settings))
 
         return await self._call("Observe", context, handle, request)  # type: ignore[no-any-return]
 
@@ -377,7 +382,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseSessionResponse:
         async def handle(call: _Call) -> pb.CloseSessionResponse:
-            session = await self.sessions.close(check_session_id(request.session_id))
+            owner = caller_identity(context, self.settings)
+            session = await self.sessions.close(check_session_id(request.session_id), owner)
             call.model = session.model
             return pb.CloseSessionResponse(session_id=session.id, steps=session.steps)
 
@@ -405,6 +411,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         room.set()
         reading = True
         deadline = _deadline(context)
+        owner = caller_identity(context, self.settings)  # one identity for the whole stream
 
         def answer(
             key: str,
@@ -499,7 +506,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 answer(key, place, req, call, None, error)
                 return
             try:
-                session, mv, x = self._prepare_observe(req, call)
+                session, mv, x = self._prepare_observe(req, call, owner)
             except Exception as e:
                 answer(key, place, req, call, None, e)
                 return

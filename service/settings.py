@@ -60,11 +60,50 @@ class Settings(BaseSettings):
     # session snapshots (docs/snapshot.md): written on SIGTERM/SIGHUP and every snapshot_interval_s
     snapshot_path: Path | None = Field(None, description="session snapshot file; unset: sessions die with the process")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often sessions are snapshotted while serving")
+    # security (docs/readme/security.md): TLS, client certificates, bearer tokens
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the gRPC port; unset: plain text")
+    tls_key_file: Path | None = Field(None, description="unencrypted PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates: clients must present a certificate they signed (mutual TLS)"
+    )
+    metrics_tls: bool = Field(False, description="/metrics over TLS with the gRPC port's certificate (and client CA)")
+    auth_tokens_file: Path | None = Field(
+        None, description="bearer tokens, one per line, re-read on change; every method but health needs one"
+    )
+    max_sessions_per_identity: int = Field(
+        10_000, ge=1, description="live sessions one client identity (certificate subject or token) may hold"
+    )
+    # connections (grpc core channel arguments; 0 turns the age and idle limits off)
+    max_connections: int = Field(1024, ge=1, description="open client connections; more are closed at once")
+    max_concurrent_streams: int = Field(1024, ge=1, description="calls in flight on one connection; more wait")
+    keepalive_time_s: float = Field(60.0, gt=0, le=86_400, description="ping a connection silent this long")
+    keepalive_timeout_s: float = Field(20.0, gt=0, le=86_400, description="close it when the ping is not answered")
+    min_client_ping_interval_s: float = Field(
+        10.0, gt=0, le=86_400, description="a client pinging more often is sent GOAWAY (too_many_pings)"
+    )
+    max_connection_idle_s: float = Field(900.0, ge=0, le=86_400, description="close a connection with no call")
+    max_connection_age_s: float = Field(3600.0, ge=0, le=86_400, description="close any connection this old")
+    max_connection_age_grace_s: float = Field(
+        300.0, ge=0, le=86_400, description="calls still running when max_connection_age_s ends get this long"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.providers:
             raise ValueError("providers must name at least one onnxruntime execution provider")
+        tls = {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file}
+        if None in tls.values() and any(tls.values()):
+            given, missing = sorted(tls, key=lambda k: tls[k] is None)
+            raise ValueError(
+                f"{given} is set but {missing} is not: TLS needs the certificate and its key "
+                f"(GATECAST_{missing.upper()})"
+            )
+        for needs_tls in ("tls_client_ca_file", "metrics_tls"):
+            if getattr(self, needs_tls) and self.tls_cert_file is None:
+                raise ValueError(
+                    f"{needs_tls} needs TLS: set tls_cert_file and tls_key_file "
+                    "(GATECAST_TLS_CERT_FILE, GATECAST_TLS_KEY_FILE) too"
+                )
         if self.initial_session_slots > self.max_sessions:
             object.__setattr__(self, "initial_session_slots", self.max_sessions)
         return self
