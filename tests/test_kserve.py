@@ -107,6 +107,18 @@ def test_health_and_model_readiness_follow_the_repository(kserve: kpb_grpc.GRPCI
     assert server.name == "gatecast" and server.version
 
 
+def test_grpc_health_and_reflection_know_the_kserve_service(srv: RunningServer) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(srv.address) as ch:
+        check = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert health_pb2_grpc.HealthStub(ch).Check(check).status == health_pb2.HealthCheckResponse.SERVING
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([ask]))
+        assert "inference.GRPCInferenceService" in {s.name for s in answer.list_services_response.service}
+
+
 def test_server_ready_is_false_with_no_model(tmp_path: Path) -> None:
     with serve(tmp_path) as s, grpc.insecure_channel(s.address) as ch:
         stub = kpb_grpc.GRPCInferenceServiceStub(ch)
