@@ -1,17 +1,53 @@
-"""Every Prometheus metric of the server, on a registry passed in (tests get a fresh one)."""
+"""Every Prometheus metric of the server, on a registry passed in (tests get a fresh one).
+
+Every labelled counter a model version can move exists at 0 from the moment the version loads (and the
+request counters of unresolved models from the start), so `rate()` sees its first increment: a series
+that appears at 1 has no earlier sample to take a rate from, and the first expiry, rejection or error
+would be invisible. A version's series go when it is unloaded; the request series of a model name stay
+(the servicer keeps their children) and number at most methods x codes per name ever loaded."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+import os
 
-_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+
+from gatecast.v1 import forecaster_pb2 as pb
+
+from .errors import ServiceError
+
+# Latency buckets: the Renard R5 series (five per decade, each ~1.6x the last) from 0.1 ms to 10 s. One
+# model run takes 0.1-1 ms on CPU and a small request 2-5 ms: each range spans three or four buckets, so
+# histogram_quantile (linear inside a bucket) errs by less than one 1.6x step instead of a 1-2-5 step's
+# 2-2.5x, and 26 buckets keep the series per label set modest (R10 would double them for 1.26x).
+_LATENCY = (*(round(m * 10.0**e, 6) for e in range(-4, 1) for m in (1.0, 1.6, 2.5, 4.0, 6.3)), 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _ROWS = (1, 8, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+RPCS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["Forecaster"].methods)
+# the codes the servicer counts: OK, a client that left, and the code of each of our errors
+_ERRORS: list[type[ServiceError]] = [ServiceError, *ServiceError.__subclasses__()]
+CODES = tuple(sorted({"OK", "CANCELLED", *(e.code.name for e in _ERRORS)}))
+
+
+def _thread_count() -> float:
+    """Threads of the process, onnxruntime's native ones included (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        return float(len(os.listdir("/proc/self/task")))
+    return 0.0
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_{resident,virtual}_memory_bytes, process_cpu_seconds_total, process_open_fds and max_fds,
+        # process_start_time_seconds; python_info
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.threads = Gauge("gatecast_process_threads", "Threads of the server process", registry=registry)
+        self.threads.set_function(_thread_count)
         self.requests = Counter(
             "gatecast_requests",
             "Requests (stream messages count one each) by RPC, model and gRPC status code",
@@ -102,3 +138,43 @@ class Metrics:
             ["model", "version", "provider"],
             registry=registry,
         )
+
+        for rpc in RPCS:
+            self.malformed.labels(rpc)
+        self._add_model("")  # requests naming no loaded model are counted under model=""
+
+    def _add_model(self, name: str) -> None:
+        for rpc in RPCS:
+            for code in CODES:
+                self.requests.labels(rpc, name, code)
+
+    def _version_metrics(self) -> tuple[Counter | Gauge | Histogram, ...]:
+        return (
+            self.sessions_opened,
+            self.sessions_closed,
+            self.sessions_expired,
+            self.sessions_rejected,
+            self.sessions_short_history,
+            self.queue_rejected,
+            self.live_sessions,
+            self.queued_rows,
+            self.queue_wait,
+            self.model_run,
+            self.batch_size,
+            self.batch_rows,
+        )
+
+    def add_version(self, name: str, version: int, provider: str) -> None:
+        """A version was loaded: its series exist at 0 from now on, and it is reported on its provider."""
+        self._add_model(name)
+        for metric in self._version_metrics():
+            metric.labels(name, str(version))
+        self.model_loaded.labels(name, str(version), provider).set(1)
+
+    def remove_version(self, name: str, version: int, provider: str) -> None:
+        """A version was unloaded (its batcher closed, no session left): its series go with it."""
+        for metric in self._version_metrics():
+            with contextlib.suppress(KeyError):
+                metric.remove(name, str(version))
+        with contextlib.suppress(KeyError):
+            self.model_loaded.remove(name, str(version), provider)

@@ -10,7 +10,6 @@ whose folder is deleted stops being resolvable at once and is unloaded when its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -239,9 +238,7 @@ class Repository:
         for mv in idle:
             self._retiring.remove(mv)
             await mv.batcher.close()
-            labels = (mv.name, str(mv.version), mv.runtime.provider)
-            with contextlib.suppress(KeyError):
-                self.metrics.model_loaded.remove(*labels)
+            self.metrics.remove_version(mv.name, mv.version, mv.runtime.provider)
             log.info("unloaded %s v%d (deleted from disk, no session left)", mv.name, mv.version)
 
     def _add(self, runtime: ModelRuntime, folder: Path) -> None:
@@ -251,7 +248,7 @@ class Repository:
         batcher.start()
         m = runtime.manifest
         self._models.setdefault(m.name, {})[m.version] = ModelVersion(runtime, pool, batcher)
-        self.metrics.model_loaded.labels(m.name, str(m.version), runtime.provider).set(1)
+        self.metrics.add_version(m.name, m.version, runtime.provider)
         log.info(
             "serving %s v%d (%s %dx%d, context %d, horizon %d) on %s; default version now %d",
             m.name,

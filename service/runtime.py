@@ -1,8 +1,10 @@
-"""One onnxruntime session per model version: providers from settings, the provider actually used
-reported, warm-up at load."""
+"""One onnxruntime session per model version: providers from settings (a GPU provider only where it can
+really start), the provider actually used reported, warm-up at load."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,70 @@ SHRINK_ABOVE_ROWS = 2048
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+# providers that need an NVIDIA GPU and its driver; asking onnxruntime for one without them logs a red error
+_NEEDS_GPU = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+# the CUDA provider links cuBLAS and the CUDA runtime but opens cuDNN only at its first RNN ("Require cuDNN 9.*")
+_CUDNN = "libcudnn.so.9"
+
+
+def _gpu_problem() -> str | None:
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "the NVIDIA driver sees no GPU"
+    return None
+
+
+def _library_problem(provider: str) -> str | None:
+    """Loads the provider's shared library (and with it every library it links) the way onnxruntime would,
+    so a missing library is found here, quietly, instead of by onnxruntime in red at session creation."""
+    capi = Path(ort.__file__).parent / "capi"
+    lib = capi / f"libonnxruntime_providers_{provider.removesuffix('ExecutionProvider').lower()}.so"
+    if not lib.is_file():
+        return None  # built into onnxruntime itself (CPU)
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(lib))
+        if provider == "CUDAExecutionProvider":
+            ctypes.CDLL(_CUDNN)
+    except OSError as e:
+        return str(e).removeprefix(str(capi) + "/")
+    return None
+
+
+@functools.cache
+def select_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested providers that can run here, in order; says once which one runs and why the ones
+    before it cannot. Raises ModelLoadError when none can."""
+    available = ort.get_available_providers()
+    usable: list[str] = []
+    skipped: dict[str, str] = {}
+    for provider in requested:
+        if provider not in available:
+            problem: str | None = f"not in this onnxruntime build (it has {', '.join(available)})"
+        else:
+            problem = (_gpu_problem() if provider in _NEEDS_GPU else None) or _library_problem(provider)
+        if problem is None:
+            usable.append(provider)
+        elif not usable:  # a provider after the one that runs does not matter
+            skipped[provider] = problem
+    reasons = "; ".join(f"{p.removesuffix('ExecutionProvider')} not available: {why}" for p, why in skipped.items())
+    if not usable:
+        raise ModelLoadError(f"none of the providers {list(requested)} can run here: {reasons}")
+    # a GPU left unused for want of its libraries is worth a warning; a machine without one is a CPU machine
+    gpu_unused = not _NEEDS_GPU.isdisjoint(skipped) and _gpu_problem() is None
+    log.log(
+        logging.WARNING if gpu_unused else logging.INFO,
+        "onnxruntime provider: %s%s",
+        usable[0],
+        f" ({reasons})" if reasons else "",
+    )
+    return tuple(usable)
 
 
 @dataclass
@@ -48,13 +114,8 @@ class ModelRuntime:
         opts.inter_op_num_threads = settings.inter_op_threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
         opts.log_severity_level = 3
-        available = ort.get_available_providers()
-        wanted = [p for p in settings.providers if p in available]
-        if not wanted:
-            raise ModelLoadError(
-                f"none of the providers {settings.providers} is available; onnxruntime has {available}"
-            )
-        session = ort.InferenceSession(str(onnx_path), opts, providers=wanted)
+        wanted = select_providers(tuple(settings.providers))
+        session = ort.InferenceSession(str(onnx_path), opts, providers=list(wanted))
         # onnxruntime falls back to CPU without raising: the first active provider is the truth
         provider = session.get_providers()[0]
         if provider != wanted[0]:
