@@ -1,9 +1,14 @@
-"""The state pool: one preallocated array per state tensor, a slot per session.
+"""The state pool: one preallocated array per state tensor, a slot per session, and the sessions'
+bookkeeping as columns beside it.
 
 Arrays are laid out [dim0, slots, dim1] so that gathering a batch's states is one fancy-indexed read
-that already has the graph's [dim0, batch, dim1] shape, and scattering is one indexed write. The pool
-grows by doubling up to its cap. A lock makes grow/gather/scatter safe between the event loop (which
-acquires and releases slots) and the worker thread (which gathers and scatters).
+that already has the graph's [dim0, batch, dim1] shape, and scattering is one indexed write. Columns
+(`add_column`) are arrays [slots, ...] that grow and shrink with the pool, so a session costs array
+entries, not Python objects. The pool grows by doubling up to its cap; when three quarters of it are
+free it halves (down to its initial size) as far as its highest used slot allows, and the free slots
+below are then handed out lowest first, so a pool that drains gives its memory back. Free slots are a
+numpy stack. A lock makes resizing, gather and scatter safe between the event loop (which acquires and
+releases slots) and the worker thread (which gathers and scatters); columns belong to the event loop.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ class StatePool:
     def __init__(self, specs: list[StateSpec], initial: int, cap: int) -> None:
         self.specs = specs
         self.cap = cap
+        self.initial = max(1, min(initial, cap))
         self._lock = threading.Lock()
-        size = max(1, min(initial, cap))
+        size = self.initial
         self._arrays = [np.zeros((s.dims[0], size, s.dims[1]), np.float32) for s in specs]
-        self._free = list(range(size - 1, -1, -1))  # a stack: low slots first
+        self.columns: dict[str, np.ndarray] = {}
+        self._in_use = np.zeros(size, np.bool_)
+        self._free = np.arange(size - 1, -1, -1, dtype=np.int32)  # a stack: the top (end) is handed out first
+        self._top = size  # free slots on the stack
         self._used = 0
+        self._shrink_at = 0  # try to shrink when `used` falls to this (set on every resize)
 
     @property
     def capacity(self) -> int:
@@ -35,36 +45,79 @@ class StatePool:
     def used(self) -> int:
         return self._used
 
+    def add_column(self, name: str, dtype: np.typing.DTypeLike, shape: tuple[int, ...] = ()) -> np.ndarray:
+        """A zeroed array [capacity, *shape] kept beside the states (resized with them); returns it. Read it
+        from `columns` after any acquire or release: a resize replaces the array."""
+        if name not in self.columns:
+            self.columns[name] = np.zeros((self.capacity, *shape), dtype)
+        return self.columns[name]
+
     def acquire(self) -> int:
-        with self._lock:
-            if not self._free:
-                self._grow()
-            slot = self._free.pop()
-            self._used += 1
-            return slot
+        if self._top == 0:
+            self._resize(self._grown())
+        self._top -= 1
+        slot = int(self._free[self._top])
+        self._in_use[slot] = True
+        self._used += 1
+        return slot
 
     def release(self, slot: int) -> None:
+        """Zeroes the slot's state and columns and hands it back; may shrink the pool."""
         with self._lock:
             for a in self._arrays:
                 a[:, slot, :] = 0.0
-            self._free.append(slot)
-            self._used -= 1
+        for c in self.columns.values():
+            c[slot] = 0
+        self._in_use[slot] = False
+        self._free[self._top] = slot
+        self._top += 1
+        self._used -= 1
+        if self._used <= self._shrink_at and self.capacity > self.initial:
+            self._shrink()
 
-    def _grow(self) -> None:
+    def _grown(self) -> int:
         old = self.capacity
         if old >= self.cap:
             raise ResourceExhausted(
                 f"session pool full: {self.cap} live sessions on this model version (the cap); "
                 "close idle sessions or raise GATECAST_MAX_SESSIONS"
             )
-        new = min(self.cap, old * 2)
-        grown = []
-        for a in self._arrays:
-            b = np.zeros((a.shape[0], new, a.shape[2]), np.float32)
-            b[:, :old, :] = a
-            grown.append(b)
-        self._arrays = grown
-        self._free.extend(range(new - 1, old - 1, -1))
+        return min(self.cap, old * 2)
+
+    def _shrink(self) -> None:
+        used = np.flatnonzero(self._in_use)
+        need = max(self.initial, 2 * self._used, int(used[-1]) + 1 if used.size else 0)
+        new = self.capacity
+        while new // 2 >= need:
+            new //= 2
+        if new < self.capacity:
+            self._resize(new)
+        else:  # a high slot is still in use: look again when half as many are left (O(capacity) each time)
+            self._shrink_at = self._used // 2
+
+    def _resize(self, new: int) -> None:
+        """Copies states and columns into arrays of `new` slots (every used slot is below `new`); the free
+        stack is rebuilt so that the lowest free slot is handed out first."""
+        keep = min(new, self.capacity)
+
+        def resized(a: np.ndarray, axis: int) -> np.ndarray:
+            shape = list(a.shape)
+            shape[axis] = new
+            b = np.zeros(shape, a.dtype)
+            index = (slice(None),) * axis + (slice(0, keep),)
+            b[index] = a[index]
+            return b
+
+        arrays = [resized(a, 1) for a in self._arrays]
+        with self._lock:
+            self._arrays = arrays
+        self.columns = {k: resized(c, 0) for k, c in self.columns.items()}
+        self._in_use = resized(self._in_use, 0)
+        free = np.flatnonzero(~self._in_use)[::-1].astype(np.int32)
+        self._free = np.zeros(new, np.int32)
+        self._free[: free.size] = free
+        self._top = int(free.size)
+        self._shrink_at = new // 4
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
         with self._lock:

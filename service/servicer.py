@@ -164,6 +164,14 @@ def _release(session: Session, step: asyncio.Future[Output]) -> None:
         step.exception()
 
 
+def _give_up(waiting: dict[asyncio.Future[None], Session]) -> None:
+    """A caller has gone: its tickets not yet granted leave their lines. A granted ticket's callback still
+    starts (and later releases) its step."""
+    for ticket, session in list(waiting.items()):
+        if not ticket.done():
+            session.drop(ticket)
+
+
 class _Call:
     """Per-request bookkeeping: the model label for metrics is known only once the request is read."""
 
@@ -299,6 +307,103 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         if out.q is not None:
             response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
         return response
+
+    def _begin(
+        self,
+        req: pb.ObserveRequest,
+        call: _Call,
+        owner: str | None,
+        deadline: float | None,
+        reply: Callable[[Output | None, BaseException | None], None],
+        waiting: dict[asyncio.Future[None], Session],
+    ) -> None:
+        """Takes the step's turn now (so that no later message overtakes it), starts the step when the turn
+        comes and calls `reply(result, error)` exactly once, all from callbacks: no task per step. A ticket
+        not yet granted waits in `waiting`, for a caller that goes away to give up (`_give_up`)."""
+        try:
+            session, mv, x = self._prepare_observe(req, call, owner)
+        except Exception as e:
+            reply(None, e)
+            return
+
+        def done(fut: asyncio.Future[Output]) -> None:
+            if fut.cancelled():
+                reply(None, ServiceError("the step was cancelled"))
+            elif (e := fut.exception()) is not None:
+                reply(None, e)
+            else:
+                reply(fut.result(), None)
+
+        def start() -> None:
+            try:
+                started = self._start_step(session, mv, x, deadline, req.sequence)
+            except Exception as e:
+                reply(None, e)
+                return
+            if isinstance(started, Output):
+                reply(started, None)
+            else:
+                started.add_done_callback(done)
+
+        def granted(ticket: asyncio.Future[None]) -> None:
+            waiting.pop(ticket, None)
+            if not ticket.cancelled():  # cancelled only when the caller has gone: nobody to answer
+                start()
+
+        ticket = session.queue_turn()
+        if ticket.done():
+            start()
+        else:
+            waiting[ticket] = session
+            ticket.add_done_callback(granted)
+
+    def _begin_batch(
+        self,
+        rpc: str,
+        req: pb.ObserveBatchRequest,
+        owner: str | None,
+        deadline: float | None,
+        waiting: dict[asyncio.Future[None], Session],
+        outer: _Call,
+    ) -> asyncio.Future[pb.ObserveBatchResponse]:
+        """Begins every step of a batch, in request order (steps of one session apply in that order); the
+        future resolves to the answer once each step has its result. Raises for a batch refused whole.
+        Metrics count each message once (OK) and each step's error by its code."""
+        n, limit = len(req.steps), self.settings.max_batch_steps
+        if n == 0:
+            raise InvalidArgument("no steps given; expected one or more ObserveRequest in `steps`")
+        if n > limit:
+            raise InvalidArgument(
+                f"{n} steps in one message; at most {limit} are accepted (GATECAST_MAX_BATCH_STEPS): split it"
+            )
+        response = pb.ObserveBatchResponse()
+        results = [response.results.add() for _ in range(n)]
+        done: asyncio.Future[pb.ObserveBatchResponse] = asyncio.get_running_loop().create_future()
+        left = n
+
+        def replier(r: pb.StreamResponse, step: pb.ObserveRequest, call: _Call) -> Callable[..., None]:
+            def reply(result: Output | None, error: BaseException | None) -> None:
+                nonlocal left
+                r.session_id, r.sequence = step.session_id, step.sequence
+                if error is None:
+                    assert result is not None
+                    r.forecast.CopyFrom(to_matrix(result.y))
+                    if result.q is not None:
+                        r.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
+                    outer.model = outer.model or call.model
+                else:
+                    code, message = self._status(rpc, call, error)
+                    r.error.code, r.error.message = code.value[0], message
+                left -= 1
+                if left == 0 and not done.done():
+                    done.set_result(response)
+
+            return reply
+
+        for r, step in zip(results, req.steps, strict=True):
+            call = _Call()
+            self._begin(step, call, owner, deadline, replier(r, step, call), waiting)
+        return done
 
     # --- RPCs -----------------------------------------------------------------------------------------
 
@@ -443,53 +548,6 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             if not reading and pending == 0:
                 out.put_nowait(None)
 
-        def on_done(
-            key: str,
-            place: list[pb.StreamResponse | None],
-            req: pb.ObserveRequest,
-            call: _Call,
-            fut: asyncio.Future[Output],
-        ) -> None:
-            if fut.cancelled():
-                answer(key, place, req, call, None, ServiceError("the step was cancelled"))
-            elif (e := fut.exception()) is not None:
-                answer(key, place, req, call, None, e)
-            else:
-                answer(key, place, req, call, fut.result(), None)
-
-        def start(
-            key: str,
-            place: list[pb.StreamResponse | None],
-            req: pb.ObserveRequest,
-            call: _Call,
-            session: Session,
-            mv: ModelVersion,
-            x: np.ndarray,
-        ) -> None:
-            try:
-                started = self._start_step(session, mv, x, deadline, req.sequence)
-            except Exception as e:
-                answer(key, place, req, call, None, e)
-                return
-            if isinstance(started, Output):
-                answer(key, place, req, call, started, None)
-            else:
-                started.add_done_callback(lambda f: on_done(key, place, req, call, f))
-
-        def granted(
-            ticket: asyncio.Future[None],
-            key: str,
-            place: list[pb.StreamResponse | None],
-            req: pb.ObserveRequest,
-            call: _Call,
-            session: Session,
-            mv: ModelVersion,
-            x: np.ndarray,
-        ) -> None:
-            waiting.pop(ticket, None)
-            if not ticket.cancelled():  # cancelled only when the stream has ended: nobody to answer
-                start(key, place, req, call, session, mv, x)
-
         def handle(req: pb.ObserveRequest | Malformed) -> None:
             nonlocal pending
             pending += 1
@@ -505,17 +563,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             if error is not None:
                 answer(key, place, req, call, None, error)
                 return
-            try:
-                session, mv, x = self._prepare_observe(req, call, owner)
-            except Exception as e:
-                answer(key, place, req, call, None, e)
-                return
-            ticket = session.queue_turn()  # now, so that a later message cannot overtake this one
-            if ticket.done():
-                start(key, place, req, call, session, mv, x)
-            else:
-                waiting[ticket] = session
-                ticket.add_done_callback(lambda t: granted(t, key, place, req, call, session, mv, x))
+            step = req
+            self._begin(step, call, owner, deadline, lambda r, e: answer(key, place, step, call, r, e), waiting)
 
         async def read() -> None:
             nonlocal reading, unsent
@@ -542,9 +591,82 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                     room.set()
         finally:
             reader.cancel()
-            for ticket, session in list(waiting.items()):  # the stream is gone: give up its places in line
-                if not ticket.done():  # a granted ticket's callback still starts (and later releases) its step
-                    session.drop(ticket)
+            _give_up(waiting)  # the stream is gone: give up its places in line
+
+    async def ObserveBatch(
+        self, request: pb.ObserveBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ObserveBatchResponse:
+        async def handle(call: _Call) -> pb.ObserveBatchResponse:
+            waiting: dict[asyncio.Future[None], Session] = {}
+            owner = caller_identity(context, self.settings)
+            done = self._begin_batch("ObserveBatch", request, owner, _deadline(context), waiting, call)
+            try:
+                return await done  # started steps apply even if the caller goes: they answer nobody
+            except asyncio.CancelledError:
+                _give_up(waiting)
+                raise
+
+        return await self._call("ObserveBatch", context, handle, request)  # type: ignore[no-any-return]
+
+    async def StreamBatch(
+        self, request_iterator: AsyncIterator[pb.ObserveBatchRequest | Malformed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ObserveBatchResponse]:
+        """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
+        sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
+        reads on while fewer than `max_stream_inflight` steps are unanswered (a refused message counts one)."""
+        answers: asyncio.Queue[tuple[asyncio.Future[pb.ObserveBatchResponse], int, _Call] | None] = asyncio.Queue()
+        waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
+        limit = getattr(self.settings, "max_stream_inflight", DEFAULT_STREAM_INFLIGHT)
+        unsent = 0  # steps read, not yet answered
+        room = asyncio.Event()
+        deadline = _deadline(context)
+        owner = caller_identity(context, self.settings)  # one identity for the whole stream
+        loop = asyncio.get_running_loop()
+
+        def refused(error: Exception, call: _Call) -> asyncio.Future[pb.ObserveBatchResponse]:
+            code, message = self._status("StreamBatch", call, error)
+            fut: asyncio.Future[pb.ObserveBatchResponse] = loop.create_future()
+            fut.set_result(pb.ObserveBatchResponse(error=pb.StreamError(code=code.value[0], message=message)))
+            return fut
+
+        async def read() -> None:
+            nonlocal unsent
+            try:
+                async for req in request_iterator:
+                    call = _Call()
+                    if isinstance(req, Malformed):
+                        self.metrics.malformed.labels("StreamBatch").inc()
+                        fut, n = refused(req.problem(), call), 1
+                    else:
+                        n = max(1, len(req.steps))
+                        try:
+                            fut = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call)
+                        except Exception as e:
+                            fut = refused(e, call)
+                    unsent += n
+                    answers.put_nowait((fut, n, call))
+                    while unsent >= limit:  # backpressure: wait until the client has taken answers
+                        room.clear()
+                        await room.wait()
+            except Exception as e:  # the transport failed under us: say so, then end
+                log.warning("StreamBatch: reading requests failed: %s", e)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                fut, n, call = item
+                response = await fut
+                if not response.HasField("error"):
+                    self._count("StreamBatch", call, grpc.StatusCode.OK)
+                yield response
+                unsent -= n
+                if unsent < limit:
+                    room.set()
+        finally:
+            reader.cancel()
+            _give_up(waiting)  # the stream is gone: give up its places in line
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -9,6 +9,13 @@ applied step (`commit`) on the event loop even when the caller has gone away, so
 number never disagree. A session removed while a step of it is queued or running (an OpenSession
 cancelled during its warm-up) keeps its pool slot until that step has finished: a slot goes back to the
 pool only when nothing can write it any more.
+
+Compact: a session is no Python object while it sits idle. Its bookkeeping lives in columns of its model
+version's pool (`COLUMNS`: id, sequence, digest, stored answer, owner, ...), and the table finds it by id
+through one open-addressing hash index (a numpy array of slot codes, linear probing keyed by the id's
+random low 64 bits). About 80 bytes per session beside its state, plus the stored answer; all of it is
+given back when sessions close (the pool shrinks, the index shrinks). `Session` is a small handle made
+on demand; only a session with steps waiting for their turn has a queue of tickets.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +38,23 @@ from .repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
+FREE, LIVE, CLOSING = 0, 1, 2  # a slot's `state`: CLOSING = removed, its slot held until its step has finished
+# the per-session columns kept in each pool: name -> (dtype, shape per session)
+COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "id": ("<u8", (2,)),  # the 16 id bytes as two little-endian words; the second is the hash key
+    "state": ("u1", ()),
+    "held": ("u1", ()),  # someone holds the turn: a step is being started or is in flight
+    "answered": ("u1", ()),  # an answer to last_seq is stored
+    "last_seq": ("u8", ()),
+    "steps": ("u8", ()),  # rows applied
+    "digest": ("u1", (16,)),  # rows_digest of last_seq's rows (all zero: none kept)
+    "last_used": ("f8", ()),
+    "owner": ("i4", ()),  # security (issue 8): the identity that opened it, as a number (0: none)
+}
+_SLOT = 0xFFFFFFFF  # a code is (model version number << 32) | slot
+_NO_DIGEST = bytes(16)
+MIN_INDEX = 1024
+
 
 def rows_digest(x: np.ndarray) -> bytes:
     """What identifies a step's rows for retries: 16 bytes of BLAKE2b over the rows as row-major float32
@@ -39,22 +63,39 @@ def rows_digest(x: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
-@dataclass(eq=False)
-class Session:
+def _key(session_id: str) -> bytes | None:
+    try:
+        key = bytes.fromhex(session_id)
+    except ValueError:
+        return None
+    return key if len(key) == 16 else None
+
+
+class Closed(NamedTuple):
+    """What is left of a closed session."""
+
     id: str
-    mv: ModelVersion  # the version it opened on: its runtime, batcher and state pool
-    slot: int
-    owner: str | None = None  # the identity that opened it (security, issue 8): only it reaches the session
-    last_seq: int = 0
-    steps: int = 0  # rows applied
-    forecast: np.ndarray | None = None  # answer to last_seq
-    last_digest: bytes = b""  # rows_digest of the rows of last_seq: a retry must send the same rows
-    quantile_forecast: np.ndarray | None = None  # [horizon, targets, quantiles] for last_seq (quantile models)
-    last_used: float = field(default_factory=time.monotonic)
-    closed: bool = False
-    _free_slot: Callable[[], None] | None = None  # closed while busy: frees the slot once the turn is let go
-    _held: bool = False  # someone holds the turn: its step is being started or is in flight
-    _turns: deque[asyncio.Future[None]] = field(default_factory=deque)  # callers waiting, in arrival order
+    model: str
+    version: int
+    steps: int
+
+
+class Session:
+    """A handle on one session: its id, model version and slot; what it knows is read from (and written
+    to) its pool's columns. A handle outlives its session harmlessly: it then reads as `closed`."""
+
+    __slots__ = ("_table", "code", "id", "key", "mv", "slot")
+
+    def __init__(self, table: SessionTable, key: bytes, mv: ModelVersion, slot: int, code: int) -> None:
+        self._table = table
+        self.key = key
+        self.id = key.hex()
+        self.mv = mv  # the version it opened on: its runtime, batcher and state pool
+        self.slot = slot
+        self.code = code
+
+    def _col(self, name: str) -> np.ndarray:
+        return self.mv.pool.columns[name]
 
     @property
     def model(self) -> str:
@@ -65,31 +106,104 @@ class Session:
         return self.mv.version
 
     @property
+    def mine(self) -> bool:
+        """The slot still belongs to this session (not freed and handed to another)."""
+        return self.slot < self.mv.pool.capacity and self._col("id")[self.slot].tobytes() == self.key
+
+    @property
+    def closed(self) -> bool:
+        return not self.mine or int(self._col("state")[self.slot]) != LIVE
+
+    @property
     def busy(self) -> bool:
-        return self._held or bool(self._turns)
+        return self.mine and bool(self._col("held")[self.slot])
+
+    @property
+    def owner(self) -> str | None:
+        return self._table.owner_name(int(self._col("owner")[self.slot]))
+
+    @property
+    def last_seq(self) -> int:
+        return int(self._col("last_seq")[self.slot])
+
+    @last_seq.setter
+    def last_seq(self, value: int) -> None:
+        self._col("last_seq")[self.slot] = value
+
+    @property
+    def steps(self) -> int:
+        return int(self._col("steps")[self.slot])
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._col("steps")[self.slot] = value
+
+    @property
+    def last_used(self) -> float:
+        return float(self._col("last_used")[self.slot])
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self._col("last_used")[self.slot] = value
+
+    @property
+    def last_digest(self) -> bytes:
+        digest = self._col("digest")[self.slot].tobytes()
+        return b"" if digest == _NO_DIGEST else digest
+
+    @last_digest.setter
+    def last_digest(self, value: bytes) -> None:
+        self._col("digest")[self.slot] = np.frombuffer(value.ljust(16, b"\0")[:16], np.uint8)
+
+    @property
+    def forecast(self) -> np.ndarray | None:
+        """The answer to last_seq (a copy), [horizon, targets]."""
+        if not self._col("answered")[self.slot]:
+            return None
+        return np.array(self._col("forecast")[self.slot])
+
+    @forecast.setter
+    def forecast(self, y: np.ndarray | None) -> None:
+        self._table.store_answers(self.mv, np.array([self.slot]), None if y is None else y[None], None)
+
+    @property
+    def quantile_forecast(self) -> np.ndarray | None:
+        """For a quantile model, [horizon, targets, quantiles] for last_seq."""
+        q = self.mv.pool.columns.get("quantile_forecast")
+        if q is None or not self._col("answered")[self.slot]:
+            return None
+        return np.array(q[self.slot])
+
+    @quantile_forecast.setter
+    def quantile_forecast(self, q: np.ndarray | None) -> None:
+        if q is not None:
+            column = self.mv.pool.add_column("quantile_forecast", np.float32, q.shape)
+            column[self.slot] = q
 
     def queue_turn(self) -> asyncio.Future[None]:
         """A ticket for the next turn, taken synchronously so that arrival order is kept; it is already
         done when the session is free. Whoever holds a granted ticket must `release()` exactly once."""
         ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self.busy:
-            self._held = True
+        held = self._col("held")
+        if not held[self.slot]:
+            held[self.slot] = 1
             ticket.set_result(None)
         else:
-            self._turns.append(ticket)
+            self._table.waiting.setdefault(self.code, deque()).append(ticket)
         return ticket
 
     def release(self) -> None:
         """Hands the turn to the next live ticket, or frees the session."""
-        while self._turns:
-            ticket = self._turns.popleft()
+        line = self._table.waiting.get(self.code)
+        while line:
+            ticket = line.popleft()
             if not ticket.done():
                 ticket.set_result(None)
                 return
-        self._held = False
-        if self._free_slot is not None:  # closed while a step ran: nothing can write the slot any more
-            free, self._free_slot = self._free_slot, None
-            free()
+        self._table.waiting.pop(self.code, None)
+        self._col("held")[self.slot] = 0
+        if self._col("state")[self.slot] == CLOSING:  # closed while a step ran: nothing can write the slot now
+            self._table.free_slot(self.mv, self.slot)
 
     def drop(self, ticket: asyncio.Future[None]) -> None:
         """For a ticket whose holder will never use it (cancelled): pass the turn on if it was granted."""
@@ -109,46 +223,167 @@ class Session:
     def check_sequence(self, seq: int, digest: bytes | None = None) -> bool:
         """True when `seq` is a retry of the last applied step (with the same rows, when `digest` is given);
         raises unless it is the next one."""
-        if seq == self.last_seq and seq > 0 and self.forecast is not None:
-            if digest is not None and self.last_digest and digest != self.last_digest:
+        last = self.last_seq
+        if seq == last and seq > 0 and self._col("answered")[self.slot]:
+            kept = self.last_digest
+            if digest is not None and kept and digest != kept:
                 raise FailedPrecondition(
                     f"session {self.id}: sequence {seq} was already applied with different rows; a retry must "
-                    f"resend the same rows, new rows take sequence {self.last_seq + 1}"
+                    f"resend the same rows, new rows take sequence {last + 1}"
                 )
             return True
-        if seq != self.last_seq + 1:
+        if seq != last + 1:
             raise FailedPrecondition(
-                f"session {self.id}: sequence {seq} is out of order; expected {self.last_seq + 1}"
-                + (f" (or {self.last_seq} to repeat the last step)" if self.last_seq else "")
+                f"session {self.id}: sequence {seq} is out of order; expected {last + 1}"
+                + (f" (or {last} to repeat the last step)" if last else "")
             )
         return False
 
     def committer(self, seq: int, rows: int, digest: bytes = b"") -> Callable[[Output], None]:
         def commit(out: Output) -> None:
-            self.last_seq = seq
-            self.steps += rows
-            self.forecast = out.y
-            self.quantile_forecast = out.q
+            table, slot = self._table, np.array([self.slot])
+            table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
+            cols = self.mv.pool.columns
+            cols["last_seq"][self.slot] = seq
+            cols["steps"][self.slot] += rows
             self.last_digest = digest
-            self.last_used = time.monotonic()
+            cols["last_used"][self.slot] = time.monotonic()
 
         return commit
 
 
 class SessionTable:
-    """All live sessions of the server, keyed by id; slots come from each model version's pool."""
+    """All live sessions of the server, found by id; slots and bookkeeping columns come from each model
+    version's pool. Model versions with sessions are numbered (the high half of a code)."""
 
     def __init__(self, metrics: Metrics, idle_s: float, max_per_owner: int | None = None) -> None:
-        self._sessions: dict[str, Session] = {}
         self._metrics = metrics
         self.idle_s = idle_s
+        self._index = np.zeros(MIN_INDEX, np.int64)  # code + 1 per entry, 0: empty
+        self._count = 0
+        self._mvs: dict[int, ModelVersion] = {}  # number -> version, while it has slots in use
+        self._numbers: dict[int, int] = {}  # id(version) -> number
+        self._next_number = 1
+        self.waiting: dict[int, deque[asyncio.Future[None]]] = {}  # code -> tickets waiting for the turn
         # security (issue 8, docs/readme/security.md): live sessions per owner identity, so one client cannot
         # take every slot; kept by open/restore/_remove, checked in open. Keep it in any rework of the table.
         self.max_per_owner = max_per_owner
         self._owned: Counter[str] = Counter()
+        self._owner_numbers: dict[str, int] = {}  # identity -> its number in the `owner` column (1, 2, ...)
+        self._owner_names: dict[int, str] = {}
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return self._count
+
+    # --- model versions and owners as numbers -------------------------------------------------------
+
+    def _number(self, mv: ModelVersion) -> int:
+        number = self._numbers.get(id(mv))
+        if number is None:
+            number = self._next_number
+            self._next_number += 1
+            self._numbers[id(mv)] = number
+            self._mvs[number] = mv
+            for name, (dtype, shape) in COLUMNS.items():
+                mv.pool.add_column(name, dtype, shape)
+        return number
+
+    def owner_name(self, number: int) -> str | None:
+        return self._owner_names.get(number) if number else None
+
+    def _take_owner(self, owner: str | None) -> int:
+        if owner is None:
+            return 0
+        self._owned[owner] += 1
+        number = self._owner_numbers.get(owner)
+        if number is None:
+            number = self._owner_numbers[owner] = max(self._owner_names, default=0) + 1
+            self._owner_names[number] = owner
+        return number
+
+    def _drop_owner(self, number: int) -> None:
+        owner = self._owner_names.get(number)
+        if owner is None:
+            return
+        self._owned[owner] -= 1
+        if not self._owned[owner]:
+            del self._owned[owner], self._owner_numbers[owner], self._owner_names[number]
+
+    # --- the id index -------------------------------------------------------------------------------
+
+    def _id_words(self, code: int) -> np.ndarray:
+        return self._mvs[code >> 32].pool.columns["id"][code & _SLOT]
+
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(position in the index, code) of the live session with this id, or (-1, -1)."""
+        index, mask = self._index, len(self._index) - 1
+        i = int.from_bytes(key[8:], "little") & mask
+        while True:
+            e = int(index[i])
+            if e == 0:
+                return -1, -1
+            if self._id_words(e - 1).tobytes() == key:
+                return i, e - 1
+            i = (i + 1) & mask
+
+    def _insert(self, key: bytes, code: int) -> None:
+        """Adds an entry; room was made beforehand (`_make_room`, before the slot's state became LIVE)."""
+        index, mask = self._index, len(self._index) - 1
+        i = int.from_bytes(key[8:], "little") & mask
+        while index[i]:
+            i = (i + 1) & mask
+        index[i] = code + 1
+        self._count += 1
+
+    def _make_room(self) -> None:
+        if 2 * (self._count + 1) > len(self._index):
+            self._rebuild(2 * len(self._index))
+
+    def _delete(self, i: int) -> None:
+        """Empties position i (its slot no longer LIVE), shifting later entries of its cluster back (no tombstones)."""
+        index, mask = self._index, len(self._index) - 1
+        j = i
+        while True:
+            j = (j + 1) & mask
+            e = int(index[j])
+            if e == 0:
+                break
+            home = int(self._id_words(e - 1)[1]) & mask
+            if (j - home) & mask >= (j - i) & mask:  # i lies between its home and j: it may move back to i
+                index[i] = e
+                i = j
+        index[i] = 0
+        self._count -= 1
+        if 8 * self._count < len(self._index) and len(self._index) > MIN_INDEX:
+            self._rebuild(len(self._index) // 2)
+
+    def _rebuild(self, size: int) -> None:
+        """A fresh index of `size` positions holding every live session, placed in vectorised rounds: each
+        round puts every entry whose probe position is empty there (one per position), the others move on."""
+        codes, homes = [], []
+        for number, mv in self._mvs.items():
+            cols = mv.pool.columns
+            slots = np.flatnonzero(cols["state"] == LIVE)
+            codes.append((np.int64(number) << 32) | slots.astype(np.int64))
+            homes.append(cols["id"][slots, 1])
+        index = np.zeros(size, np.int64)
+        mask = size - 1
+        code = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        pos = (np.concatenate(homes) & np.uint64(mask)).astype(np.int64) if homes else np.zeros(0, np.int64)
+        while code.size:
+            empty = index[pos] == 0
+            places, first = np.unique(pos[empty], return_index=True)
+            winners = np.flatnonzero(empty)[first]
+            index[places] = code[winners] + 1
+            left = np.ones(code.size, np.bool_)
+            left[winners] = False
+            code, pos = code[left], (pos[left] + 1) & mask
+        self._index = index
+
+    # --- sessions -----------------------------------------------------------------------------------
+
+    def _handle(self, key: bytes, code: int) -> Session:
+        return Session(self, key, self._mvs[code >> 32], code & _SLOT, code)
 
     def open(self, mv: ModelVersion, owner: str | None = None) -> Session:
         labels = (mv.name, str(mv.version))
@@ -159,23 +394,37 @@ class SessionTable:
                 f"(max_sessions_per_identity / GATECAST_MAX_SESSIONS_PER_IDENTITY = {self.max_per_owner}); "
                 "close one or let it expire"
             )
+        key = secrets.token_bytes(16)
+        while self._find(key)[1] >= 0:  # 2^-128: never, but an id must not be handed out twice
+            key = secrets.token_bytes(16)
         try:
-            slot = mv.pool.acquire()
+            session = self._add(mv, key, owner)
         except ResourceExhausted:
             self._metrics.sessions_rejected.labels(*labels).inc()
             raise
-        session = Session(id=secrets.token_hex(16), mv=mv, slot=slot, owner=owner)
-        self._sessions[session.id] = session
-        if owner is not None:
-            self._owned[owner] += 1
         self._metrics.sessions_opened.labels(*labels).inc()
-        self._metrics.live_sessions.labels(*labels).inc()
         return session
+
+    def _add(self, mv: ModelVersion, key: bytes, owner: str | None) -> Session:
+        number = self._number(mv)
+        self._make_room()
+        slot = mv.pool.acquire()
+        cols = mv.pool.columns
+        cols["id"][slot] = np.frombuffer(key, "<u8")
+        cols["state"][slot] = LIVE
+        cols["last_used"][slot] = time.monotonic()
+        cols["owner"][slot] = self._take_owner(owner)
+        code = (number << 32) | slot
+        self._insert(key, code)
+        self._metrics.live_sessions.labels(mv.name, str(mv.version)).inc()
+        return self._handle(key, code)
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """Another identity's session is answered like a missing one (NOT_FOUND): its existence does not leak."""
-        session = self._sessions.get(session_id)
-        if session is None or (session.owner is not None and session.owner != owner):
+        key = _key(session_id)
+        code = -1 if key is None else self._find(key)[1]
+        session = None if key is None or code < 0 else self._handle(key, code)
+        if session is None or ((o := session.owner) is not None and o != owner):
             raise NotFound(
                 f"session {session_id!r} not found: it was closed, expired after {self.idle_s:.0f} s idle, "
                 "or never existed; open a new one"
@@ -183,62 +432,105 @@ class SessionTable:
         return session
 
     def _remove(self, session: Session) -> None:
-        if self._sessions.pop(session.id, None) is None:
+        if session.closed:
             return
-        session.closed = True
-        if session.owner is not None:
-            self._owned[session.owner] -= 1
-            if not self._owned[session.owner]:
-                del self._owned[session.owner]
-        pool, slot = session.mv.pool, session.slot
-        if session.busy:  # a step may still write the slot: free it when the session's turn is let go
-            session._free_slot = lambda: pool.release(slot)
+        i, _ = self._find(session.key)
+        mv, slot = session.mv, session.slot
+        cols = mv.pool.columns
+        self._drop_owner(int(cols["owner"][slot]))
+        cols["owner"][slot] = 0
+        if cols["held"][slot]:  # a step may still write the slot: free it when the session's turn is let go
+            cols["state"][slot] = CLOSING
         else:
-            pool.release(slot)
-        self._metrics.live_sessions.labels(session.model, str(session.version)).dec()
+            self.free_slot(mv, slot)
+        self._delete(i)
+        self._metrics.live_sessions.labels(mv.name, str(mv.version)).dec()
 
-    async def close(self, session_id: str, owner: str | None = None) -> Session:
+    def free_slot(self, mv: ModelVersion, slot: int) -> None:
+        mv.pool.release(slot)
+        if mv.pool.used == 0:  # forget the version: an unloaded one must not be kept alive from here
+            del self._mvs[self._numbers.pop(id(mv))]
+
+    async def close(self, session_id: str, owner: str | None = None) -> Closed:
         session = self.get(session_id, owner)
         await session.take()  # let an in-flight step finish before the slot is freed
         try:
             if session.closed:
                 raise NotFound(f"session {session_id!r} not found: it was closed")
+            closed = Closed(session.id, session.model, session.version, session.steps)
             self._remove(session)
         finally:
             session.release()
-        self._metrics.sessions_closed.labels(session.model, str(session.version)).inc()
-        return session
+        self._metrics.sessions_closed.labels(closed.model, str(closed.version)).inc()
+        return closed
 
     def discard(self, session: Session) -> None:
         """Removes a session whose opening failed."""
         self._remove(session)
 
     def expire(self, now: float | None = None) -> int:
-        """Removes sessions idle longer than idle_s that have no step in flight."""
+        """Removes sessions idle longer than idle_s that have no step in flight: one vectorised pass over
+        each version's columns finds them."""
         now = time.monotonic() if now is None else now
-        expired = [s for s in self._sessions.values() if now - s.last_used > self.idle_s and not s.busy]
-        for s in expired:
-            self._remove(s)
-            self._metrics.sessions_expired.labels(s.model, str(s.version)).inc()
+        expired = 0
+        for number, mv in list(self._mvs.items()):
+            cols = mv.pool.columns
+            idle = (cols["state"] == LIVE) & (cols["held"] == 0) & (now - cols["last_used"] > self.idle_s)
+            for slot in np.flatnonzero(idle).tolist():
+                self._remove(self._handle(cols["id"][slot].tobytes(), (number << 32) | slot))
+                cols = mv.pool.columns  # removing may shrink the pool
+                expired += 1
+            if idle.any():
+                self._metrics.sessions_expired.labels(mv.name, str(mv.version)).inc(int(idle.sum()))
         if expired:
-            log.info("expired %d idle session(s)", len(expired))
-        return len(expired)
+            log.info("expired %d idle session(s)", expired)
+        return expired
+
+    def store_answers(self, mv: ModelVersion, slots: np.ndarray, y: np.ndarray | None, q: np.ndarray | None) -> None:
+        """Keeps each slot's answer to its last sequence (y [n, horizon, targets], q with quantiles)."""
+        answered = mv.pool.columns["answered"]
+        if y is None:
+            answered[slots] = 0
+            return
+        mv.pool.add_column("forecast", np.float32, y.shape[1:])[slots] = y
+        if q is not None:
+            mv.pool.add_column("quantile_forecast", np.float32, q.shape[1:])[slots] = q
+        answered[slots] = 1
 
     # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
 
+    def live(self) -> list[tuple[int, bytes]]:
+        """(code, id bytes) of every live session: cheap values to read handles from, chunk by chunk."""
+        out: list[tuple[int, bytes]] = []
+        for number, mv in self._mvs.items():
+            cols = mv.pool.columns
+            slots = np.flatnonzero(cols["state"] == LIVE)
+            ids = cols["id"][slots].tobytes()
+            out.extend(((number << 32) | s, ids[16 * k : 16 * k + 16]) for k, s in enumerate(slots.tolist()))
+        return out
+
+    def handles(self, entries: list[tuple[int, bytes]]) -> list[Session]:
+        """Handles for the entries of `live()` still live under the same id."""
+        out = []
+        for code, key in entries:
+            if code >> 32 in self._mvs:
+                s = self._handle(key, code)
+                if not s.closed:
+                    out.append(s)
+        return out
+
     def all(self) -> list[Session]:
-        return list(self._sessions.values())
+        return self.handles(self.live())
 
     def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray], owner: str | None = None) -> Session:
         """Re-creates a saved session with its state tensors ([dims0, dims1] each, in manifest order); the
-        caller sets its sequence bookkeeping. Raises ValueError if the id is live, ResourceExhausted if full."""
-        if session_id in self._sessions:
+        caller sets its sequence bookkeeping. Raises ValueError if the id is live or malformed,
+        ResourceExhausted if full."""
+        key = _key(session_id)
+        if key is None or key.hex() != session_id:
+            raise ValueError(f"session id {session_id!r} is not 32 lowercase hex characters")
+        if self._find(key)[1] >= 0:
             raise ValueError(f"session {session_id} is already live")
-        slot = mv.pool.acquire()
-        mv.pool.scatter(np.array([slot], dtype=np.int64), [a[:, None, :] for a in states])
-        session = Session(id=session_id, mv=mv, slot=slot, owner=owner)  # snapshots do not keep owners yet
-        self._sessions[session_id] = session
-        if owner is not None:
-            self._owned[owner] += 1
-        self._metrics.live_sessions.labels(mv.name, str(mv.version)).inc()
+        session = self._add(mv, key, owner)  # snapshots do not keep owners yet
+        mv.pool.scatter(np.array([session.slot], dtype=np.int64), [a[:, None, :] for a in states])
         return session

@@ -23,26 +23,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATECAST_", extra="forbid")
 
     repo: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics ports bind; 0.0.0.0: every interface")
     port: int = Field(8500, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int | None = Field(8510, ge=0, le=65535, description="Prometheus /metrics port; unset: off")
     repo_poll_s: float = Field(5.0, gt=0, description="how often the repository is rescanned")
     # runtime
-    providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference; the one actually used is reported",
+    )
     intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads; 0: onnxruntime's choice")
-    inter_op_threads: int = Field(1, ge=0)
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads; 0: onnxruntime's choice")
     allow_spinning: bool = Field(False, description="onnxruntime thread spin-wait (burns an idle core)")
     # batching
-    max_batch_size: int = Field(64, ge=1)
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_batch_size: int = Field(64, ge=1, description="requests in one model run; a batch closes when full")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="a batch closes when its oldest request has waited this long"
+    )
     max_queue_size: int = Field(
         4096, ge=1, description="requests queued per model version (a Forecast counts one) before RESOURCE_EXHAUSTED"
     )
     # sessions
     max_sessions: int = Field(100_000, ge=1, description="live sessions per model version")
-    initial_session_slots: int = Field(1024, ge=1)
+    initial_session_slots: int = Field(
+        1024, ge=1, description="state slots allocated per model version at load; the pool grows up to max_sessions"
+    )
     session_idle_s: float = Field(600.0, gt=0, description="a session idle this long expires")
-    session_sweep_s: float = Field(5.0, gt=0)
+    session_sweep_s: float = Field(5.0, gt=0, description="how often idle sessions are looked for")
     # limits on what a client may send
     max_rows: int = Field(100_000, ge=1, description="rows in one series or one observation")
     max_series: int = Field(4096, ge=1, description="series in one Forecast request")
@@ -55,8 +62,11 @@ class Settings(BaseSettings):
         512, ge=1, description="a longer series or observation runs in pieces this long, interleaved with others"
     )
     max_stream_inflight: int = Field(256, ge=1, description="messages one Stream may have read and not yet answered")
-    max_message_mb: int = Field(64, ge=1)
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    max_batch_steps: int = Field(1024, ge=1, description="steps in one ObserveBatch/StreamBatch message")
+    max_message_mb: int = Field(64, ge=1, description="largest gRPC message received or sent, in MiB")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, SIGINT or SIGHUP: time in-flight work has to finish"
+    )
     # session snapshots (docs/snapshot.md): written on SIGTERM/SIGHUP and every snapshot_interval_s
     snapshot_path: Path | None = Field(None, description="session snapshot file; unset: sessions die with the process")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often sessions are snapshotted while serving")

@@ -360,13 +360,14 @@ class Snapshotter:
     async def _save(self) -> int:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        sessions = self.sessions.all()
+        live = self.sessions.live()  # (code, id) values: handles are made a chunk at a time
         writer = await loop.run_in_executor(None, SnapshotWriter, self.path)
         try:
-            for start in range(0, len(sessions), CAPTURE_CHUNK):
+            for start in range(0, len(live), CAPTURE_CHUNK):
                 records: list[SessionRecord] = []
                 busy: list[str] = []
-                self._capture_chunk(sessions[start : start + CAPTURE_CHUNK], records, busy)  # on the loop
+                chunk = self.sessions.handles(live[start : start + CAPTURE_CHUNK])  # those still live
+                self._capture_chunk(chunk, records, busy)  # on the loop
                 await loop.run_in_executor(None, self._write_chunk, writer, records, busy)
             self._index = await loop.run_in_executor(None, writer.commit)
         except BaseException:

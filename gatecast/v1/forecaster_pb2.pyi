@@ -116,6 +116,20 @@ class StreamResponse(_message.Message):
     quantile_forecast: Matrix
     def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., forecast: _Optional[_Union[Matrix, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., quantile_forecast: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
+class ObserveBatchRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[ObserveRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[ObserveRequest, _Mapping]]] = ...) -> None: ...
+
+class ObserveBatchResponse(_message.Message):
+    __slots__ = ("results", "error")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StreamResponse]
+    error: StreamError
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamResponse, _Mapping]]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class ForecasterStub:
                 request_serializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveRequest.SerializeToString,
                 response_deserializer=gatecast_dot_v1_dot_forecaster__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.ObserveBatch = channel.unary_unary(
+                '/gatecast.v1.Forecaster/ObserveBatch',
+                request_serializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.SerializeToString,
+                response_deserializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.FromString,
+                _registered_method=True)
+        self.StreamBatch = channel.stream_stream(
+                '/gatecast.v1.Forecaster/StreamBatch',
+                request_serializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.SerializeToString,
+                response_deserializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/gatecast.v1.Forecaster/CloseSession',
                 request_serializer=gatecast_dot_v1_dot_forecaster__pb2.CloseSessionRequest.SerializeToString,
@@ -105,6 +115,23 @@ class ForecasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ObserveBatch(self, request, context):
+        """Steps for many sessions in one call, answered in request order; a step's error is its own (the call
+        itself fails only for a malformed or oversized request). Equal answers to single Observe calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatch(self, request_iterator, context):
+        """ObserveBatch on a stream: one answer per message, in message order; a message refused as a whole
+        answers with `error` and the stream stays open. The server reads on while fewer than
+        GATECAST_MAX_STREAM_INFLIGHT steps are unanswered: a client that stops reading is held back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,6 +172,16 @@ def add_ForecasterServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveRequest.FromString,
                     response_serializer=gatecast_dot_v1_dot_forecaster__pb2.StreamResponse.SerializeToString,
+            ),
+            'ObserveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObserveBatch,
+                    request_deserializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.FromString,
+                    response_serializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.SerializeToString,
+            ),
+            'StreamBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatch,
+                    request_deserializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.FromString,
+                    response_serializer=gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -270,6 +307,60 @@ class Forecaster:
             '/gatecast.v1.Forecaster/Stream',
             gatecast_dot_v1_dot_forecaster__pb2.ObserveRequest.SerializeToString,
             gatecast_dot_v1_dot_forecaster__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObserveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gatecast.v1.Forecaster/ObserveBatch',
+            gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.SerializeToString,
+            gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gatecast.v1.Forecaster/StreamBatch',
+            gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchRequest.SerializeToString,
+            gatecast_dot_v1_dot_forecaster__pb2.ObserveBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
