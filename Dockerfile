@@ -22,7 +22,8 @@ ARG VARIANT
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --system --user-group --uid 10001 --home-dir /app --no-create-home gatecast
+RUN groupadd --system --gid 10001 gatecast \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home gatecast
 WORKDIR /app
 
 # Dependencies first, from the lock alone (and the pinned build backend): a code change reuses this layer.
@@ -46,7 +47,7 @@ COPY models models
 # session snapshots (GATECAST_SNAPSHOT_PATH), the one place the server writes
 RUN mkdir -p /var/lib/gatecast && chown gatecast:gatecast /var/lib/gatecast
 
-USER gatecast
+USER 10001:10001
 ENV GATECAST_HOST=0.0.0.0 \
     GATECAST_REPO=/app/models
 EXPOSE 8500 8510
