@@ -13,6 +13,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
+from gatecast.inference import grpc_predict_v2_pb2 as kpb
 from gatecast.v1 import forecaster_pb2 as pb
 
 from .errors import ServiceError
@@ -26,7 +27,9 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _ROWS = (1, 8, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
 
 
-RPCS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["Forecaster"].methods)
+# the methods counted by name: gatecast's own and the KServe v2 front's (service/kserve.py)
+_SERVICES = (pb.DESCRIPTOR.services_by_name["Forecaster"], kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+RPCS = tuple(m.name for service in _SERVICES for m in service.methods)
 # the codes the servicer counts: OK, a client that left, and the code of each of our errors
 _ERRORS: list[type[ServiceError]] = [ServiceError, *ServiceError.__subclasses__()]
 CODES = tuple(sorted({"OK", "CANCELLED", *(e.code.name for e in _ERRORS)}))

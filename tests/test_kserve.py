@@ -191,6 +191,21 @@ def test_model_infer_shares_model_runs_with_forecast(srv: RunningServer) -> None
     assert (2, 432) in rt.runs, rt.runs  # both windows in one onnxruntime run
 
 
+def test_kserve_calls_are_counted_from_zero(srv: RunningServer, kserve: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    registry = srv.app.metrics.registry
+
+    def count(model: str, code: str) -> float | None:
+        return registry.get_sample_value("gatecast_requests_total", {"rpc": "ModelInfer", "model": model, "code": code})
+
+    assert count("qsum", "DEADLINE_EXCEEDED") == 0  # the series exists from the model's load: rate() sees its first
+    ok, missing = count("taylor", "OK"), count("", "NOT_FOUND")
+    assert ok is not None and missing is not None
+    kserve.ModelInfer(request(windows(batch=1)))
+    with pytest.raises(grpc.RpcError):
+        kserve.ModelInfer(request(windows(batch=1), model="nope"))
+    assert (count("taylor", "OK"), count("", "NOT_FOUND")) == (ok + 1, missing + 1)
+
+
 # --- what a client gets wrong ------------------------------------------------------------------------------
 
 
