@@ -1,0 +1,57 @@
+"""The ceiling: a bare grpc.aio server answering every call with a pre-built response of given bytes.
+
+`Unary` answers each request with `unary` bytes; `Bidi` answers each message of a stream with `bidi`
+bytes. No parsing, no model: what gRPC and the event loop alone cost for payloads of gatecast's size.
+Run as a process by benchmarks/throughput.py; prints `listening on <port>` once bound.
+
+    python -m benchmarks.echo_server --unary-bytes 108 --bidi-bytes 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+SERVICE = "bench.Echo"
+
+
+def handlers(unary: bytes, bidi: bytes) -> grpc.GenericRpcHandler:
+    async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return unary
+
+    async def answer_each(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield bidi
+
+    # no (de)serializers: bytes in, bytes out
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(answer),
+            "Bidi": grpc.stream_stream_rpc_method_handler(answer_each),
+        },
+    )
+
+
+async def serve(unary: bytes, bidi: bytes) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handlers(unary, bidi),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on {port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--unary-bytes", type=int, required=True, help="size of every unary answer")
+    ap.add_argument("--bidi-bytes", type=int, required=True, help="size of every stream answer")
+    args = ap.parse_args()
+    asyncio.run(serve(b"\x01" * args.unary_bytes, b"\x01" * args.bidi_bytes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,549 @@
+"""Side by side in one run (issue 9): a bare grpc.aio echo (the ceiling), Triton through PyTriton serving
+the same ONNX graph, and gatecast; unary calls at several concurrencies and one-row streaming.
+
+One client drives every server: it sends pre-serialized request bytes through grpc's generic callables
+(no protobuf on the client's hot path, so neither side's protobuf version matters) from `--client-procs`
+processes of asyncio coroutines, each a closed loop (send, wait for the answer, send again). The server
+and the client share this machine's cores: figures are comparable within one run, as ratios to the echo
+measured in that run.
+
+- echo: benchmarks/echo_server.py answers each call (each stream message) with as many bytes as gatecast
+  answers the same request;
+- triton: benchmarks/triton_peer.py in its own virtual environment (PyTriton and tritonclient pin protobuf
+  below 7, gatecast needs 7), created under ~/.cache/gatecast-bench/triton-venv when missing; onnxruntime
+  inside the PyTriton callable runs the same graph, dynamic batching on, two instances;
+- gatecast: `gatecast serve` with its defaults.
+
+The model: an LSTM 2x64, window 96, horizon 24, trained once (one epoch) on the Taylor series and cached
+under ~/.cache/gatecast-bench/repo.
+
+    python -m benchmarks.throughput                 # the full run (about 6 minutes)
+    python -m benchmarks.throughput --quick --servers echo gatecast   # a smoke test (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from benchmarks.load import start_server
+from gatecast.manifest import Manifest
+from gatecast.v1 import forecaster_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "taylor_halfhourly.csv"
+CACHE = Path(os.environ.get("GATECAST_BENCH_CACHE", Path.home() / ".cache" / "gatecast-bench"))
+MODEL = "bench"
+FORECAST = "/gatecast.v1.Forecaster/Forecast"
+STREAM = "/gatecast.v1.Forecaster/Stream"
+ECHO_UNARY = "/bench.Echo/Unary"
+ECHO_BIDI = "/bench.Echo/Bidi"
+TRITON_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def bench_repo(cache: Path = CACHE) -> Path:
+    """A repository holding the benchmark model (LSTM 2x64, window 96, horizon 24), trained once."""
+    repo = cache / "repo"
+    if (repo / MODEL / "1" / "manifest.json").is_file():
+        return repo
+    from gatecast.training.config import build_config
+    from gatecast.training.pipeline import run
+
+    tmp = Path(tempfile.mkdtemp(prefix="repo-", dir=cache))
+    cfg = dict(
+        data=DATA,
+        context=96,
+        horizon=24,
+        cell="lstm",
+        hidden_size=64,
+        layers=2,
+        form="level",
+        max_epochs=1,
+        train_stride=8,
+        eval_stride=48,
+        seasons=[48],
+        repo=tmp,
+        name=MODEL,
+        progress=False,
+        plot_windows=0,
+    )
+    run(build_config(None, cfg))
+    shutil.rmtree(repo, ignore_errors=True)
+    tmp.rename(repo)
+    return repo
+
+
+# --- the client (runs in child processes; bytes in, bytes out) -------------------------------------------
+
+
+@dataclass
+class Load:
+    """What one client process does: `concurrency` closed loops over `payloads` for warm-up + seconds."""
+
+    address: str
+    method: str
+    payloads: list[bytes]
+    concurrency: int
+    seconds: float
+    warmup: float
+    channels: int = 4
+    # streaming: `concurrency` streams, each carrying these session ids (one row each per round)
+    sessions: list[list[str]] = field(default_factory=list)
+    rows: bytes = b""  # a serialized Matrix of one row, for stream messages
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def observe_bytes(session_id: str, seq: int, rows: bytes) -> bytes:
+    """An ObserveRequest's wire form, written directly (session_id = 1, sequence = 2, rows = 3)."""
+    sid = session_id.encode()
+    return b"\x0a" + _varint(len(sid)) + sid + b"\x10" + _varint(seq) + b"\x1a" + _varint(len(rows)) + rows
+
+
+def _client(load: Load, conn: Any) -> None:
+    try:
+        conn.send(asyncio.run(_drive(load)))
+    finally:
+        conn.close()
+
+
+async def _drive(load: Load) -> tuple[int, int, list[float]]:
+    """Returns (answers counted, errors, latencies in s) for the measured window."""
+    channels = [grpc.aio.insecure_channel(load.address) for _ in range(max(1, min(load.channels, load.concurrency)))]
+    for c in channels:
+        await asyncio.wait_for(c.channel_ready(), 30)
+    t0 = time.perf_counter()
+    begin, end = t0 + load.warmup, t0 + load.warmup + load.seconds
+    lat: list[float] = []
+    errors = 0
+
+    async def unary(i: int) -> None:
+        nonlocal errors
+        call = channels[i % len(channels)].unary_unary(load.method)  # no serializers: bytes both ways
+        k = i
+        while (t := time.perf_counter()) < end:
+            try:
+                await call(load.payloads[k % len(load.payloads)], timeout=30)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            done = time.perf_counter()
+            if t >= begin and done <= end:
+                lat.append(done - t)
+            k += load.concurrency
+
+    async def stream(i: int) -> None:
+        nonlocal errors
+        mine = load.sessions[i]
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def send() -> AsyncIterator[bytes]:
+            while (m := await out.get()) is not None:
+                yield m
+
+        call = channels[i % len(channels)].stream_stream(load.method)(send())
+        seq = 0
+        while (t := time.perf_counter()) < end:
+            seq += 1
+            for sid in mine:
+                out.put_nowait(observe_bytes(sid, seq, load.rows))
+            for _ in mine:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    errors += 1
+                    return
+                done = time.perf_counter()
+                if t >= begin and done <= end:
+                    lat.append(done - t)
+        out.put_nowait(None)
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    work = stream if load.sessions else unary
+    await asyncio.gather(*(work(i) for i in range(load.concurrency)))
+    for c in channels:
+        await c.close()
+    return len(lat), errors, lat
+
+
+def drive(loads: list[Load]) -> dict[str, Any]:
+    """Runs one Load per client process at once; throughput and latency over the measured window."""
+    ctx = mp.get_context("spawn")  # no fork of a process that has used grpc
+    procs, conns = [], []
+    for load in loads:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client, args=(load, child), daemon=True)
+        p.start()
+        child.close()
+        procs.append(p)
+        conns.append(parent)
+    timeout = max(ld.warmup + ld.seconds for ld in loads) + 120
+    results = [c.recv() if c.poll(timeout) else (0, 0, []) for c in conns]
+    for p in procs:
+        p.join(10)
+    seconds = loads[0].seconds
+    lat = np.asarray([x for r in results for x in r[2]])
+    return {
+        "per_s": sum(r[0] for r in results) / seconds,
+        "errors": sum(r[1] for r in results),
+        "p50_ms": float(np.percentile(lat, 50) * 1000) if lat.size else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99) * 1000) if lat.size else float("nan"),
+    }
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants: what a server spent,
+    whatever else shares the machine."""
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        used[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += used.get(p, 0.0)
+        todo.extend(c for c, pp in parent.items() if pp == p)
+    return total
+
+
+def measured(server_pid: int, loads: list[Load]) -> dict[str, Any]:
+    """`drive`, plus the server's CPU time per answer (over warm-up and measurement alike)."""
+    before = tree_cpu_s(server_pid)
+    r = drive(loads)
+    cpu = tree_cpu_s(server_pid) - before
+    answered = r["per_s"] * (loads[0].seconds + loads[0].warmup)  # the warm-up's rate taken as the same
+    r["server_cpu_us"] = cpu / answered * 1e6 if answered else float("nan")
+    return r
+
+
+def split(n: int, parts: int) -> list[int]:
+    """n coroutines over at most `parts` processes, as evenly as they go."""
+    parts = max(1, min(parts, n))
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def unary_point(
+    pid: int, address: str, method: str, payloads: list[bytes], concurrency: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    loads = [
+        Load(address, method, payloads, c, a.seconds, a.warmup, a.channels) for c in split(concurrency, a.client_procs)
+    ]
+    return {"concurrency": concurrency, **measured(pid, loads)}
+
+
+def stream_point(pid: int, address: str, method: str, ids: list[str], rows: bytes, a: argparse.Namespace) -> Any:
+    per_stream = [ids[k :: a.streams] for k in range(a.streams)]
+    loads = []
+    first = 0
+    for n in split(a.streams, a.client_procs):
+        mine = per_stream[first : first + n]
+        first += n
+        loads.append(Load(address, method, [], n, a.seconds, a.warmup, a.channels, mine, rows))
+    return {"streams": a.streams, "sessions": len(ids), **measured(pid, loads)}
+
+
+# --- the servers ---------------------------------------------------------------------------------------
+
+
+def _listening(proc: subprocess.Popen[str], pattern: str, what: str, timeout: float = 300) -> int:
+    """Reads the child's output until `pattern` names its port; keeps draining it afterwards."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.search(pattern, line):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return int(m.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{what} did not start (exit code {proc.wait()}):\n{''.join(lines[-30:])}")
+
+
+def start_echo(unary_bytes: int, bidi_bytes: int) -> tuple[subprocess.Popen[str], int]:
+    cmd = [sys.executable, "-m", "benchmarks.echo_server", f"--unary-bytes={unary_bytes}", f"--bidi-bytes={bidi_bytes}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return proc, _listening(proc, r"listening on (\d+)", "the echo server")
+
+
+def triton_python(cache: Path = CACHE) -> Path:
+    """The Triton peer's own virtual environment (PyTriton pins protobuf < 7), created when missing.
+
+    Triton's Python-backend stub embeds the system's libpython (/lib/.../libpython3.X.so): the venv is made
+    from the system interpreter of that version, or the stub runs one patch release's C core under another
+    release's standard library (it fails in multiprocessing). GATECAST_BENCH_TRITON_BASE overrides."""
+    venv = cache / "triton-venv"
+    python = venv / "bin" / "python"
+    ok = python.exists() and subprocess.run([python, "-c", "import pytriton, onnxruntime"], check=False).returncode == 0
+    if not ok:
+        system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+        base = os.environ.get("GATECAST_BENCH_TRITON_BASE") or (str(system) if system.exists() else sys.executable)
+        subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "nvidia-pytriton", "onnxruntime"], check=True)
+    return python
+
+
+def _free_port() -> int:
+    """tritonserver takes explicit ports: the OS names a free one (a race is possible, and reported)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_triton(python: Path, folder: Path, window: Path, request_file: Path) -> tuple[subprocess.Popen[str], int]:
+    ports = [str(_free_port()) for _ in range(3)]
+    cmd = [str(python), str(ROOT / "benchmarks" / "triton_peer.py"), str(folder), str(window), str(request_file)]
+    proc = subprocess.Popen(
+        [*cmd, *ports], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
+    )
+    return proc, _listening(proc, r"triton listening on (\d+)", "the Triton peer")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def open_sessions(address: str, n: int) -> list[str]:
+    with grpc.insecure_channel(address) as ch:
+        open_ = ch.unary_unary(
+            "/gatecast.v1.Forecaster/OpenSession",
+            request_serializer=pb.OpenSessionRequest.SerializeToString,
+            response_deserializer=pb.OpenSessionResponse.FromString,
+        )
+        return [open_(pb.OpenSessionRequest(model=MODEL), timeout=30).session_id for _ in range(n)]
+
+
+def answer_sizes(address: str, request: bytes, row: bytes, session_id: str) -> tuple[int, int]:
+    """The sizes of gatecast's answers to a Forecast and to one Stream message: the echo's payloads."""
+    with grpc.insecure_channel(address) as ch:
+        unary = ch.unary_unary(FORECAST)(request, timeout=30)
+        stream = ch.stream_stream(STREAM)(iter([observe_bytes(session_id, 1, row)]), timeout=30)
+        return len(unary), len(next(iter(stream)))
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    repo = bench_repo()
+    folder = repo / MODEL / "1"
+    m = Manifest.read(folder)
+    values = np.loadtxt(DATA, delimiter=",", skiprows=1, usecols=1, dtype=np.float32)[:, None]
+    ctx = m.context_length
+    windows = [values[i : i + ctx] for i in range(0, len(values) - ctx, 37)][:64]
+    forecast = [
+        pb.ForecastRequest(
+            model=MODEL, series=[pb.Matrix(rows=ctx, cols=1, values=w.ravel().tolist())]
+        ).SerializeToString()
+        for w in windows
+    ]
+    row = pb.Matrix(rows=1, cols=1, values=[float(values[0, 0])]).SerializeToString()
+    env = {"GATECAST_MAX_SESSIONS": str(a.sessions + 10), "GATECAST_MAX_QUEUE_SIZE": str(a.sessions + 1024)}
+    result: dict[str, Any] = {
+        "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, window {ctx}, horizon {m.horizon}, {m.input_form})",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; client ({a.client_procs} processes) and server "
+        "share them",
+        "seconds_per_point": a.seconds,
+        "warmup_s": a.warmup,
+        "concurrency": a.concurrency,
+        "servers": {},
+    }
+    servers: dict[str, Any] = result["servers"]
+    gproc, gport = start_server(repo, env)
+    gaddr = f"127.0.0.1:{gport}"
+    try:
+        ids = open_sessions(gaddr, a.sessions)
+        unary_size, bidi_size = answer_sizes(gaddr, forecast[0], row, ids[0])
+    except BaseException:
+        stop(gproc)  # type: ignore[arg-type]
+        raise
+    result["payload_bytes"] = {"forecast_request": len(forecast[0]), "forecast_answer": unary_size}
+    result["payload_bytes"] |= {"stream_message": len(observe_bytes(ids[0], 1, row)), "stream_answer": bidi_size}
+
+    def unary_rows(pid: int, address: str, method: str, payloads: list[bytes]) -> list[dict[str, Any]]:
+        rows = []
+        for c in a.concurrency:
+            rows.append(unary_point(pid, address, method, payloads, c, a))
+            _progress(rows[-1])
+        return rows
+
+    if "gatecast" in a.servers:
+        try:
+            servers["gatecast"] = {"unary": unary_rows(gproc.pid, gaddr, FORECAST, forecast)}
+            servers["gatecast"]["stream"] = stream_point(gproc.pid, gaddr, STREAM, ids, row, a)
+            _progress(servers["gatecast"]["stream"])
+        finally:
+            stop(gproc)  # type: ignore[arg-type]
+    else:
+        stop(gproc)  # type: ignore[arg-type]
+    if "echo" in a.servers:
+        eproc, eport = start_echo(unary_size, bidi_size)
+        try:
+            eaddr = f"127.0.0.1:{eport}"
+            servers["echo"] = {"unary": unary_rows(eproc.pid, eaddr, ECHO_UNARY, forecast)}
+            servers["echo"]["stream"] = stream_point(eproc.pid, eaddr, ECHO_BIDI, ids, row, a)
+            _progress(servers["echo"]["stream"])
+        finally:
+            stop(eproc)
+    if "triton" in a.servers:
+        servers["triton"] = triton_rows(a, folder, np.stack(windows), unary_rows)
+    ratios(result)
+    return result
+
+
+def triton_rows(a: argparse.Namespace, folder: Path, windows: np.ndarray, unary_rows: Any) -> dict[str, Any]:
+    """Triton's figures, or why there are none (never made up)."""
+    try:
+        python = triton_python()
+    except (subprocess.CalledProcessError, OSError) as e:
+        return {"unavailable": f"PyTriton could not be installed: {e}"}
+    with tempfile.TemporaryDirectory(prefix="triton-") as tmp:
+        window, request_file = Path(tmp) / "windows.npy", Path(tmp) / "requests.bin"
+        np.save(window, windows)
+        try:
+            proc, port = start_triton(python, folder, window, request_file)
+        except RuntimeError as e:
+            return {"unavailable": str(e)[-2000:]}
+        try:
+            blob = request_file.read_bytes()
+            payloads, pos = [], 0
+            while pos < len(blob):  # length-prefixed ModelInferRequest bytes, one per window
+                n = int.from_bytes(blob[pos : pos + 4], "little")
+                payloads.append(blob[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+            return {"unary": unary_rows(proc.pid, f"127.0.0.1:{port}", TRITON_INFER, payloads)}
+        finally:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
+def ratios(result: dict[str, Any]) -> None:
+    """Each server's req/s as a share of the echo's at the same concurrency (and streaming)."""
+    servers = result["servers"]
+    echo = servers.get("echo")
+    if not echo:
+        return
+    ceiling = {r["concurrency"]: r["per_s"] for r in echo["unary"]}
+    for s in servers.values():
+        for r in s.get("unary", []):
+            r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None
+        if "stream" in s:
+            s["stream"]["of_echo"] = s["stream"]["per_s"] / echo["stream"]["per_s"]
+    g, t = servers.get("gatecast"), servers.get("triton")
+    if g and t and "unary" in t:
+        tri = {r["concurrency"]: r for r in t["unary"]}
+        for r in g["unary"]:
+            if (o := tri.get(r["concurrency"])) and o["per_s"]:
+                r["of_triton"] = r["per_s"] / o["per_s"]
+
+
+def _progress(row: dict[str, Any]) -> None:
+    print(f"  {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}", flush=True)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['model']} | {result['machine']}")
+    print(f"\nunary, one series per request ({result['seconds_per_point']} s per point)")
+    print(f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}{'cpu us':>8}{'errors':>8}")
+    for name, s in result["servers"].items():
+        if "unavailable" in s:
+            print(f"{name:>10}  unavailable: {s['unavailable'].splitlines()[0][:200]}")
+        for r in s.get("unary", []):
+            share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
+            print(
+                f"{name:>10}{r['concurrency']:>7}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                f"{share:>9}{r['server_cpu_us']:>8.0f}{r['errors']:>8}"
+            )
+    print("\nstreaming, one row per message")
+    head = f"{'server':>10}{'streams':>9}{'sessions':>9}{'steps/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"
+    print(f"{head}{'cpu us':>8}")
+    for name, s in result["servers"].items():
+        if r := s.get("stream"):
+            share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
+            print(
+                f"{name:>10}{r['streams']:>9}{r['sessions']:>9}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}"
+                f"{r['p99_ms']:>9.2f}{share:>9}{r['server_cpu_us']:>8.0f}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--servers", nargs="+", default=["echo", "triton", "gatecast"], choices=["echo", "triton", "gatecast"]
+    )
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring, per point")
+    ap.add_argument("--client-procs", type=int, default=2, help="client processes (coroutines split over them)")
+    ap.add_argument("--channels", type=int, default=4, help="gRPC channels per client process")
+    ap.add_argument("--streams", type=int, default=16, help="streams (bidirectional calls)")
+    ap.add_argument("--sessions", type=int, default=512, help="sessions, spread over the streams")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: short points, few concurrencies")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seconds, a.warmup, a.concurrency, a.streams, a.sessions = 0.5, 0.2, [1, 8], 2, 8
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    result = run(a)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"\nwrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
