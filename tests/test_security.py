@@ -41,6 +41,7 @@ OWN = [("grpc.use_local_subchannel_pool", 1)]
 TOKEN_A = "a" * 24 + "-token-of-client-a"
 TOKEN_B = "b" * 24 + "-token-of-client-b"
 ROW = matrix(np.ones((1, 1)))
+KSERVE_LIVE = "/inference.GRPCInferenceService/ServerLive"  # raw bytes: an empty request is a valid one
 
 
 # --- certificates -------------------------------------------------------------------------------------
@@ -100,15 +101,21 @@ class Pki:
         return grpc.ssl_channel_credentials(self.ca_pem, _key_pem(key), _pem(cert))
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    pki = Pki(tmp_path_factory.mktemp("pki"), _issue("gatecast test CA"), _issue("someone else's CA"))
+def make_pki(folder: Path) -> Pki:
+    """A CA, another CA, and in `folder`: ca.pem, server.pem and server.key (for localhost and 127.0.0.1),
+    client.pem and client.key (CN=client, from the CA). benchmarks/security.py uses them too."""
+    pki = Pki(folder, _issue("gatecast test CA"), _issue("someone else's CA"))
     san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert, key = _issue("localhost", pki.ca, san)
-    pki.write("server.pem", _pem(cert))
-    pki.write("server.key", _key_pem(key))
+    for name, (cert, key) in {"server": _issue("localhost", pki.ca, san), "client": _issue("client", pki.ca)}.items():
+        pki.write(f"{name}.pem", _pem(cert))
+        pki.write(f"{name}.key", _key_pem(key))
     pki.write("ca.pem", pki.ca_pem)
     return pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +280,16 @@ def _auth(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def test_tls_client_with_a_token_is_served(tls_channel: grpc.Channel) -> None:
+def test_tls_client_with_a_token_is_served(tokened: RunningServer, pki: Pki, tls_channel: grpc.Channel) -> None:
     models = pb_grpc.ForecasterStub(tls_channel).ListModels(pb.ListModelsRequest(), timeout=10, metadata=_auth(TOKEN_A))
     assert [m.name for m in models.models] == ["taylor"]
+    assert tls_channel.unary_unary(KSERVE_LIVE)(b"", timeout=10, metadata=_auth(TOKEN_A)) is not None
+    # grpc's own call credentials send the same header
+    creds = grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(pki.ca_pem), grpc.access_token_call_credentials(TOKEN_B)
+    )
+    with _channel(tokened, creds) as ch:
+        assert pb_grpc.ForecasterStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models
 
 
 def test_plain_text_to_a_tls_port_is_refused(tokened: RunningServer) -> None:
@@ -312,6 +326,8 @@ def test_calls_without_a_good_token_are_unauthenticated(
     listing = reflection_pb2.ServerReflectionRequest(list_services="")
     code, _ = _code(lambda: list(reflect.ServerReflectionInfo(iter([listing]), timeout=10, metadata=metadata)))
     assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = _code(lambda: tls_channel.unary_unary(KSERVE_LIVE)(b"", timeout=10, metadata=metadata))
+    assert code == grpc.StatusCode.UNAUTHENTICATED  # the KServe v2 front too
     code, _ = _code(lambda: tls_channel.unary_unary("/no.Such/Method")(b"", timeout=10, metadata=metadata))
     assert code == grpc.StatusCode.UNAUTHENTICATED  # the API is not probed without a token
 
