@@ -1,157 +1,298 @@
 """The `gatecast` command: train, evaluate, serve, forecast.
 
-Each subcommand imports its own package lazily, so `gatecast serve` never loads torch.
+The flags of each command are generated from the one pydantic model that holds its settings (TrainConfig,
+the server's Settings, EvaluateArgs, ForecastArgs): a field's description and default are its help, so
+the help cannot drift from what the command does. Each command imports its own package lazily:
+`gatecast serve` never loads torch, and only `gatecast train` pays for importing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import os
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
 
 from gatecast.errors import UserError
 
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML or YAML file of training settings; flags override it")
-    p.add_argument("--data", type=Path, help="CSV or Parquet file with a time column and value columns")
-    p.add_argument("--target", dest="targets", action="append", help="target column (repeatable)")
-    p.add_argument(
-        "--series-column",
-        help="long-format file: the column naming each series; one global model is trained over all of them",
-    )
-    p.add_argument("--covariate", dest="covariates", action="append", help="input-only column (repeatable)")
-    p.add_argument("--time-column", help="name of the time column (default: the first column of timestamps)")
-    p.add_argument(
-        "--time-index",
-        action="store_true",
-        default=None,
-        help="the time column is an integer row index (one step per row), not timestamps",
-    )
-    p.add_argument("--fill", choices=["error", "ffill", "interpolate", "zero"], help="missing-value policy")
-    p.add_argument(
-        "--form",
-        choices=["auto", "level", "seasonal", "lookback"],
-        help="input form (default auto: every form is trained and the best on validation is published)",
-    )
-    p.add_argument("--lookback", type=int, help="lookback form: rows of the linear map (default: chosen on validation)")
-    p.add_argument(
-        "--extra-season",
-        dest="extra_seasons",
-        type=int,
-        action="append",
-        help="seasonal form: also feed differences to this season (repeatable)",
-    )
-    p.add_argument(
-        "--quantiles",
-        type=_floats,
-        help="quantile outputs trained with the pinball loss, e.g. 0.1,0.5,0.9 (default: none)",
-    )
-    p.add_argument("--loss", choices=["mse", "mae"], help="point loss (default mse)")
-    p.add_argument(
-        "--budget-s", type=float, help="wall-clock seconds for choosing and training the model (default 120)"
-    )
-    p.add_argument("--tune", type=int, help="run N Optuna trials over the search space instead of the fixed candidates")
-    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="recurrent cell (default lstm)")
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--forget-bias",
-        type=float,
-        help="initial forget-gate bias (lstm) or update-gate bias (gru), e.g. 1.0 (default 0: torch's init)",
-    )
-    p.add_argument(
-        "--relative",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="forecast relative to the last observed value (default on)",
-    )
-    p.add_argument(
-        "--input-season",
-        dest="season",
-        type=int,
-        help="seasonal input form: carry this many rows as state, feed differences to one season back",
-    )
-    p.add_argument("--level-input", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--recent", type=int, help="seasonal form: linear skip from the last N seasonal differences")
-    p.add_argument("--ema-decay", type=float, help="keep and export an EMA of the weights (0: off)")
-    p.add_argument("--context", type=int, help="window length in rows")
-    p.add_argument("--horizon", type=int, help="rows forecast")
-    p.add_argument("--train-stride", type=int, help="rows between training windows (default: from --max-train-windows)")
-    p.add_argument(
-        "--max-train-windows", type=int, help="the default train stride keeps about this many windows (default 4000)"
-    )
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "plateau", "none"])
-    p.add_argument("--clip-norm", type=float)
-    p.add_argument("--clip-value", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--test-fraction", type=float)
-    p.add_argument("--val-start", help="first timestamp of the validation split")
-    p.add_argument("--test-start", help="first timestamp of the test split")
-    p.add_argument("--eval-stride", type=int, help="rows between test forecast origins")
-    p.add_argument(
-        "--season",
-        dest="seasons",
-        type=int,
-        action="append",
-        help="seasonal-naive season (repeatable); the first scales MASE",
-    )
-    p.add_argument("--plot-windows", type=int)
-    p.add_argument("--name", help="model name in the repository")
-    p.add_argument("--repo", type=Path, help="model repository folder (default models/)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+# Flags whose name is not the field's, kept as they were: field -> flag.
+FLAG_NAMES = {
+    "targets": "--target",
+    "covariates": "--covariate",
+    "extra_seasons": "--extra-season",
+    "season": "--input-season",  # the seasonal input form's season; --season names the baselines' seasons
+    "seasons": "--season",
+}
+POSITIONAL = {"model_dir"}
 
 
-def _floats(text: str) -> list[float]:
+class EvaluateArgs(BaseModel):
+    """`gatecast evaluate`: the split flags are those given to train, so the manifest's scores come back."""
+
+    model_dir: Path = Field(description="the exported model's folder, models/<name>/<version>/")
+    data: Path = Field(description="CSV or Parquet file to score on (the training file reproduces the manifest)")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="as given to train: share of rows in validation")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="as given to train: share of rows in the test split")
+    val_start: str | None = Field(None, description="as given to train: first timestamp of the validation split")
+    test_start: str | None = Field(None, description="as given to train: first timestamp of the test split")
+    time_index: bool | None = Field(None, description="the time column is an integer row index")
+    stride: int | None = Field(None, ge=1, description="rows between forecast origins (default: as train chooses)")
+    seasons: list[int] | None = Field(None, description="seasonal-naive seasons of the baselines")
+    fill: Literal["error", "ffill", "interpolate", "zero"] | None = Field(None, description="missing-value policy")
+
+
+class ForecastArgs(BaseModel):
+    """`gatecast forecast`: one forecast from the last rows of a CSV, printed with its timestamps."""
+
+    data: Path = Field(description="CSV with a time column and the model's features")
+    model: str = Field(description="model name in the server's repository")
+    version: int = Field(0, ge=0, description="model version; 0: the server's default (highest loaded)")
+    server: str = Field("localhost:8500", description="the server's host:port")
+    time_column: str | None = Field(None, description="the time column (default: the first column)")
+    rows: int | None = Field(None, ge=1, description="use the last N rows (default: the model's context length)")
+    format: Literal["csv", "table", "json"] = Field("csv", description="output: timestamp,value rows, a table or JSON")
+    timeout: float = Field(10.0, gt=0, description="seconds per call, retries included")
+    tls: bool = Field(False, description="connect with TLS (on when --ca-file is given)")
+    ca_file: Path | None = Field(None, description="PEM root certificates (default: the system's)")
+    token_file: Path | None = Field(
+        None, description="file holding a bearer token (default: $GATECAST_TOKEN, else none)"
+    )
+
+
+# --- flags from models ---------------------------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _comma_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} values separated by commas, got {text!r}"
+            ) from None
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(_show, value)) if value else "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], none_means: str) -> None:
+    """One flag per field: --kebab-name (or FLAG_NAMES'), dest the field, help its description and default.
+
+    Every flag defaults to None, so a flag not given leaves the value to the config file or the model.
+    `none_means` says what a None default does when the description does not say it."""
+    for name, field in model.model_fields.items():
+        kind = _unwrap(field.annotation)
+        origin = typing.get_origin(kind)
+        kw: dict[str, Any] = {}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kw["choices"] = typing.get_args(kind)
+        elif origin is list:
+            (item,) = typing.get_args(kind)
+            kw.update(action="extend", type=_comma_list(item), metavar=FLAG_NAMES.get(name, name).strip("-").upper())
+        elif kind in (int, float, str, Path):
+            kw["type"] = kind
+        else:
+            raise TypeError(f"{model.__name__}.{name}: no flag for a {kind}")
+        help = (field.description or "").replace("%", "%%")
+        if field.is_required():
+            help += " (required: no default)" if name not in POSITIONAL else ""
+        elif "(default" not in help:
+            default = field.get_default(call_default_factory=True)
+            shown = none_means if default is None else _show(default)
+            help += f" (default: {shown}{'; repeat or separate with commas' if origin is list else ''})"
+        elif origin is list:
+            help += " (repeat or separate with commas)"
+        if name in POSITIONAL:
+            parser.add_argument(name, help=help, **kw)
+            continue
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        parser.add_argument(flag, dest=name, default=None, required=field.is_required(), help=help, **kw)
+
+
+def given(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The model's fields that were given on the command line."""
+    return {k: v for k in model.model_fields if (v := getattr(args, k, None)) is not None}
+
+
+def parse_model(model: type[BaseModel], args: argparse.Namespace) -> Any:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        return model.model_validate(given(args, model))
+    except ValidationError as e:
+        problems = "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
+        raise UserError(problems) from None
+
+
+# --- commands --------------------------------------------------------------------------------------------
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from gatecast.training.config import TrainConfig  # imports torch: only for `gatecast train`
+
+    p.add_argument(
+        "--config", type=Path, help="TOML or YAML file of training settings; flags override it (default: none)"
+    )
+    add_model_flags(p, TrainConfig, "found from the data")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.data is not None and not args.data.is_file():  # said before torch is imported (seconds)
+    if args.data is not None and not args.data.is_file():
         raise UserError(f"{args.data}: no such file")
     from gatecast.training.config import TrainConfig, build_config
     from gatecast.training.pipeline import run
 
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in TrainConfig.model_fields if hasattr(args, k)}
-    published = run(build_config(args.config, overrides), started=args.started)
+    published = run(build_config(args.config, given(args, TrainConfig)), started=args.started)
     print(published.table)
     files = ", ".join(sorted(p.name for p in published.path.iterdir()))
     print(f"wrote {published.path}/ ({files})")
     return 0
 
 
+def _evaluate_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p, EvaluateArgs, "as the model was trained")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from gatecast.training.evaluate import evaluate_model_dir
 
-    _, table = evaluate_model_dir(
-        args.model_dir,
-        args.data,
-        test_fraction=args.test_fraction,
-        stride=args.stride,
-        seasons=args.seasons,
-        fill=args.fill,
-        val_fraction=args.val_fraction,
-        val_start=args.val_start,
-        test_start=args.test_start,
-        time_index=args.time_index,
-    )
+    _, table = evaluate_model_dir(**parse_model(EvaluateArgs, args).model_dump())
     print(table)
     return 0
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    from gatecast.service.settings import Settings
+
+    p.add_argument(
+        "--settings",
+        type=Path,
+        help="settings file (TOML); GATECAST_* variables override it, flags both (default: none)",
+    )
+    add_model_flags(p, Settings, "unset")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gatecast.service.main import serve
+    from gatecast.service.settings import Settings
+
+    return serve(args.settings, **given(args, Settings))
+
+
+def _forecast_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p, ForecastArgs, "none")
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    import json
+
+    from gatecast.client import Client
+
+    opts: ForecastArgs = parse_model(ForecastArgs, args)
+    history = _read_time_csv(opts.data, opts.time_column)
+    token = opts.token_file.read_text().strip() if opts.token_file else os.environ.get("GATECAST_TOKEN")
+    with Client(opts.server, tls=opts.tls, root_certificates=opts.ca_file, token=token, timeout=opts.timeout) as c:
+        info = c.model_info(opts.model, opts.version)
+        out = c.forecast(history, opts.model, opts.version, rows=opts.rows)
+    if opts.format == "json":
+        targets = list(info.targets)
+        doc = {
+            "model": out.attrs["model"],
+            "version": out.attrs["version"],
+            "targets": targets,
+            "timestamps": [str(t) for t in out.index],
+            "forecast": out[targets].to_numpy().tolist(),
+        }
+        if info.quantiles:  # columns <target>_q<level>, target-major
+            doc.update(quantiles=list(info.quantiles), quantile_forecast=out.drop(columns=targets).to_numpy().tolist())
+        print(json.dumps(doc))
+    elif opts.format == "table":
+        used = min(len(history), opts.rows or info.context_length)
+        print(
+            f"{out.attrs['model']} v{out.attrs['version']}: {len(out)} steps ahead from the last {used} rows of "
+            f"{opts.data}"
+        )
+        print(out.to_string(float_format=lambda v: f"{v:.3f}"))
+    else:
+        out.to_csv(sys.stdout, float_format="%.7g", index_label=str(out.index.name))
+    return 0
+
+
+def _read_time_csv(path: Path, time_column: str | None) -> Any:
+    """A CSV as a frame indexed by its time column (the first by default): timestamps, or integers for a
+    model trained on a row index."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{path}: cannot read it as CSV: {e}") from None
+    column = time_column or str(frame.columns[0])
+    if column not in frame.columns:
+        raise UserError(f"{path}: no time column {column!r}; the file has {list(frame.columns)}")
+    if not len(frame):
+        raise UserError(f"{path}: no data rows")
+    times = frame.pop(column)
+    if not pd.api.types.is_integer_dtype(times.dtype):
+        parsed = pd.to_datetime(times, errors="coerce")
+        if parsed.isna().any():
+            bad = times[parsed.isna()]
+            raise UserError(f"{path}: column {column!r}, row {bad.index[0] + 2}: {bad.iloc[0]!r} is not a timestamp")
+        times = parsed
+    frame.index = pd.Index(times, name=column)
+    return frame
+
+
+def _diagnose_flags(diag: argparse.ArgumentParser) -> None:
+    diag_sub = diag.add_subparsers(dest="diagnostic", required=True)
+    grads = diag_sub.add_parser(
+        "gradients",
+        help="||dLoss/dh_t|| at every step of a long window, at initialisation and after a short training",
+    )
+    grads.add_argument("--cell", choices=["rnn", "lstm", "gru"], help="one cell (default: all three)")
+    grads.add_argument("--steps", type=int, required=True, help="sequence length T (required: no default)")
+    grads.add_argument("--hidden", type=int, default=32, help="hidden units (default: 32)")
+    grads.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    grads.add_argument("--train-steps", type=int, default=200, help="Adam steps of the short training (default: 200)")
+    grads.add_argument(
+        "--forget-bias",
+        type=float,
+        default=0.0,
+        help="initial forget (lstm) / update (gru) gate bias (default: 0; the rnn, which has no gate, runs as it is)",
+    )
+    grads.add_argument("--json", type=Path, help="write the per-step norms and the fitted decay here (default: none)")
+    grads.add_argument("--png", type=Path, help="write the plot here (default: none)")
+    grads.set_defaults(func=cmd_diagnose_gradients)
 
 
 def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
@@ -179,104 +320,62 @@ def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gatecast.service.main import serve
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int] | None]
+COMMANDS: dict[str, Command] = {
+    "train": ("fit a forecaster, score it, export it to the model repository", _train_flags, cmd_train),
+    "evaluate": ("score an exported model with onnxruntime on a data file", _evaluate_flags, cmd_evaluate),
+    "diagnose": ("diagnostics of the recurrent cells", _diagnose_flags, None),
+    "serve": ("run the gRPC server over a model repository", _serve_flags, cmd_serve),
+    "forecast": (
+        "read a CSV, ask a running server for a forecast, print it with timestamps",
+        _forecast_flags,
+        cmd_forecast,
+    ),
+}
 
-    return serve(args.settings, repo=args.repo, port=args.port, metrics_port=args.metrics_port, host=args.host)
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("gatecast")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
-def cmd_forecast(args: argparse.Namespace) -> int:
-    from gatecast.service.client import forecast_cli
-
-    return forecast_cli(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatecast", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser (`command` None), or one where only `command` has its flags: building the train
+    flags imports torch, which `gatecast serve` must not pay for."""
+    parser = argparse.ArgumentParser(prog="gatecast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    parser.add_argument("--version", action="version", version=f"gatecast {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="fit a forecaster, score it, export it to the model repository")
-    _train_args(train)
-    train.set_defaults(func=cmd_train)
-
-    ev = sub.add_parser("evaluate", help="score an exported model with onnxruntime on a data file")
-    ev.add_argument("model_dir", type=Path, help="models/<name>/<version>/")
-    ev.add_argument("--data", type=Path, required=True)
-    ev.add_argument("--val-fraction", type=float, default=0.15, help="as given to train (default 0.15)")
-    ev.add_argument("--test-fraction", type=float, default=0.15, help="as given to train (default 0.15)")
-    ev.add_argument("--val-start", help="as given to train: first timestamp of the validation split")
-    ev.add_argument("--test-start", help="as given to train: first timestamp of the test split")
-    ev.add_argument(
-        "--time-index",
-        action="store_true",
-        default=None,
-        help="the time column is an integer row index (default: as the model was trained)",
-    )
-    ev.add_argument("--stride", type=int, help="rows between forecast origins (default: as train chooses)")
-    ev.add_argument(
-        "--season", dest="seasons", type=int, action="append", help="seasonal-naive season (default: the model's)"
-    )
-    ev.add_argument(
-        "--fill",
-        choices=["error", "ffill", "interpolate", "zero"],
-        help="missing-value policy (default: as the model was trained)",
-    )
-    ev.set_defaults(func=cmd_evaluate)
-
-    diag = sub.add_parser("diagnose", help="diagnostics of the recurrent cells")
-    diag_sub = diag.add_subparsers(dest="diagnostic", required=True)
-    grads = diag_sub.add_parser(
-        "gradients",
-        help="||dLoss/dh_t|| at every step of a long window, at initialisation and after a short training",
-    )
-    grads.add_argument("--cell", choices=["rnn", "lstm", "gru"], help="one cell (default: all three)")
-    grads.add_argument("--steps", type=int, required=True, help="sequence length T")
-    grads.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
-    grads.add_argument("--seed", type=int, default=0)
-    grads.add_argument("--train-steps", type=int, default=200, help="Adam steps of the short training (default 200)")
-    grads.add_argument(
-        "--forget-bias",
-        type=float,
-        default=0.0,
-        help="initial forget (lstm) / update (gru) gate bias (default 0; the rnn, which has no gate, runs as it is)",
-    )
-    grads.add_argument("--json", type=Path, help="write the per-step norms and the fitted decay here")
-    grads.add_argument("--png", type=Path, help="write the plot here")
-    grads.set_defaults(func=cmd_diagnose_gradients)
-
-    serve = sub.add_parser("serve", help="run the gRPC server over a model repository")
-    serve.add_argument("--settings", type=Path, help="settings file (TOML); GATECAST_* variables override it")
-    serve.add_argument("--repo", type=Path)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--metrics-port", type=int)
-    serve.set_defaults(func=cmd_serve)
-
-    fc = sub.add_parser("forecast", help="read a CSV, ask a running server for a forecast, print it")
-    fc.add_argument("--data", type=Path, required=True, help="CSV with a time column and the model's features")
-    fc.add_argument("--model", required=True)
-    fc.add_argument("--version", type=int, default=0)
-    fc.add_argument("--server", default="localhost:8500")
-    fc.add_argument("--rows", type=int, help="use the last N rows (default: the model's context length)")
-    fc.add_argument("--format", choices=["table", "json"], default="table")
-    fc.add_argument("--timeout", type=float, default=10.0)
-    fc.set_defaults(func=cmd_forecast)
+    for name, (help, add_flags, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if command in (None, name):
+            add_flags(p)
+        if func is not None:
+            p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # --budget-s counts from here, imports included
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     args.started = started
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gatecast forecast ... | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit stays quiet
+        return 0
     except UserError as e:  # anything else keeps its traceback: it is a bug
         print(f"gatecast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -177,7 +177,7 @@ def test_sigterm_finishes_in_flight_work_and_exits(model_repo: Path, tmp_path: P
 
 def test_service_never_imports_torch() -> None:
     code = (
-        "import sys, gatecast.service.main, gatecast.service.server, gatecast.service.client, gatecast.cli; "
+        "import sys, gatecast.service.main, gatecast.service.server, gatecast.client, gatecast.cli; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -1,0 +1,531 @@
+"""The Python client of the gatecast API: forecasts and streaming sessions, blocking (`Client`) or asyncio
+(`AsyncClient`).
+
+    with Client("localhost:8500") as client:
+        frame = client.forecast(history, "taylor")        # history: a frame with a time index
+        with client.session("taylor", history=history) as session:
+            frame = session.observe(new_rows)
+
+Forecasts come back as pandas frames indexed by the forecast timestamps: the input's last timestamp plus
+1..horizon model steps (the model's step when it has one, else the input index's frequency; an integer index
+counts on by one; a plain array gives steps 1..horizon). A quantile model adds a `<target>_q<level>` column
+per target and level. Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with backoff by
+gRPC itself (a retry policy in the channel's service config), which is safe for every unary method: a session
+step carries its sequence number, and the server answers a repeated number with the stored answer instead of
+applying the rows twice. A step whose outcome stayed unknown (the retries ran out) is resent, with its
+number, before the session's next step. pandas is needed (`pip install 'gatecast[client]'`); the server is not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from gatecast.errors import UserError
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Forecaster"]
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# A step that failed with one of these may have been applied: it is resent, same number, before the next.
+OUTCOME_UNKNOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class ClientError(UserError):
+    """A call failed; `code` is its gRPC status (None for an error found before calling)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Retry:
+    """gRPC's retry policy for every unary method: attempts in all (gRPC caps them at 5), and the backoff
+    before attempt n, a random time up to min(initial * multiplier**(n-1), max)."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    codes: tuple[str, ...] = RETRYABLE
+
+
+def service_config(retry: Retry | None) -> str:
+    """The channel's service config JSON: the retry policy on each unary method of the Forecaster (a stream
+    is not replayed: its steps are answered one by one)."""
+    if retry is None:
+        return json.dumps({"methodConfig": []})
+    names = [
+        {"service": SERVICE.full_name, "method": m.name}
+        for m in SERVICE.methods
+        if not m.client_streaming and not m.server_streaming
+    ]
+    policy = {
+        "maxAttempts": retry.max_attempts,
+        "initialBackoff": f"{retry.initial_backoff_s}s",
+        "maxBackoff": f"{retry.max_backoff_s}s",
+        "backoffMultiplier": retry.multiplier,
+        "retryableStatusCodes": list(retry.codes),
+    }
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+@dataclass
+class _Channel:
+    """What both clients open a channel with."""
+
+    target: str
+    tls: bool = False
+    root_certificates: bytes | str | Path | None = None
+    private_key: bytes | str | Path | None = None
+    certificate_chain: bytes | str | Path | None = None
+    token: str | None = None
+    timeout: float | None = 10.0
+    retry: Retry | None = field(default_factory=Retry)
+    max_message_mb: int = 64
+
+    def options(self) -> list[tuple[str, Any]]:
+        limit = self.max_message_mb * 1024 * 1024
+        return [
+            ("grpc.service_config", service_config(self.retry)),
+            ("grpc.enable_retries", int(self.retry is not None)),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS when asked for or when any certificate is given; a client certificate makes it mutual."""
+        files = (self.root_certificates, self.private_key, self.certificate_chain)
+        if not self.tls and all(f is None for f in files):
+            return None
+        root, key, chain = (_pem(f) for f in files)
+        if (key is None) != (chain is None):
+            raise ClientError("mutual TLS needs both private_key and certificate_chain")
+        return grpc.ssl_channel_credentials(root, key, chain)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise ClientError(f"{value}: cannot read the PEM file: {e.strerror or e}") from None
+
+
+def _error(target: str, e: grpc.RpcError) -> ClientError:
+    code = e.code()  # type: ignore[attr-defined]
+    return ClientError(f"{target}: {code.name}: {e.details()}", code)  # type: ignore[attr-defined]
+
+
+# --- what goes out and what comes back -----------------------------------------------------------------
+
+
+def _matrix(x: np.ndarray) -> pb.Matrix:
+    return pb.Matrix(rows=x.shape[0], cols=x.shape[1], values=x.ravel().tolist())
+
+
+def _array(m: pb.Matrix) -> np.ndarray:
+    return np.asarray(m.values, dtype=np.float32).reshape(m.rows, m.cols)
+
+
+def _rows(data: Any, info: pb.ModelInfo) -> tuple[np.ndarray, Any]:
+    """A frame's feature columns (by name) or an array's columns as float32 [rows, features], and the index
+    (None for an array)."""
+    features = list(info.features)
+    if hasattr(data, "columns"):  # a pandas frame
+        missing = [c for c in features if c not in data.columns]
+        if missing:
+            raise ClientError(
+                f"no column(s) {missing}: model {info.name} needs {features}, the frame has {list(data.columns)}"
+            )
+        try:
+            return np.ascontiguousarray(data[features].to_numpy(dtype=np.float32)), data.index
+        except (TypeError, ValueError):
+            raise ClientError(_not_numbers(data, features)) from None
+    x = np.asarray(data, dtype=np.float32)
+    if x.ndim == 1 and len(features) == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[1] != len(features):
+        raise ClientError(f"an array of shape {x.shape}: model {info.name} needs [rows, {len(features)}] ({features})")
+    return np.ascontiguousarray(x), None
+
+
+def _not_numbers(data: pd.DataFrame, columns: list[str]) -> str:
+    import pandas as pd
+
+    for c in columns:
+        bad = data[c][pd.to_numeric(data[c], errors="coerce").isna() & data[c].notna()]
+        if len(bad):
+            return f"column {c!r} at {bad.index[0]}: {bad.iloc[0]!r} is not a number"
+    return f"columns {columns} are not all numbers"
+
+
+def _offset(index: Any, step: str) -> Any:
+    """The time step of a datetime index: the model's when it has one, else the index's frequency (inferred
+    from its last rows; two rows give their difference). None when none can be told."""
+    import pandas as pd
+
+    if step:
+        return pd.tseries.frequencies.to_offset(step)
+    if not isinstance(index, pd.DatetimeIndex):
+        return None
+    if index.freq is not None:
+        return index.freq
+    tail = index[-min(len(index), 64) :]
+    if len(tail) >= 3 and (inferred := pd.infer_freq(tail)):
+        return pd.tseries.frequencies.to_offset(inferred)
+    if len(tail) == 2 and tail[1] > tail[0]:
+        return pd.tseries.frequencies.to_offset(tail[1] - tail[0])
+    return None
+
+
+def _future_index(index: Any, offset: Any, horizon: int) -> pd.Index:
+    """The forecast's timestamps: the input's last time plus 1..horizon steps; an integer index counts on
+    from its last value, anything else (an array) counts steps from 1."""
+    import pandas as pd
+
+    if isinstance(index, pd.DatetimeIndex) and len(index):
+        if offset is None:
+            raise ClientError(
+                "cannot tell the forecast's timestamps: the model has no time step and the index has no regular "
+                "frequency; give the frame's index a freq"
+            )
+        return pd.DatetimeIndex([index[-1] + offset * k for k in range(1, horizon + 1)], name=index.name or "timestamp")
+    if index is not None and len(index) and pd.api.types.is_integer_dtype(index.dtype):
+        return pd.RangeIndex(int(index[-1]) + 1, int(index[-1]) + horizon + 1, name=index.name or "step")
+    return pd.RangeIndex(1, horizon + 1, name="step")
+
+
+def _frame(
+    info: pb.ModelInfo, forecast: pb.Matrix, quantiles: pb.Matrix | None, index: Any, offset: Any = None
+) -> pd.DataFrame:
+    """Point columns named by target, then `<target>_q<level>` for a quantile model; `offset` is the time
+    step when the index alone cannot tell it."""
+    import pandas as pd
+
+    y = _array(forecast)
+    columns = {t: y[:, i] for i, t in enumerate(info.targets)}
+    if quantiles is not None and quantiles.rows and info.quantiles:
+        q = _array(quantiles).reshape(y.shape[0], len(info.targets), len(info.quantiles))  # target-major
+        for i, t in enumerate(info.targets):
+            for j, level in enumerate(info.quantiles):
+                columns[f"{t}_q{level:g}"] = q[:, i, j]
+    timed = _offset(index, info.step) or offset
+    frame = pd.DataFrame(columns, index=_future_index(index, timed, y.shape[0]))
+    frame.attrs.update(model=info.name, version=info.version)
+    return frame
+
+
+def _forecast_request(model: str, version: int, series: Sequence[np.ndarray]) -> pb.ForecastRequest:
+    return pb.ForecastRequest(model=model, version=version, series=[_matrix(x) for x in series])
+
+
+def _tail(x: np.ndarray, index: Any, rows: int) -> tuple[np.ndarray, Any]:
+    return x[-rows:], (None if index is None else index[-rows:])
+
+
+# --- the blocking client ---------------------------------------------------------------------------------
+
+
+class Client:
+    """A channel to one server. `timeout` is each call's deadline in seconds, retries included; `token` is
+    sent as `authorization: Bearer <token>`; `tls`, or any certificate, makes the channel TLS."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        private_key: bytes | str | Path | None = None,
+        certificate_chain: bytes | str | Path | None = None,
+        token: str | None = None,
+        timeout: float | None = 10.0,
+        retry: Retry | None = Retry(),
+        max_message_mb: int = 64,
+    ) -> None:
+        self._conf = _Channel(
+            target, tls, root_certificates, private_key, certificate_chain, token, timeout, retry, max_message_mb
+        )
+        creds = self._conf.credentials()
+        options = self._conf.options()
+        self.channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
+        self.stub = pb_grpc.ForecasterStub(self.channel)
+        self._info: dict[tuple[str, int], pb.ModelInfo] = {}
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=self._conf.metadata())
+        except grpc.RpcError as e:
+            raise _error(self._conf.target, e) from None
+
+    def model_info(self, model: str, version: int = 0, *, refresh: bool = False) -> pb.ModelInfo:
+        """GetModel, remembered per (model, version) until `refresh`."""
+        if refresh or (model, version) not in self._info:
+            self._info[model, version] = self._call("GetModel", pb.GetModelRequest(name=model, version=version))
+        return self._info[model, version]
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self._call("ListModels", pb.ListModelsRequest()).models)
+
+    def forecast(self, data: Any, model: str, version: int = 0, *, rows: int | None = None) -> pd.DataFrame:
+        """One series' forecast: `data` a frame (its feature columns by name, a time index) or an array
+        [rows, features]; the last `rows` rows are sent (default: the model's context length)."""
+        return self.forecast_many([data], model, version, rows=rows)[0]
+
+    def forecast_many(
+        self, series: Sequence[Any], model: str, version: int = 0, *, rows: int | None = None
+    ) -> list[pd.DataFrame]:
+        """Many series in one request, each from its own history; frames in the same order."""
+        info = self.model_info(model, version)
+        xs = [_tail(*_rows(s, info), rows or info.context_length) for s in series]
+        reply = self._call("Forecast", _forecast_request(model, version, [x for x, _ in xs]))
+        if reply.version != info.version:  # the default version changed since it was looked up
+            info = self.model_info(model, version, refresh=True)
+        qs = list(reply.quantile_forecasts) or [None] * len(xs)
+        return [_frame(info, f, q, index) for f, q, (_, index) in zip(reply.forecasts, qs, xs, strict=True)]
+
+    def session(self, model: str, version: int = 0, *, history: Any = None) -> Session:
+        """A streaming session, opened on entering `with` (or at its first step) and closed on leaving it."""
+        return Session(self, model, version, history)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+S = TypeVar("S")
+
+
+class _SessionState(Generic[S]):
+    """What both session flavours keep: the id, the model, the next sequence number, the unanswered step."""
+
+    def __init__(self, client: S, model: str, version: int, history: Any) -> None:
+        self.client = client
+        self.model = model
+        self.version = version
+        self.history = history
+        self.id = ""
+        self.info: pb.ModelInfo | None = None
+        self.forecast: pd.DataFrame | None = None  # after a history
+        self.next_sequence = 1
+        self._pending: tuple[int, np.ndarray] | None = None
+        self._last_index: Any = None  # the newest rows' index, from which forecasts are timed
+        self._offset: Any = None  # the time step seen in an earlier frame, for a step of one row
+
+    def _open_request(self, info: pb.ModelInfo) -> pb.OpenSessionRequest:
+        self.info = info
+        req = pb.OpenSessionRequest(model=self.model, version=self.version)
+        if self.history is not None:
+            x, _ = self._step(self.history)
+            req.history.CopyFrom(_matrix(x))
+        return req
+
+    def _opened(self, reply: pb.OpenSessionResponse) -> None:
+        self.id, self.version, self.next_sequence = reply.session_id, reply.version, reply.next_sequence
+        assert self.info is not None
+        if reply.HasField("forecast"):
+            self.forecast = self._answer(reply)
+
+    def _step(self, rows: Any) -> tuple[np.ndarray, Any]:
+        """New rows as an array; a frame's index times the forecasts (an array's forecasts count steps)."""
+        assert self.info is not None
+        x, index = _rows(rows, self.info)
+        self._last_index = index
+        self._offset = _offset(index, self.info.step) or self._offset
+        return x, index
+
+    def _request(self, seq: int, x: np.ndarray) -> pb.ObserveRequest:
+        return pb.ObserveRequest(session_id=self.id, sequence=seq, rows=_matrix(x))
+
+    def _sent(self, seq: int, x: np.ndarray, error: ClientError | None) -> None:
+        """Bookkeeping after a step: the next number, or the step to resend when its outcome is unknown."""
+        if error is None:
+            self._pending = None
+            self.next_sequence = seq + 1
+        elif error.code in OUTCOME_UNKNOWN:
+            self._pending = (seq, x)
+
+    def _answer(self, reply: pb.ObserveResponse | pb.OpenSessionResponse) -> pd.DataFrame:
+        assert self.info is not None
+        return _frame(self.info, reply.forecast, reply.quantile_forecast, self._last_index, self._offset)
+
+
+class Session(_SessionState[Client]):
+    """`observe(rows)` numbers its steps itself; see the module's docstring for what a retry does."""
+
+    def open(self) -> Session:
+        if not self.id:
+            info = self.client.model_info(self.model, self.version)
+            self._opened(self.client._call("OpenSession", self._open_request(info)))
+        return self
+
+    def observe(self, rows: Any) -> pd.DataFrame:
+        """Applies new rows (a frame or an array [rows, features]) and returns the forecast after them."""
+        self.open()
+        x, _ = self._step(rows)
+        if self._pending is not None:
+            self._send(*self._pending)
+        return self._answer(self._send(self.next_sequence, x))
+
+    def _send(self, seq: int, x: np.ndarray) -> pb.ObserveResponse:
+        try:
+            reply = self.client._call("Observe", self._request(seq, x))
+        except ClientError as e:
+            self._sent(seq, x, e)
+            raise
+        self._sent(seq, x, None)
+        return reply
+
+    def close(self) -> int:
+        """Closes the session; the number of steps it applied (0 when it was never opened or is gone)."""
+        if not self.id:
+            return 0
+        session_id, self.id = self.id, ""
+        try:
+            return int(self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id)).steps)
+        except ClientError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:  # expired or lost in a restart: nothing left to close
+                return 0
+            raise
+
+    def __enter__(self) -> Session:
+        return self.open()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --- the asyncio client ----------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """`Client` for asyncio: the same arguments and methods, awaited."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        private_key: bytes | str | Path | None = None,
+        certificate_chain: bytes | str | Path | None = None,
+        token: str | None = None,
+        timeout: float | None = 10.0,
+        retry: Retry | None = Retry(),
+        max_message_mb: int = 64,
+    ) -> None:
+        self._conf = _Channel(
+            target, tls, root_certificates, private_key, certificate_chain, token, timeout, retry, max_message_mb
+        )
+        creds = self._conf.credentials()
+        options = self._conf.options()
+        self.channel = (
+            grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.ForecasterStub(self.channel)
+        self._info: dict[tuple[str, int], pb.ModelInfo] = {}
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=self._conf.metadata())
+        except grpc.RpcError as e:
+            raise _error(self._conf.target, e) from None
+
+    async def model_info(self, model: str, version: int = 0, *, refresh: bool = False) -> pb.ModelInfo:
+        if refresh or (model, version) not in self._info:
+            self._info[model, version] = await self._call("GetModel", pb.GetModelRequest(name=model, version=version))
+        return self._info[model, version]
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        return list((await self._call("ListModels", pb.ListModelsRequest())).models)
+
+    async def forecast(self, data: Any, model: str, version: int = 0, *, rows: int | None = None) -> pd.DataFrame:
+        return (await self.forecast_many([data], model, version, rows=rows))[0]
+
+    async def forecast_many(
+        self, series: Sequence[Any], model: str, version: int = 0, *, rows: int | None = None
+    ) -> list[pd.DataFrame]:
+        info = await self.model_info(model, version)
+        xs = [_tail(*_rows(s, info), rows or info.context_length) for s in series]
+        reply = await self._call("Forecast", _forecast_request(model, version, [x for x, _ in xs]))
+        if reply.version != info.version:
+            info = await self.model_info(model, version, refresh=True)
+        qs = list(reply.quantile_forecasts) or [None] * len(xs)
+        return [_frame(info, f, q, index) for f, q, (_, index) in zip(reply.forecasts, qs, xs, strict=True)]
+
+    def session(self, model: str, version: int = 0, *, history: Any = None) -> AsyncSession:
+        return AsyncSession(self, model, version, history)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSession(_SessionState[AsyncClient]):
+    async def open(self) -> AsyncSession:
+        if not self.id:
+            info = await self.client.model_info(self.model, self.version)
+            self._opened(await self.client._call("OpenSession", self._open_request(info)))
+        return self
+
+    async def observe(self, rows: Any) -> pd.DataFrame:
+        await self.open()
+        x, _ = self._step(rows)
+        if self._pending is not None:
+            await self._send(*self._pending)
+        return self._answer(await self._send(self.next_sequence, x))
+
+    async def _send(self, seq: int, x: np.ndarray) -> pb.ObserveResponse:
+        try:
+            reply = await self.client._call("Observe", self._request(seq, x))
+        except ClientError as e:
+            self._sent(seq, x, e)
+            raise
+        self._sent(seq, x, None)
+        return reply
+
+    async def close(self) -> int:
+        if not self.id:
+            return 0
+        session_id, self.id = self.id, ""
+        try:
+            return int((await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id))).steps)
+        except ClientError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,351 @@
+"""gatecast.client against the real server on loopback: forecasts as timed frames, sessions, retries (through
+a real gRPC server double in front of the real server that fails calls on purpose), TLS and tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from gatecast.client import AsyncClient, Client, ClientError, Retry, service_config
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
+from tests import test_security
+from tests.conftest import DEFAULT_MODEL, TAYLOR, RunningServer, array, matrix, server_settings, tiny_config
+from tests.test_security import Pki, _issue, _key_pem, _pem
+
+pki = test_security.pki  # the certificates (a CA, the server's for 127.0.0.1) made by the security tests
+
+FAST = Retry(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed default model (no recorded step) and a tiny quantile GRU (step 30min)."""
+    from gatecast.training.pipeline import run
+
+    repo = tmp_path_factory.mktemp("client")
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    run(tiny_config(repo, name="tiny_q", quantiles=[0.1, 0.9]))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[RunningServer]:
+    srv = RunningServer(server_settings(repo))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def taylor() -> pd.DataFrame:
+    return pd.read_csv(TAYLOR, index_col="timestamp", parse_dates=True)
+
+
+@pytest.fixture()
+def raw(server: RunningServer) -> Iterator[pb_grpc.ForecasterStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.ForecasterStub(channel)
+
+
+# --- forecasts -------------------------------------------------------------------------------------------
+
+
+def test_forecast_of_a_frame_is_indexed_by_the_forecast_timestamps(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    with Client(server.address) as client:
+        out = client.forecast(taylor, "taylor")
+    info = raw.GetModel(pb.GetModelRequest(name="taylor"))
+    assert info.step == ""  # the committed model predates recorded steps: the frame's frequency times it
+    want = raw.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(taylor.to_numpy()[-info.context_length :])]))
+    assert list(out.columns) == ["demand_mw"]
+    np.testing.assert_array_equal(out.to_numpy(), array(want.forecasts[0]))
+    last = taylor.index[-1]
+    assert list(out.index) == [last + pd.Timedelta(minutes=30) * k for k in range(1, 49)]
+    assert out.attrs == {"model": "taylor", "version": 1}
+
+
+def test_forecast_of_arrays_counts_steps_and_many_series_answer_in_order(
+    server: RunningServer, taylor: pd.DataFrame
+) -> None:
+    values = taylor["demand_mw"].to_numpy()
+    with Client(server.address) as client:
+        one = client.forecast(values, "taylor")  # 1-D for a one-feature model
+        a, b = client.forecast_many([values[:-48, None], values[:-96, None]], "taylor")
+        assert (client.forecast(values[:-48], "taylor").to_numpy() == a.to_numpy()).all()
+        assert (client.forecast(values[:-96], "taylor").to_numpy() == b.to_numpy()).all()
+    assert list(one.index) == list(range(1, 49)) and one.index.name == "step"
+    assert not np.array_equal(a.to_numpy(), b.to_numpy())
+
+
+def test_a_quantile_model_adds_a_column_per_level_and_its_step_times_the_forecast(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    info = raw.GetModel(pb.GetModelRequest(name="tiny_q"))
+    assert info.step == "30min" and list(info.quantiles) == pytest.approx([0.1, 0.9])
+    history = taylor.iloc[[*range(0, 500, 2), *range(500, 600)]]  # no regular frequency: the model's step rules
+    with Client(server.address) as client:
+        out = client.forecast(history, "tiny_q")
+    want = raw.Forecast(pb.ForecastRequest(model="tiny_q", series=[matrix(history.to_numpy()[-64:])]))
+    assert list(out.columns) == ["demand_mw", "demand_mw_q0.1", "demand_mw_q0.9"]
+    np.testing.assert_array_equal(out["demand_mw"].to_numpy()[:, None], array(want.forecasts[0]))
+    np.testing.assert_array_equal(
+        out[["demand_mw_q0.1", "demand_mw_q0.9"]].to_numpy(), array(want.quantile_forecasts[0])
+    )
+    assert out.index[0] == history.index[-1] + pd.Timedelta("30min") and out.index[-1] == out.index[0] + pd.Timedelta(
+        "330min"
+    )
+
+
+def test_bad_input_is_refused_with_what_was_expected(server: RunningServer, taylor: pd.DataFrame) -> None:
+    with Client(server.address) as client:
+        with pytest.raises(ClientError, match=r"no column\(s\) \['demand_mw'\].*the frame has \['load'\]"):
+            client.forecast(taylor.rename(columns={"demand_mw": "load"}), "taylor")
+        with pytest.raises(ClientError, match=r"shape \(10, 3\).*needs \[rows, 1\]"):
+            client.forecast(np.zeros((10, 3)), "taylor")
+        with pytest.raises(ClientError, match=r"column 'demand_mw' at .*'n/a' is not a number"):
+            client.forecast(taylor.astype(object).assign(demand_mw=["n/a"] * len(taylor)), "taylor")
+        irregular = taylor.iloc[[0, 1, 5, 6, 20]]
+        with pytest.raises(ClientError, match="no regular frequency"):
+            client.forecast(irregular, "taylor")
+        with pytest.raises(ClientError, match="NOT_FOUND") as e:
+            client.forecast(taylor, "nope")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ClientError, match=r"INVALID_ARGUMENT.*NaN"):
+            client.forecast(np.full((8, 1), np.nan), "taylor")
+
+
+# --- sessions --------------------------------------------------------------------------------------------
+
+
+def _reference(raw: pb_grpc.ForecasterStub, model: str, steps: list[np.ndarray]) -> list[np.ndarray]:
+    """The same steps on a session driven by hand."""
+    sid = raw.OpenSession(pb.OpenSessionRequest(model=model)).session_id
+    out = [
+        array(raw.Observe(pb.ObserveRequest(session_id=sid, sequence=i, rows=matrix(x))).forecast)
+        for i, x in enumerate(steps, start=1)
+    ]
+    raw.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    return out
+
+
+def test_a_session_numbers_its_steps_and_closes_on_leaving(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    steps = [taylor.iloc[i : i + 3] for i in range(0, 12, 3)]
+    want = _reference(raw, "taylor", [s.to_numpy() for s in steps])
+    with Client(server.address) as client, client.session("taylor") as session:
+        got = [session.observe(s) for s in steps]
+        assert session.next_sequence == 5
+        sid = session.id
+    for g, w, s in zip(got, want, steps, strict=True):
+        np.testing.assert_array_equal(g.to_numpy(), w)
+        assert g.index[0] == s.index[-1] + pd.Timedelta("30min")
+    with pytest.raises(grpc.RpcError) as e:  # closed on leaving the block
+        raw.Observe(pb.ObserveRequest(session_id=sid, sequence=5, rows=matrix(np.ones((1, 1)))))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_session_opened_with_a_history_forecasts_at_once(server: RunningServer, taylor: pd.DataFrame) -> None:
+    with Client(server.address) as client:
+        with client.session("taylor", history=taylor.iloc[:-48]) as session:
+            assert session.forecast is not None
+            first = session.forecast
+            after = session.observe(taylor.iloc[-48:-47].to_numpy())
+        plain = client.forecast(taylor.iloc[:-48], "taylor", rows=len(taylor) - 48)
+    np.testing.assert_allclose(first.to_numpy(), plain.to_numpy(), rtol=1e-5)
+    assert list(first.index) == list(plain.index)
+    assert list(after.index) == list(range(1, 49))  # an array's forecast counts steps
+
+
+# --- retries: a real gRPC server in front of the real server, failing calls on purpose ---------------------
+
+
+class FaultyProxy(pb_grpc.ForecasterServicer):
+    """Forwards every unary call to the real server; `faults[method]` lists what the next calls suffer:
+    ("before", code) fails a call without forwarding it, ("after", code) forwards it and loses the answer."""
+
+    def __init__(self, upstream: str) -> None:
+        self._channel = grpc.insecure_channel(upstream)
+        self._up = pb_grpc.ForecasterStub(self._channel)
+        self.faults: dict[str, list[tuple[str, grpc.StatusCode]]] = defaultdict(list)
+        self.seen: dict[str, list[Any]] = defaultdict(list)
+        self.metadata: list[dict[str, str]] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_ForecasterServicer_to_server(self, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _forward(self, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        self.seen[method].append(request)
+        self.metadata.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
+        when, code = self.faults[method].pop(0) if self.faults[method] else ("", grpc.StatusCode.OK)
+        if when == "before":
+            context.abort(code, f"injected {code.name}")
+        reply = getattr(self._up, method)(request)
+        if when == "after":
+            context.abort(code, f"injected {code.name} after the server answered")
+        return reply
+
+    def Forecast(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("Forecast", request, context)
+
+    def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("OpenSession", request, context)
+
+    def Observe(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("Observe", request, context)
+
+    def CloseSession(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("CloseSession", request, context)
+
+    def GetModel(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("GetModel", request, context)
+
+    def stop(self) -> None:
+        self.server.stop(None)
+        self._channel.close()
+
+
+@pytest.fixture()
+def proxy(server: RunningServer) -> Iterator[FaultyProxy]:
+    p = FaultyProxy(server.address)
+    yield p
+    p.stop()
+
+
+def test_unavailable_and_resource_exhausted_are_retried_by_the_channel(
+    proxy: FaultyProxy, taylor: pd.DataFrame
+) -> None:
+    proxy.faults["Forecast"] = [("before", grpc.StatusCode.RESOURCE_EXHAUSTED), ("before", grpc.StatusCode.UNAVAILABLE)]
+    with Client(proxy.address, retry=FAST) as client:
+        out = client.forecast(taylor, "taylor")
+        direct = Client(proxy.address, retry=None)
+        proxy.faults["Forecast"] = [("before", grpc.StatusCode.UNAVAILABLE)]
+        with pytest.raises(ClientError, match="UNAVAILABLE: injected") as e:  # no policy: not retried
+            direct.forecast(taylor, "taylor")
+        direct.close()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        proxy.faults["Forecast"] = [("before", grpc.StatusCode.INVALID_ARGUMENT)]
+        with pytest.raises(ClientError, match="INVALID_ARGUMENT"):  # not a retryable code
+            client.forecast(taylor, "taylor")
+    assert len(out) == 48
+    assert len(proxy.seen["Forecast"]) == 3 + 1 + 1
+
+
+def test_a_lost_observe_answer_is_retried_with_the_same_sequence_and_applied_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    steps = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
+    want = _reference(raw, "taylor", steps)
+    with Client(proxy.address, retry=FAST) as client, client.session("taylor") as session:
+        proxy.faults["Observe"] = [("after", grpc.StatusCode.UNAVAILABLE)]  # the server applied it; answer lost
+        got = [session.observe(steps[0]), session.observe(steps[1])]
+        # past the policy's attempts: the step fails, and is resent with its number before the next one
+        proxy.faults["Observe"] = [("after", grpc.StatusCode.UNAVAILABLE)] * FAST.max_attempts
+        with pytest.raises(ClientError, match="UNAVAILABLE"):
+            session.observe(steps[2])
+        assert session.next_sequence == 3
+        late = session.observe(taylor.iloc[6:7].to_numpy())
+    assert [r.sequence for r in proxy.seen["Observe"]] == [1, 1, 2, 3, 3, 3, 3, 3, 4]
+    for g, w in zip(got, want, strict=False):
+        np.testing.assert_array_equal(g.to_numpy(), w)  # the retried step's answer is the stored one
+    (after_all,) = _reference(raw, "taylor", [np.concatenate([*steps, taylor.iloc[6:7].to_numpy()])])[-1:]
+    np.testing.assert_allclose(late.to_numpy(), after_all, rtol=1e-5)  # every row applied exactly once
+
+
+def test_the_service_config_retries_every_unary_method_and_no_stream() -> None:
+    config = json.loads(service_config(Retry()))
+    (method,) = config["methodConfig"]
+    names = {n["method"] for n in method["name"]}
+    assert {"Forecast", "OpenSession", "Observe", "CloseSession", "GetModel", "ListModels"} <= names
+    assert "Stream" not in names
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    assert method["retryPolicy"]["maxAttempts"] == 5
+
+
+# --- asyncio ---------------------------------------------------------------------------------------------
+
+
+def test_the_async_client_answers_as_the_blocking_one(server: RunningServer, taylor: pd.DataFrame) -> None:
+    steps = [taylor.iloc[i : i + 3] for i in range(0, 9, 3)]
+
+    async def run() -> tuple[pd.DataFrame, list[pd.DataFrame], int]:
+        async with AsyncClient(server.address) as client:
+            out = await client.forecast(taylor, "taylor")
+            async with client.session("taylor") as session:
+                got = [await session.observe(s) for s in steps]
+                closed = await session.close()
+            return out, got, closed
+
+    out, got, closed = asyncio.run(run())
+    with Client(server.address) as client:
+        pd.testing.assert_frame_equal(out, client.forecast(taylor, "taylor"))
+        with client.session("taylor") as session:
+            for g, s in zip(got, steps, strict=True):
+                pd.testing.assert_frame_equal(g, session.observe(s))
+    assert closed == 9  # rows applied
+
+
+def test_the_async_client_retries_too(proxy: FaultyProxy, taylor: pd.DataFrame) -> None:
+    proxy.faults["Forecast"] = [("before", grpc.StatusCode.RESOURCE_EXHAUSTED)] * 2
+
+    async def run() -> pd.DataFrame:
+        async with AsyncClient(proxy.address, retry=FAST) as client:
+            return await client.forecast(taylor, "taylor")
+
+    assert len(asyncio.run(run())) == 48
+    assert len(proxy.seen["Forecast"]) == 3
+
+
+# --- TLS and tokens --------------------------------------------------------------------------------------
+
+
+def test_the_token_travels_as_a_bearer_header(proxy: FaultyProxy, taylor: pd.DataFrame) -> None:
+    with Client(proxy.address, token="s3cret-token-of-this-client") as client:
+        client.forecast(taylor, "taylor")
+    assert {m.get("authorization") for m in proxy.metadata} == {"Bearer s3cret-token-of-this-client"}
+
+
+def test_tls_mutual_tls_and_a_token_against_the_real_server(
+    pki: Pki, repo: Path, taylor: pd.DataFrame, tmp_path: Path
+) -> None:
+    token = "t" * 20 + "-client-test-token"
+    (tmp_path / "tokens").write_text(token + "\n")
+    (tmp_path / "token").write_text(token + "\n")
+    cert, key = _issue("client one", pki.ca)
+    settings = server_settings(
+        repo,
+        tls_cert_file=pki.dir / "server.pem",
+        tls_key_file=pki.dir / "server.key",
+        tls_client_ca_file=pki.dir / "ca.pem",
+        auth_tokens_file=tmp_path / "tokens",
+    )
+    srv = RunningServer(settings)
+    tls = dict(root_certificates=pki.dir / "ca.pem", private_key=_key_pem(key), certificate_chain=_pem(cert))
+    try:
+        with Client(srv.address, token=token, **tls) as client:  # type: ignore[arg-type]
+            assert len(client.forecast(taylor, "taylor")) == 48
+            with client.session("taylor") as session:
+                assert len(session.observe(taylor.iloc[:2])) == 48
+        with Client(srv.address, **tls) as client, pytest.raises(ClientError, match="UNAUTHENTICATED"):  # type: ignore[arg-type]
+            client.forecast(taylor, "taylor")
+        with Client(srv.address, token=token, retry=None) as client, pytest.raises(ClientError, match="UNAVAILABLE"):
+            client.forecast(taylor, "taylor")  # plain text to a TLS port
+        with pytest.raises(ClientError, match="needs both private_key and certificate_chain"):
+            Client(srv.address, root_certificates=pki.dir / "ca.pem", private_key=_key_pem(key))
+        with pytest.raises(ClientError, match="cannot read the PEM file"):
+            Client(srv.address, root_certificates=tmp_path / "missing.pem")
+    finally:
+        srv.stop()
