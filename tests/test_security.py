@@ -565,3 +565,15 @@ def test_a_token_is_named_by_its_fingerprint_only() -> None:
     name = token_name(TOKEN_A)
     assert name.startswith("token:") and len(name) == len("token:") + 12 and TOKEN_A not in name
     assert name != token_name(TOKEN_B)
+
+
+def test_plain_text_beyond_loopback_is_warned_about(repo: Path, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async def create(**kw: Any) -> None:
+        app = create_server(server_settings(repo, host="0.0.0.0", **kw))
+        await app.server.stop(0)
+
+    asyncio.run(create())
+    assert any("serving plain text on 0.0.0.0" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    asyncio.run(create(**_tls(pki)))
+    assert not any("plain text" in r.getMessage() for r in caplog.records)
