@@ -172,6 +172,9 @@ class Prometheus:
 # --- traffic ------------------------------------------------------------------------------------------
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 def _matrix(x: np.ndarray) -> pb.Matrix:
     return pb.Matrix(rows=x.shape[0], cols=x.shape[1], values=x.ravel().tolist())
 
@@ -220,21 +223,30 @@ async def drive(address: str, model: str, seconds: float, burst_at: float | None
                     await call(stub.CloseSession, pb.CloseSessionRequest(session_id=opened.session_id))
                 await asyncio.sleep(0.25)
 
+        async def steps(session_id: str, failed: asyncio.Event) -> Any:
+            seq = 0
+            while time.monotonic() < stop_at and not failed.is_set():
+                seq += 1
+                yield pb.ObserveRequest(session_id=session_id, sequence=seq, rows=_matrix(window(1)))
+                await asyncio.sleep(0.05)
+
         async def stream() -> None:
-            opened = await call(stub.OpenSession, pb.OpenSessionRequest(model=model, history=_matrix(window(ctx))))
-            if opened is None:
-                return
-
-            async def steps() -> Any:
-                seq = 0
-                while time.monotonic() < stop_at:
-                    seq += 1
-                    yield pb.ObserveRequest(session_id=opened.session_id, sequence=seq, rows=_matrix(window(1)))
-                    await asyncio.sleep(0.05)
-
-            async for reply in stub.Stream(steps()):
-                codes["OK" if reply.WhichOneof("result") == "forecast" else "stream error"] += 1
-            await call(stub.CloseSession, pb.CloseSessionRequest(session_id=opened.session_id))
+            """One streaming session at a time; after an error step (a full queue) the client starts over
+            in a new session, as its sequence would otherwise stay one ahead of the server's."""
+            while time.monotonic() < stop_at:
+                history = _matrix(window(ctx))
+                opened = await call(stub.OpenSession, pb.OpenSessionRequest(model=model, history=history))
+                if opened is None:
+                    await asyncio.sleep(0.25)
+                    continue
+                failed = asyncio.Event()
+                async for reply in stub.Stream(steps(opened.session_id, failed)):
+                    if reply.WhichOneof("result") == "error":
+                        codes[_CODE_NAMES.get(reply.error.code, str(reply.error.code))] += 1
+                        failed.set()
+                    else:
+                        codes["OK"] += 1
+                await call(stub.CloseSession, pb.CloseSessionRequest(session_id=opened.session_id))
 
         async def mistakes() -> None:
             while time.monotonic() < stop_at:
@@ -270,7 +282,13 @@ _UNITS = {"s": (1e3, "ms"), "bytes": (2**-20, "MiB"), "percentunit": (100.0, "%"
 
 
 def render(
-    prom: Prometheus, start: float, end: float, out: Path, model: str = ".*", dashboard: Path = DASHBOARD
+    prom: Prometheus,
+    start: float,
+    end: float,
+    out: Path,
+    model: str = ".*",
+    dashboard: Path = DASHBOARD,
+    dpi: int = 80,
 ) -> Path:
     """Each panel of the dashboard over [start, end] into one grid PNG, titles as in Grafana; series that
     stay at 0 all along are drawn but left out of the legend (the pre-created ones are many)."""
@@ -301,6 +319,7 @@ def render(
                 table.scale(1, 1.6)
             continue
         scale, axis = _UNITS.get(unit, (1.0, ""))
+        log_scale = panel["fieldConfig"]["defaults"].get("custom", {}).get("scaleDistribution", {}).get("type") == "log"
         flat = 0
         for target in panel["targets"]:
             for series in prom.query_range(promql(target["expr"], model, rate_s), start, end, step):
@@ -316,6 +335,8 @@ def render(
             ax.legend(fontsize=7, loc="upper left", ncol=2)
         if flat:
             ax.text(0.99, 0.97, f"{flat} series at 0", transform=ax.transAxes, ha="right", va="top", fontsize=7)
+        if log_scale:
+            ax.set_yscale("log")
         ax.set_ylabel(axis, fontsize=8)
         ax.set_xlim(0, end - start)
         ax.set_xlabel("s", fontsize=8)
@@ -327,7 +348,7 @@ def render(
     fig.suptitle(f"gatecast dashboard from Prometheus (model: {shown}, rate interval {rate_s:g} s)", fontsize=13)
     fig.subplots_adjust(left=0.04, right=0.99, top=0.95, bottom=0.04, hspace=0.45, wspace=0.16)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

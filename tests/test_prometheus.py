@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.dashboard import DASHBOARD, Prometheus, drive, panels, promql, rate_interval, render
 from tests.conftest import ROOT, RunningServer, server_settings
@@ -152,6 +153,17 @@ def test_promtool_accepts_the_configs_and_the_metrics(live: Live) -> None:
 
 
 def test_the_dashboard_renders_to_a_png(live: Live, tmp_path: Path) -> None:
-    out = render(live.prom, live.start, live.end, tmp_path / "dashboard.png")
+    out = render(live.prom, live.start, live.end, tmp_path / "dashboard.png", dpi=30)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.stat().st_size > 50_000
+    assert out.stat().st_size > 20_000
+
+
+def test_grafana_rate_interval_rests_on_the_real_scrape_interval() -> None:
+    """$__rate_interval is four of the data source's timeInterval: it must be Prometheus's scrape_interval,
+    or rate() windows hold too few samples (or hide short bursts)."""
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["global"]["scrape_interval"]
+    source = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+    [datasource] = yaml.safe_load(source.read_text())["datasources"]
+    assert datasource["jsonData"]["timeInterval"] == scrape
+    exprs = [t["expr"] for p in panels() for t in p["targets"]]
+    assert all("[$__rate_interval]" in e for e in exprs if "rate(" in e), exprs
