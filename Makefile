@@ -5,7 +5,7 @@
 # reinstalls and nothing installs more than its target needs:
 #   serve  `pip install -e .`              onnxruntime, grpc, pydantic, ... (what `gatecast serve` imports)
 #   train  `pip install -e '.[train]'`     + torch and the training stack (~1.9 GB): only when a model is missing
-#   dev    `pip install -e '.[train,dev]'` + pytest, ruff, mypy, grpcio-tools: `make test`
+#   dev    `pip install -e '.[train,client,dev]'` + pandas for the client, pytest, ruff, mypy: `make test`
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,7 +34,7 @@ $(TRAIN_STAMP): pyproject.toml $(SERVE_STAMP)
 
 # dev includes train, and so serve: its stamps are refreshed too
 $(DEV_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[train,dev]'
+	$(PY) -m pip install --quiet -e '.[train,client,dev]'
 	touch $(SERVE_STAMP) $(TRAIN_STAMP) $@
 
 serve-setup: $(SERVE_STAMP)

@@ -43,8 +43,9 @@ def _read(path: Path | None, what: str) -> bytes | None:
 def credentials(settings: Settings, args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     """TLS when the server serves TLS (tls_cert_file set); a client certificate when it asks for one.
 
-    The server's certificate is the default trust root (right for a self-signed one; --ca-file otherwise),
-    and its own key pair the default client identity under mutual TLS (--client-cert/--client-key otherwise).
+    The server's certificate is the default trust anchor (gRPC takes a CA-signed one as its own anchor too;
+    --ca-file to trust a CA instead), and its key pair the default client identity under mutual TLS, which
+    the client CA accepts when it signed the server's certificate (--client-cert/--client-key otherwise).
     """
     cert: Path | None = getattr(settings, "tls_cert_file", None)
     if cert is None:

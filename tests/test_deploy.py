@@ -5,6 +5,7 @@ for real against the server."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -18,10 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from packaging.requirements import Requirement
 
 from gatecast.service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, server_settings
+from tests.test_security import Pki, _issue, _key_pem, _pem
 
 DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
 EXPORTER_PORTS = range(9100, 10000)  # Prometheus' allocated exporter range: 9100 is node_exporter
@@ -65,10 +68,10 @@ def test_make_run_with_an_empty_repository_installs_train_and_trains_first(tmp_p
     assert f"--repo {empty}" in lines[train]
 
 
-def test_make_test_installs_the_train_and_dev_extras(tmp_path: Path) -> None:
+def test_make_test_installs_every_extra_the_suite_needs(tmp_path: Path) -> None:
     out = _make("test", f"VENV={tmp_path / 'venv'}")
-    assert "pip install --quiet -e '.[train,dev]'" in out
-    assert out.index("-m venv") < out.index("[train,dev]") < out.index("bin/pytest -q")
+    assert "pip install --quiet -e '.[train,client,dev]'" in out
+    assert out.index("-m venv") < out.index("[train,client,dev]") < out.index("bin/pytest -q")
 
 
 def test_install_stamps_are_per_level_and_follow_pyproject(tmp_path: Path, repo_with_model: Path) -> None:
@@ -80,7 +83,7 @@ def test_install_stamps_are_per_level_and_follow_pyproject(tmp_path: Path, repo_
     (venv / ".installed-serve").touch()
     assert "pip install" not in _make(*args)  # serving installed: run does not reinstall, nor install train
     assert "pip install --quiet -e .\n" in _make("-W", "pyproject.toml", *args)  # a dependency change reinstalls
-    assert "[train,dev]" in _make("test", f"VENV={venv}")  # the serve stamp does not satisfy test
+    assert "[train,client,dev]" in _make("test", f"VENV={venv}")  # the serve stamp does not satisfy test
 
 
 # --- docker-compose.yml ----------------------------------------------------------------------------------
@@ -386,3 +389,61 @@ def test_healthcheck_refuses_bad_settings_with_their_name(tmp_path: Path, env: d
     assert done.returncode == 1
     assert done.stderr.startswith("unhealthy: ") and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- the health check under TLS: the settings the server has, the certificates of tests/test_security.py ----
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for 127.0.0.1: CA-signed (server), self-signed (self), from another CA (stranger)."""
+    pki = Pki(tmp_path_factory.mktemp("pki"), _issue("gatecast test CA"), _issue("someone else's CA"))
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    for name, issuer in (("server", pki.ca), ("self", None), ("stranger", pki.rogue_ca)):
+        cert, key = _issue("localhost", issuer, san)
+        pki.write(f"{name}.pem", _pem(cert))
+        pki.write(f"{name}.key", _key_pem(key))
+    pki.write("ca.pem", pki.ca_pem)
+    pki.write("rogue.pem", _pem(pki.rogue_ca[0]))
+    return pki
+
+
+def _tls_server(repo: Path, certs: Pki, cert: str, **kw: object) -> tuple[RunningServer, dict[str, str]]:
+    """A TLS server, and the GATECAST_* environment the container would give the health check."""
+    tls = dict(tls_cert_file=certs.dir / f"{cert}.pem", tls_key_file=certs.dir / f"{cert}.key", **kw)
+    srv = RunningServer(server_settings(repo, **tls))
+    env = {"GATECAST_PORT": str(srv.app.port)} | {f"GATECAST_{k.upper()}": str(v) for k, v in tls.items()}
+    return srv, env
+
+
+def test_healthcheck_speaks_tls_with_the_servers_settings(repo_with_model: Path, certs: Pki, tmp_path: Path) -> None:
+    srv, env = _tls_server(repo_with_model, certs, "self")
+    try:
+        trusted = _healthcheck(env, cwd=tmp_path)  # a self-signed certificate is its own trust root
+        plain = _healthcheck({"GATECAST_PORT": env["GATECAST_PORT"]}, cwd=tmp_path)
+    finally:
+        srv.stop()
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.strip() == f"healthy: 127.0.0.1:{env['GATECAST_PORT']}: SERVING"
+    assert plain.returncode == 1 and plain.stderr.startswith(f"unhealthy: 127.0.0.1:{env['GATECAST_PORT']}: ")
+
+
+def test_healthcheck_under_mutual_tls_presents_the_servers_certificate(
+    repo_with_model: Path, certs: Pki, tmp_path: Path
+) -> None:
+    srv, env = _tls_server(repo_with_model, certs, "server", tls_client_ca_file=certs.dir / "ca.pem")
+    try:
+        ok = _healthcheck(env, cwd=tmp_path)  # gRPC takes the CA-signed server certificate itself as the anchor
+        with_ca = _healthcheck(env, "--ca-file", str(certs.dir / "ca.pem"), cwd=tmp_path)
+        untrusted = _healthcheck(env, "--ca-file", str(certs.dir / "rogue.pem"), cwd=tmp_path)
+        missing = _healthcheck(env, "--ca-file", str(certs.dir / "nope.pem"), cwd=tmp_path)
+        stranger = ("--client-cert", str(certs.dir / "stranger.pem"), "--client-key", str(certs.dir / "stranger.key"))
+        refused = _healthcheck(env, *stranger, cwd=tmp_path)  # the server does ask for a client certificate
+    finally:
+        srv.stop()
+    assert ok.returncode == 0, ok.stderr
+    assert with_ca.returncode == 0, with_ca.stderr
+    assert untrusted.returncode == 1 and "UNAVAILABLE" in untrusted.stderr
+    assert refused.returncode == 1 and refused.stderr.startswith(f"unhealthy: 127.0.0.1:{env['GATECAST_PORT']}: ")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"unhealthy: CA file {certs.dir / 'nope.pem'}: No such file or directory"
