@@ -148,11 +148,15 @@ def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
         raise SettingsError(f"invalid settings: {problems}") from e
 
 
+CLIENT_ENV = {"GATECAST_TOKEN"}  # read by the client (gatecast forecast): not a typo when the shell also serves
+
+
 def _refuse_unknown_env() -> None:
     """A GATECAST_* variable that names no setting is a typo: refuse it rather than run on a default."""
     prefix = "GATECAST_"
     known = {prefix + name.upper() for name in Settings.model_fields}
-    unknown = sorted(k for k in os.environ if k.upper().startswith(prefix) and k.upper() not in known)
+    ours = known | CLIENT_ENV
+    unknown = sorted(k for k in os.environ if k.upper().startswith(prefix) and k.upper() not in ours)
     if unknown:
         hints = []
         for k in unknown:

@@ -577,3 +577,11 @@ def test_plain_text_beyond_loopback_is_warned_about(repo: Path, pki: Pki, caplog
     caplog.clear()
     asyncio.run(create(**_tls(pki)))
     assert not any("plain text" in r.getMessage() for r in caplog.records)
+
+
+def test_the_clients_token_variable_does_not_stop_the_server(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATECAST_TOKEN", TOKEN_A)  # gatecast forecast reads it; serve must not take it for a typo
+    assert server_settings(repo).auth_tokens_file is None
+    monkeypatch.setenv("GATECAST_TOKENS_FILE", "tokens")  # a real typo is still refused, with the setting meant
+    with pytest.raises(SettingsError, match="did you mean GATECAST_AUTH_TOKENS_FILE"):
+        server_settings(repo)
