@@ -70,8 +70,8 @@ class Flow:
 
 @dataclass(eq=False)
 class WorkItem:
-    x: np.ndarray  # [time, features] float32
-    slot: int | None  # pool slot whose state is read and written; None: zero state, nothing kept
+    x: np.ndarray  # [time, features] float32; a block: [sessions, time, features]
+    slot: int | np.ndarray | None  # pool slot whose state is read and written; None: zero state, nothing kept
     future: asyncio.Future[Output]
     deadline: float | None  # time.monotonic() after which the item is not run
     commit: Callable[[Output], None] | None = None  # runs on the event loop when a step has applied
@@ -80,10 +80,21 @@ class WorkItem:
     pos: int = 0  # rows already run
     chunk: int = 0  # rows of the piece being run
     state: list[np.ndarray] | None = None  # carried between pieces, [dim0, 1, dim1] each
+    n: int = 1  # sessions: a block (`submit_block`) is n session steps of one piece each, slot [n]
+
+    @property
+    def block(self) -> bool:
+        return self.x.ndim == 3
+
+    def slots(self) -> list[int]:
+        if self.slot is None:
+            return []
+        return self.slot.tolist() if isinstance(self.slot, np.ndarray) else [self.slot]
 
     @property
     def remaining(self) -> int:
-        return int(self.x.shape[0]) - self.pos
+        """Time steps left (per session, for a block)."""
+        return int(self.x.shape[-2]) - self.pos
 
 
 class Batcher:
@@ -189,6 +200,41 @@ class Batcher:
             self._full.set()
         return futures
 
+    def submit_block(
+        self, x: np.ndarray, slots: np.ndarray, deadline: float | None, commit: Callable[[Output], None]
+    ) -> asyncio.Future[Output]:
+        """Queues steps of many sessions as one request that runs whole in one model run: x [n, time,
+        features] with time <= chunk_rows, slots [n] distinct, n <= max_batch_size. Its future resolves to
+        Output(y [n, horizon, targets], q); `commit` records all n steps at once. For the servicer's batch
+        RPCs: no per-step bookkeeping here."""
+        n, steps = int(x.shape[0]), int(x.shape[1])
+        if self._closing:
+            raise Unavailable("the server is shutting down; retry on another instance")
+        assert 0 < n <= self.max_batch_size and 0 < steps <= self.chunk_rows and len(slots) == n
+        rows = n * steps
+        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
+            self._m_rejected.inc()
+            raise ResourceExhausted(
+                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
+                f"({self._rows} rows of {self._n_flows} request(s) waiting); retry with backoff"
+            )
+        fut: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+        flow = Flow()
+        flow.items.append(WorkItem(x, slots, fut, deadline, commit, time.monotonic(), flow, n=n))
+        self._rows += rows
+        self._ready_rows += rows
+        self._ready_items += n
+        self._n_flows += 1
+        self._m_queued_rows.set(self._rows)
+        first = not self._flows
+        flow.queued = True
+        self._flows.append(flow)
+        if first:
+            self._wake.set()
+        if self._is_full():
+            self._full.set()
+        return fut
+
     def check_request_rows(self, rows: int) -> None:
         """Refuses a request bigger than one request may ever be."""
         if rows > self.max_request_rows:
@@ -202,8 +248,8 @@ class Batcher:
 
     def _finish(self, it: WorkItem) -> None:
         """Bookkeeping for an item leaving for good (answered, failed or abandoned)."""
-        self._rows -= it.remaining
-        it.pos = int(it.x.shape[0])
+        self._rows -= it.remaining * it.n
+        it.pos = int(it.x.shape[-2])
         it.state = None
         flow, it.flow = it.flow, None
         if flow is not None and not flow.items and not flow.running:
@@ -227,7 +273,7 @@ class Batcher:
         """Moves runnable pieces from the queue into the batch, round robin over requests: not cancelled,
         not past their deadline, at most one step per session slot, at most `max_batch_rows` rows and
         `max_batch_size` items; in a first pass each request gets at most half of the batch."""
-        rows = 0  # `batch` is the caller's, so that whatever this moved out of the queue is answered
+        rows = items = 0  # `batch` is the caller's, so that whatever this moved out of the queue is answered
         slots: set[int] = set()
         now = time.monotonic()
         quota_rows = max(self.chunk_rows, self.max_batch_rows // 2)
@@ -235,13 +281,14 @@ class Batcher:
         for quota in (True, False):
             rotated: list[Flow] = []
             for _ in range(len(self._flows)):
-                if rows >= self.max_batch_rows or len(batch) >= self.max_batch_size:
+                if rows >= self.max_batch_rows or items >= self.max_batch_size:
                     break
                 flow = self._flows.popleft()
                 f_rows = f_items = 0
-                while flow.items and rows < self.max_batch_rows and len(batch) < self.max_batch_size:
+                while flow.items and rows < self.max_batch_rows and items < self.max_batch_size:
                     it = flow.items[0]
                     chunk = min(self.chunk_rows, it.remaining)
+                    cost = chunk * it.n  # rows this piece adds to the run
                     if it.future.done() and it.slot is None:  # the caller went away
                         flow.items.popleft()
                         self._unready(it, chunk)
@@ -256,22 +303,23 @@ class Batcher:
                                 DeadlineExceeded("the deadline passed while the request was queued")
                             )
                         continue
-                    if quota and f_items and (f_rows + chunk > quota_rows or f_items >= quota_items):
+                    if quota and f_items and (f_rows + cost > quota_rows or f_items >= quota_items):
                         break
-                    if batch and rows + chunk > self.max_batch_rows:
+                    if batch and (rows + cost > self.max_batch_rows or items + it.n > self.max_batch_size):
                         break
-                    if it.slot is not None and it.slot in slots:
+                    mine = it.slots()
+                    if any(s in slots for s in mine):
                         break
                     flow.items.popleft()
                     self._unready(it, chunk)
                     it.chunk = chunk
                     flow.running += 1
-                    if it.slot is not None:
-                        slots.add(it.slot)
+                    slots.update(mine)
                     batch.append(it)
-                    rows += chunk
-                    f_rows += chunk
-                    f_items += 1
+                    rows += cost
+                    items += it.n
+                    f_rows += cost
+                    f_items += it.n
                 if flow.items:
                     rotated.append(flow)  # partly served: to the back of the line
                 else:
@@ -279,8 +327,8 @@ class Batcher:
             self._flows.extend(rotated)
 
     def _unready(self, it: WorkItem, chunk: int) -> None:
-        self._ready_rows -= chunk
-        self._ready_items -= 1
+        self._ready_rows -= chunk * it.n
+        self._ready_items -= it.n
         if it.pos > 0:
             self._carried -= 1
 
@@ -321,8 +369,8 @@ class Batcher:
             for it in batch:
                 if it.pos == 0:
                     self._m_wait.observe(now - it.enqueued)
-            self._m_batch.observe(len(batch))
-            self._m_rows.observe(sum(it.chunk for it in batch))
+            self._m_batch.observe(sum(it.n for it in batch))
+            self._m_rows.observe(sum(it.chunk * it.n for it in batch))
             inflight = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
         except BaseException as e:  # the items left the queue: they must still be answered
             self._fail(batch, e if isinstance(e, Exception) else Unavailable("the batcher stopped"))
@@ -370,41 +418,56 @@ class Batcher:
         for length, idx in by_len.items():
             try:
                 items = [batch[i] for i in idx]
-                x = np.stack([it.x[it.pos : it.pos + length] for it in items])
-                states = self.runtime.zero_states(len(items))
+                at = np.cumsum([0] + [it.n for it in items]).tolist()  # an item's first row in the run
+                x = np.concatenate(
+                    [
+                        it.x[:, it.pos : it.pos + length] if it.block else it.x[None, it.pos : it.pos + length]
+                        for it in items
+                    ]
+                )
+                states = self.runtime.zero_states(at[-1])
                 fresh = [k for k, it in enumerate(items) if it.pos == 0 and it.slot is not None]
                 if fresh:
-                    cols = np.array(fresh, dtype=np.int64)
-                    slots = np.array([items[k].slot for k in fresh], dtype=np.int64)
+                    cols, slots = self._rows_and_slots(items, fresh, at)
                     for s, g in zip(states, self.pool.gather(slots), strict=True):
                         s[:, cols, :] = g
                 for k, it in enumerate(items):
                     if it.state is not None:
                         for s, g in zip(states, it.state, strict=True):
-                            s[:, k : k + 1, :] = g
+                            s[:, at[k] : at[k] + 1, :] = g
                 t0 = time.monotonic()
                 y, new_states, q = self.runtime.run(x, states)
                 self._m_run.observe(time.monotonic() - t0)
-                last = [k for k, it in enumerate(items) if it.pos + length >= it.x.shape[0]]
+                last = [k for k, it in enumerate(items) if it.pos + length >= it.x.shape[-2]]
                 done_slots = [k for k in last if items[k].slot is not None]
                 if done_slots:
-                    cols = np.array(done_slots, dtype=np.int64)
-                    slots = np.array([items[k].slot for k in done_slots], dtype=np.int64)
+                    cols, slots = self._rows_and_slots(items, done_slots, at)
                     self.pool.scatter(slots, [s[:, cols, :] for s in new_states])
                 ended = set(last)
                 for k, (i, it) in enumerate(zip(idx, items, strict=True)):
                     it.pos += length
+                    r = at[k]
                     if k in ended:
                         it.state = None
-                        results[i] = Output(y[k], None if q is None else q[k])
+                        if it.block:
+                            results[i] = Output(y[r : r + it.n], None if q is None else q[r : r + it.n])
+                        else:
+                            results[i] = Output(y[r], None if q is None else q[r])
                     else:
-                        it.state = [np.array(s[:, k : k + 1, :]) for s in new_states]
+                        it.state = [np.array(s[:, r : r + 1, :]) for s in new_states]
                         results[i] = None
             except Exception as e:  # a failed run fails its items, never the batcher
                 log.exception("model run failed for %s", self.runtime.path)
                 for i in idx:
                     results[i] = e
         return results
+
+    @staticmethod
+    def _rows_and_slots(items: list[WorkItem], ks: list[int], at: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The run's rows of items `ks` and their pool slots (a block has n of each)."""
+        rows = [np.arange(at[k], at[k] + items[k].n) for k in ks]
+        slots = [np.atleast_1d(np.asarray(items[k].slot, dtype=np.int64)) for k in ks]
+        return np.concatenate(rows), np.concatenate(slots)
 
     def _deliver(self, batch: list[WorkItem], done: asyncio.Future[list[Output | BaseException | None]]) -> None:
         try:
@@ -414,7 +477,7 @@ class Batcher:
             results = [e] * len(batch)
         for it, r in zip(batch, results, strict=True):
             if not isinstance(r, BaseException):
-                self._rows -= it.chunk  # the worker has advanced `pos` past the piece that ran
+                self._rows -= it.chunk * it.n  # the worker has advanced `pos` past the piece that ran
             if r is not None:
                 self._settle(it, r)
                 continue

@@ -108,9 +108,8 @@ class StatePool:
             b[index] = a[index]
             return b
 
-        arrays = [resized(a, 1) for a in self._arrays]
-        with self._lock:
-            self._arrays = arrays
+        with self._lock:  # the worker may be scattering: copy and swap in one hold, or its write is lost
+            self._arrays = [resized(a, 1) for a in self._arrays]
         self.columns = {k: resized(c, 0) for k, c in self.columns.items()}
         self._in_use = resized(self._in_use, 0)
         free = np.flatnonzero(~self._in_use)[::-1].astype(np.int32)

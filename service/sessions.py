@@ -51,7 +51,7 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "last_used": ("f8", ()),
     "owner": ("i4", ()),  # security (issue 8): the identity that opened it, as a number (0: none)
 }
-_SLOT = 0xFFFFFFFF  # a code is (model version number << 32) | slot
+SLOT_MASK = 0xFFFFFFFF  # a code is (model version number << 32) | slot
 _NO_DIGEST = bytes(16)
 MIN_INDEX = 1024
 
@@ -179,6 +179,10 @@ class Session:
         if q is not None:
             column = self.mv.pool.add_column("quantile_forecast", np.float32, q.shape)
             column[self.slot] = q
+
+    def hold(self) -> None:
+        """Takes the turn of a free session (not `busy`) without a ticket; `release()` once done."""
+        self._col("held")[self.slot] = 1
 
     def queue_turn(self) -> asyncio.Future[None]:
         """A ticket for the next turn, taken synchronously so that arrival order is kept; it is already
@@ -312,7 +316,7 @@ class SessionTable:
     # --- the id index -------------------------------------------------------------------------------
 
     def _id_words(self, code: int) -> np.ndarray:
-        return self._mvs[code >> 32].pool.columns["id"][code & _SLOT]
+        return self._mvs[code >> 32].pool.columns["id"][code & SLOT_MASK]
 
     def _find(self, key: bytes) -> tuple[int, int]:
         """(position in the index, code) of the live session with this id, or (-1, -1)."""
@@ -383,7 +387,7 @@ class SessionTable:
     # --- sessions -----------------------------------------------------------------------------------
 
     def _handle(self, key: bytes, code: int) -> Session:
-        return Session(self, key, self._mvs[code >> 32], code & _SLOT, code)
+        return Session(self, key, self._mvs[code >> 32], code & SLOT_MASK, code)
 
     def open(self, mv: ModelVersion, owner: str | None = None) -> Session:
         labels = (mv.name, str(mv.version))
@@ -496,6 +500,79 @@ class SessionTable:
         if q is not None:
             mv.pool.add_column("quantile_forecast", np.float32, q.shape[1:])[slots] = q
         answered[slots] = 1
+
+    def locate(self, session_id: str) -> int:
+        """The code of the live session with this id (32 lowercase hex characters), else -1."""
+        key = _key(session_id)
+        if key is None or key.hex() != session_id:
+            return -1
+        return self._find(key)[1]
+
+    def locate_many(self, session_ids: list[str]) -> list[int]:
+        """`locate` for many ids at once: the index probed for all of them in vectorised rounds."""
+        n = len(session_ids)
+        joined = "".join(session_ids)
+        try:
+            raw = bytes.fromhex(joined)
+        except ValueError:
+            raw = b""
+        if len(joined) != 32 * n or raw.hex() != joined or any(len(s) != 32 for s in session_ids):
+            return [self.locate(s) for s in session_ids]  # some id is malformed: one at a time
+        words = np.frombuffer(raw, "<u8").reshape(n, 2)
+        mask = len(self._index) - 1
+        pos = (words[:, 1] & np.uint64(mask)).astype(np.int64)
+        found = np.full(n, -1, np.int64)
+        todo = np.arange(n)
+        while todo.size:
+            entry = self._index[pos[todo]]
+            todo, code = todo[entry > 0], entry[entry > 0] - 1  # an empty position: not found
+            match = np.zeros(todo.size, np.bool_)
+            for number in np.unique(code >> 32).tolist():
+                mine = (code >> 32) == number
+                ids = self._mvs[number].pool.columns["id"][code[mine] & SLOT_MASK]
+                match[mine] = (ids == words[todo[mine]]).all(axis=1)
+            found[todo[match]] = code[match]
+            todo = todo[~match]
+            pos[todo] = (pos[todo] + 1) & mask
+        return found.tolist()  # type: ignore[no-any-return]
+
+    def version(self, number: int) -> ModelVersion:
+        return self._mvs[number]
+
+    def claim(self, mv: ModelVersion, slots: np.ndarray, seqs: np.ndarray, owner: str | None) -> np.ndarray:
+        """For steps of distinct live sessions of one version: which are the next step of a free session
+        that `owner` may reach. Their turns are taken now; `release_block` gives them back."""
+        cols = mv.pool.columns
+        number = self._owner_numbers.get(owner, -1) if owner is not None else 0
+        whose = cols["owner"][slots]
+        last = cols["last_seq"][slots]
+        ok = ((whose == 0) | (whose == number)) & (cols["held"][slots] == 0) & (seqs == last + np.uint64(1))
+        cols["held"][slots[ok]] = 1
+        return ok
+
+    def release_block(self, mv: ModelVersion, slots: np.ndarray) -> None:
+        """Gives the turns `claim` took back: in one write, unless a session has steps waiting for its turn
+        or was closed meanwhile (then one at a time)."""
+        cols = mv.pool.columns
+        number = self._numbers[id(mv)]
+        special = cols["state"][slots] != LIVE
+        if self.waiting:
+            special |= np.array([((number << 32) | s) in self.waiting for s in slots.tolist()], np.bool_)
+        cols["held"][slots[~special]] = 0
+        for slot in slots[special].tolist():
+            self._handle(cols["id"][slot].tobytes(), (number << 32) | slot).release()
+            cols = mv.pool.columns
+
+    def commit_block(
+        self, mv: ModelVersion, slots: np.ndarray, seqs: list[int], rows: int, digests: bytes, out: Output
+    ) -> None:
+        """Records applied steps of many sessions at once (a block run by the batcher, `rows` each)."""
+        self.store_answers(mv, slots, out.y, out.q)
+        cols = mv.pool.columns
+        cols["last_seq"][slots] = seqs
+        cols["steps"][slots] += rows
+        cols["digest"][slots] = np.frombuffer(digests, np.uint8).reshape(-1, 16)
+        cols["last_used"][slots] = time.monotonic()
 
     # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
 
