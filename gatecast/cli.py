@@ -63,6 +63,8 @@ class ForecastArgs(BaseModel):
     timeout: float = Field(10.0, gt=0, description="seconds per call, retries included")
     tls: bool = Field(False, description="connect with TLS (on when --ca-file is given)")
     ca_file: Path | None = Field(None, description="PEM root certificates (default: the system's)")
+    cert_file: Path | None = Field(None, description="PEM client certificate chain, for mutual TLS (default: none)")
+    key_file: Path | None = Field(None, description="PEM private key of --cert-file (default: none)")
     token_file: Path | None = Field(
         None, description="file holding a bearer token (default: $GATECAST_TOKEN, else none)"
     )
@@ -219,7 +221,16 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     opts: ForecastArgs = parse_model(ForecastArgs, args)
     history = _read_time_csv(opts.data, opts.time_column)
     token = opts.token_file.read_text().strip() if opts.token_file else os.environ.get("GATECAST_TOKEN")
-    with Client(opts.server, tls=opts.tls, root_certificates=opts.ca_file, token=token, timeout=opts.timeout) as c:
+    client = Client(
+        opts.server,
+        tls=opts.tls,
+        root_certificates=opts.ca_file,
+        certificate_chain=opts.cert_file,
+        private_key=opts.key_file,
+        token=token,
+        timeout=opts.timeout,
+    )
+    with client as c:
         info = c.model_info(opts.model, opts.version)
         out = c.forecast(history, opts.model, opts.version, rows=opts.rows)
     if opts.format == "json":

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gatecast.cli import main
 from gatecast.client import AsyncClient, Client, ClientError, Retry, service_config
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -323,7 +324,7 @@ def test_the_token_travels_as_a_bearer_header(proxy: FaultyProxy, taylor: pd.Dat
 
 
 def test_tls_mutual_tls_and_a_token_against_the_real_server(
-    pki: Pki, repo: Path, taylor: pd.DataFrame, tmp_path: Path
+    pki: Pki, repo: Path, taylor: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     token = "t" * 20 + "-client-test-token"
     (tmp_path / "tokens").write_text(token + "\n")
@@ -347,6 +348,15 @@ def test_tls_mutual_tls_and_a_token_against_the_real_server(
             client.forecast(taylor, "taylor")
         with Client(srv.address, token=token, retry=None) as client, pytest.raises(ClientError, match="UNAVAILABLE"):
             client.forecast(taylor, "taylor")  # plain text to a TLS port
+        (tmp_path / "client.pem").write_bytes(_pem(cert))
+        (tmp_path / "client.key").write_bytes(_key_pem(key))
+        flags = ["--ca-file", pki.dir / "ca.pem", "--cert-file", tmp_path / "client.pem", "--key-file"]
+        flags += [tmp_path / "client.key", "--token-file", tmp_path / "token", "--server", srv.address]
+        cli = ["forecast", "--data", str(TAYLOR), "--model", "taylor", *map(str, flags)]
+        assert main(cli) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 49  # the header and 48 rows
+        assert main([*cli[:-4], "--server", srv.address]) == 2  # without the token
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
         with pytest.raises(ClientError, match="needs both private_key and certificate_chain"):
             Client(srv.address, root_certificates=pki.dir / "ca.pem", private_key=_key_pem(key))
         with pytest.raises(ClientError, match="cannot read the PEM file"):
