@@ -238,16 +238,21 @@ def _forecast_request(model: str, version: int, series: Sequence[np.ndarray]) ->
     return pb.ForecastRequest(model=model, version=version, series=[_matrix(x) for x in series])
 
 
-def _tail(x: np.ndarray, index: Any, rows: int) -> tuple[np.ndarray, Any]:
-    return x[-rows:], (None if index is None else index[-rows:])
+def _series(series: Sequence[Any], info: pb.ModelInfo, rows: int | None) -> list[tuple[np.ndarray, Any]]:
+    """Each series' last `rows` rows (default: the model's context) and their index."""
+    out = []
+    for s in series:
+        x, index = _rows(s, info)
+        n = rows or info.context_length
+        out.append((x[-n:], None if index is None else index[-n:]))
+    return out
 
 
-# --- the blocking client ---------------------------------------------------------------------------------
+class _ClientBase:
+    """What both clients hold: the channel (made by `_grpc`, grpc or grpc.aio, whose constructors agree),
+    the stub and the models looked up."""
 
-
-class Client:
-    """A channel to one server. `timeout` is each call's deadline in seconds, retries included; `token` is
-    sent as `authorization: Bearer <token>`; `tls`, or any certificate, makes the channel TLS."""
+    _grpc: Any = grpc
 
     def __init__(
         self,
@@ -267,9 +272,20 @@ class Client:
         )
         creds = self._conf.credentials()
         options = self._conf.options()
-        self.channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
+        self.channel = (
+            self._grpc.secure_channel(target, creds, options) if creds else self._grpc.insecure_channel(target, options)
+        )
         self.stub = pb_grpc.ForecasterStub(self.channel)
         self._info: dict[tuple[str, int], pb.ModelInfo] = {}
+
+
+# --- the blocking client ---------------------------------------------------------------------------------
+
+
+class Client(_ClientBase):
+    """A channel to one server. `timeout` is each call's deadline in seconds, retries included; `token` is
+    sent as `authorization: Bearer <token>`; `tls`, or any certificate, makes the channel TLS (with
+    `private_key` and `certificate_chain`: mutual TLS); `retry=None` turns the retry policy off."""
 
     def _call(self, method: str, request: Any) -> Any:
         try:
@@ -296,7 +312,7 @@ class Client:
     ) -> list[pd.DataFrame]:
         """Many series in one request, each from its own history; frames in the same order."""
         info = self.model_info(model, version)
-        xs = [_tail(*_rows(s, info), rows or info.context_length) for s in series]
+        xs = _series(series, info, rows)
         reply = self._call("Forecast", _forecast_request(model, version, [x for x, _ in xs]))
         if reply.version != info.version:  # the default version changed since it was looked up
             info = self.model_info(model, version, refresh=True)
@@ -422,32 +438,10 @@ class Session(_SessionState[Client]):
 # --- the asyncio client ----------------------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """`Client` for asyncio: the same arguments and methods, awaited."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
-        private_key: bytes | str | Path | None = None,
-        certificate_chain: bytes | str | Path | None = None,
-        token: str | None = None,
-        timeout: float | None = 10.0,
-        retry: Retry | None = Retry(),
-        max_message_mb: int = 64,
-    ) -> None:
-        self._conf = _Channel(
-            target, tls, root_certificates, private_key, certificate_chain, token, timeout, retry, max_message_mb
-        )
-        creds = self._conf.credentials()
-        options = self._conf.options()
-        self.channel = (
-            grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
-        )
-        self.stub = pb_grpc.ForecasterStub(self.channel)
-        self._info: dict[tuple[str, int], pb.ModelInfo] = {}
+    _grpc = grpc.aio
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
@@ -470,7 +464,7 @@ class AsyncClient:
         self, series: Sequence[Any], model: str, version: int = 0, *, rows: int | None = None
     ) -> list[pd.DataFrame]:
         info = await self.model_info(model, version)
-        xs = [_tail(*_rows(s, info), rows or info.context_length) for s in series]
+        xs = _series(series, info, rows)
         reply = await self._call("Forecast", _forecast_request(model, version, [x for x, _ in xs]))
         if reply.version != info.version:
             info = await self.model_info(model, version, refresh=True)
