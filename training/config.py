@@ -51,11 +51,13 @@ class TrainConfig(BaseModel):
     # windows
     context: int | None = Field(None, ge=1, description="window length in rows (default: what the form needs)")
     horizon: int | None = Field(None, ge=1, description="rows forecast (required: no default)")
-    train_stride: int | None = Field(None, ge=1, description="rows between training windows (default: from size)")
+    train_stride: int | None = Field(
+        None, ge=1, description="rows between training windows (default: about max_train_windows windows)"
+    )
     # model
     form: InputFormName = Field("auto", description="input form; auto compares them on validation")
     # lstm: torch's CPU LSTM trains about 7x faster than its GRU at the same size
-    cell: CellName = Field("lstm", description="recurrent cell: lstm, gru or rnn")
+    cell: CellName = Field("lstm", description="recurrent cell (plstm: an LSTM with peephole connections)")
     hidden_size: int = Field(32, ge=1, description="hidden units per layer")
     layers: int = Field(1, ge=1, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between layers and before the head")
