@@ -24,11 +24,11 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .auth import caller_identity
 from .batcher import Output
-from .convert import check_session_id, quote, to_array, to_matrix, to_quantile_matrix
+from .convert import _head, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
-from .sessions import Session, SessionTable, rows_digest
+from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,18 @@ def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes
     return deserialize
 
 
+_WIRE_ANSWERS = {"ObserveBatch", "StreamBatch"}  # their handlers may answer with the message's wire form
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that sends bytes as they are: the batch RPCs write their answers directly."""
+
+    def serializer(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return serializer
+
+
 class _Capture:
     """Stands in for a server to read the handlers the generated code would register."""
 
@@ -88,7 +100,10 @@ def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None
         input_type = service.methods_by_name[method].input_type.full_name
         decode = handler.request_deserializer
         assert decode is not None
-        handlers[method] = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
+        handler = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
+        if method in _WIRE_ANSWERS:
+            handler = handler._replace(response_serializer=_passing_bytes(handler.response_serializer))
+        handlers[method] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)
 
@@ -170,6 +185,79 @@ def _give_up(waiting: dict[asyncio.Future[None], Session]) -> None:
     for ticket, session in list(waiting.items()):
         if not ticket.done():
             session.drop(ticket)
+
+
+_STRING_1 = b"\x0a"  # the tag of a length-delimited field 1 (StreamResponse.session_id, ObserveBatchResponse.results)
+
+
+def _wire_matrices(tag: bytes, a: np.ndarray) -> list[bytes]:
+    """Each a[k] ([rows, cols]) as a Matrix field's wire form (its tag, length and message)."""
+    n, rows, cols = a.shape
+    head = _head(rows, cols, rows * cols)
+    field = tag + _varint(len(head) + 4 * rows * cols) + head
+    raw, size = np.ascontiguousarray(a, "<f4").tobytes(), 4 * rows * cols
+    return [field + raw[k : k + size] for k in range(0, n * size, size)]
+
+
+_BYTE = [bytes((i,)) for i in range(128)]  # one-byte varints
+
+
+def _uint(n: int) -> bytes:
+    """A varint, without a loop for the one- and two-byte ones a batch answer is made of."""
+    if n < 128:
+        return _BYTE[n]
+    return bytes((n & 0x7F | 0x80, n >> 7)) if n < 16384 else _varint(n)
+
+
+def _result(part: bytes) -> bytes:
+    """A StreamResponse's wire form as field 1 (`results`) of an ObserveBatchResponse."""
+    return _STRING_1 + _uint(len(part)) + part
+
+
+class _Answer:
+    """One batch message's answer, filled in step by step in any order: each result in its wire form; `done`
+    resolves to the ObserveBatchResponse's wire form (sent as it is, see `_passing_bytes`)."""
+
+    __slots__ = ("done", "left", "outer", "parts", "rpc", "servicer")
+
+    def __init__(self, servicer: ForecasterServicer, rpc: str, n: int, outer: _Call) -> None:
+        self.servicer, self.rpc, self.outer = servicer, rpc, outer
+        self.parts: list[bytes] = [b""] * n
+        self.left = n
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def put(self, i: int, part: bytes) -> None:
+        self.parts[i] = _result(part)
+        self.left -= 1
+        self._check()
+
+    def put_many(self, idx: list[int], parts: list[bytes]) -> None:
+        for i, part in zip(idx, parts, strict=True):
+            self.parts[i] = _result(part)
+        self.left -= len(idx)
+        self._check()
+
+    def _check(self) -> None:
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(b"".join(self.parts))
+
+    def reply(
+        self, i: int, session_id: str, seq: int, call: _Call
+    ) -> Callable[[Output | None, BaseException | None], None]:
+        def reply(result: Output | None, error: BaseException | None) -> None:
+            r = pb.StreamResponse(session_id=session_id, sequence=seq)
+            if error is None:
+                assert result is not None
+                r.forecast.CopyFrom(to_matrix(result.y))
+                if result.q is not None:
+                    r.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
+                self.outer.model = self.outer.model or call.model
+            else:
+                code, message = self.servicer._status(self.rpc, call, error)
+                r.error.code, r.error.message = code.value[0], message
+            self.put(i, r.SerializeToString())
+
+        return reply
 
 
 class _Call:
@@ -365,10 +453,15 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         deadline: float | None,
         waiting: dict[asyncio.Future[None], Session],
         outer: _Call,
-    ) -> asyncio.Future[pb.ObserveBatchResponse]:
+    ) -> asyncio.Future[bytes]:
         """Begins every step of a batch, in request order (steps of one session apply in that order); the
-        future resolves to the answer once each step has its result. Raises for a batch refused whole.
-        Metrics count each message once (OK) and each step's error by its code."""
+        future resolves to the answer (its wire form) once each step has its result. Raises for a batch
+        refused whole.
+
+        The common step (one row, the next sequence of a free session) is claimed with its version's other
+        such steps in one vectorised pass and runs as one batcher block; every other step (a retry, an
+        error, a busy session, a session's later steps in the message) goes the way of a single Observe,
+        after the claims, in request order. Metrics count each message once (OK) and each step's error."""
         n, limit = len(req.steps), self.settings.max_batch_steps
         if n == 0:
             raise InvalidArgument("no steps given; expected one or more ObserveRequest in `steps`")
@@ -376,34 +469,90 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             raise InvalidArgument(
                 f"{n} steps in one message; at most {limit} are accepted (GATECAST_MAX_BATCH_STEPS): split it"
             )
-        response = pb.ObserveBatchResponse()
-        results = [response.results.add() for _ in range(n)]
-        done: asyncio.Future[pb.ObserveBatchResponse] = asyncio.get_running_loop().create_future()
-        left = n
-
-        def replier(r: pb.StreamResponse, step: pb.ObserveRequest, call: _Call) -> Callable[..., None]:
-            def reply(result: Output | None, error: BaseException | None) -> None:
-                nonlocal left
-                r.session_id, r.sequence = step.session_id, step.sequence
-                if error is None:
-                    assert result is not None
-                    r.forecast.CopyFrom(to_matrix(result.y))
-                    if result.q is not None:
-                        r.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
-                    outer.model = outer.model or call.model
-                else:
-                    code, message = self._status(rpc, call, error)
-                    r.error.code, r.error.message = code.value[0], message
-                left -= 1
-                if left == 0 and not done.done():
-                    done.set_result(response)
-
-            return reply
-
-        for r, step in zip(results, req.steps, strict=True):
+        answer = _Answer(self, rpc, n, outer)
+        table = self.sessions
+        steps = list(req.steps)  # indexing a repeated field makes a new wrapper each time
+        ids = [step.session_id for step in steps]
+        seq_of = [step.sequence for step in steps]
+        rows = [step.rows for step in steps]
+        codes = table.locate_many(ids)
+        fast: dict[int, list[int]] = {}  # version number -> steps that may run in a block
+        slow: list[int] = []
+        seen: set[int] = set()
+        for i, code in enumerate(codes):
+            if code < 0 or code in seen or seq_of[i] == 0 or rows[i].rows != 1:
+                slow.append(i)
+            else:
+                fast.setdefault(code >> 32, []).append(i)
+            seen.add(code)
+        for number, idx in fast.items():
+            mv = table.version(number)
+            n_f = mv.runtime.manifest.n_features
+            shaped = [i for i in idx if rows[i].cols == n_f and len(rows[i].values) == n_f]
+            x = np.array([v for i in shaped for v in rows[i].values], np.float32).reshape(-1, 1, n_f)
+            finite = np.isfinite(x).reshape(len(shaped), -1).all(axis=1)
+            slots = np.array([codes[i] & SLOT_MASK for i in shaped], np.int64)
+            seqs = np.array([seq_of[i] for i in shaped], np.uint64)
+            claimed = np.zeros(len(shaped), np.bool_)
+            claimed[finite] = table.claim(mv, slots[finite], seqs[finite], owner)
+            members = np.flatnonzero(claimed)
+            running = {shaped[j] for j in members.tolist()}
+            slow += [i for i in idx if i not in running]
+            size = mv.batcher.max_batch_size
+            for s in range(0, len(members), size):
+                k = members[s : s + size]
+                self._start_block(mv, [shaped[j] for j in k], ids, x[k], slots[k], seqs[k], answer, deadline)
+        for i in sorted(slow):
             call = _Call()
-            self._begin(step, call, owner, deadline, replier(r, step, call), waiting)
-        return done
+            self._begin(steps[i], call, owner, deadline, answer.reply(i, ids[i], seq_of[i], call), waiting)
+        return answer.done
+
+    def _start_block(
+        self,
+        mv: ModelVersion,
+        idx: list[int],
+        ids: list[str],
+        x: np.ndarray,
+        slots: np.ndarray,
+        seqs: np.ndarray,
+        answer: _Answer,
+        deadline: float | None,
+    ) -> None:
+        """Claimed steps (turns held) as one batcher item: one model run, each session's step recorded in
+        one write per column, each step's answer written straight in its wire form."""
+        digests = b"".join(rows_digests(x))
+        seq_list = seqs.tolist()
+
+        def commit(out: Output) -> None:
+            self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
+
+        def finish(fut: asyncio.Future[Output]) -> None:
+            self.sessions.release_block(mv, slots)
+            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
+            if error is not None:
+                for k, i in enumerate(idx):
+                    call = _Call()
+                    call.model = mv.name
+                    answer.reply(i, ids[i], seq_list[k], call)(None, error)
+                return
+            answer.outer.model = answer.outer.model or mv.name
+            out = fut.result()
+            ys = _wire_matrices(b"\x1a", out.y)  # every result: session_id (1), sequence (2), forecast (3)
+            if out.q is not None:  # and quantile_forecast (5)
+                qs = _wire_matrices(b"\x2a", out.q.reshape(*out.q.shape[:2], -1))
+                ys = [y + q for y, q in zip(ys, qs, strict=True)]
+            heads = [b"\x0a\x20" + ids[i].encode() + b"\x10" for i in idx]
+            seqs_wire = [_uint(s) for s in seq_list]
+            answer.put_many(idx, [h + s + y for h, s, y in zip(heads, seqs_wire, ys, strict=True)])
+
+        try:
+            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+        except Exception as e:
+            self.sessions.release_block(mv, slots)
+            for k, i in enumerate(idx):
+                answer.reply(i, ids[i], seq_list[k], _Call())(None, e)
+            return
+        fut.add_done_callback(finish)
 
     # --- RPCs -----------------------------------------------------------------------------------------
 
@@ -593,10 +742,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             reader.cancel()
             _give_up(waiting)  # the stream is gone: give up its places in line
 
-    async def ObserveBatch(
-        self, request: pb.ObserveBatchRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ObserveBatchResponse:
-        async def handle(call: _Call) -> pb.ObserveBatchResponse:
+    async def ObserveBatch(self, request: pb.ObserveBatchRequest, context: grpc.aio.ServicerContext) -> bytes:
+        async def handle(call: _Call) -> bytes:
             waiting: dict[asyncio.Future[None], Session] = {}
             owner = caller_identity(context, self.settings)
             done = self._begin_batch("ObserveBatch", request, owner, _deadline(context), waiting, call)
@@ -606,15 +753,15 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 _give_up(waiting)
                 raise
 
-        return await self._call("ObserveBatch", context, handle, request)  # type: ignore[no-any-return]
+        return await self._call("ObserveBatch", context, handle, request)  # type: ignore[no-any-return]  # wire form
 
     async def StreamBatch(
         self, request_iterator: AsyncIterator[pb.ObserveBatchRequest | Malformed], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ObserveBatchResponse]:
+    ) -> AsyncIterator[bytes]:
         """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
         sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
         reads on while fewer than `max_stream_inflight` steps are unanswered (a refused message counts one)."""
-        answers: asyncio.Queue[tuple[asyncio.Future[pb.ObserveBatchResponse], int, _Call] | None] = asyncio.Queue()
+        answers: asyncio.Queue[tuple[asyncio.Future[bytes], int, _Call | None] | None] = asyncio.Queue()
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = getattr(self.settings, "max_stream_inflight", DEFAULT_STREAM_INFLIGHT)
         unsent = 0  # steps read, not yet answered
@@ -623,10 +770,11 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
         loop = asyncio.get_running_loop()
 
-        def refused(error: Exception, call: _Call) -> asyncio.Future[pb.ObserveBatchResponse]:
+        def refused(error: Exception, call: _Call) -> asyncio.Future[bytes]:
             code, message = self._status("StreamBatch", call, error)
-            fut: asyncio.Future[pb.ObserveBatchResponse] = loop.create_future()
-            fut.set_result(pb.ObserveBatchResponse(error=pb.StreamError(code=code.value[0], message=message)))
+            fut: asyncio.Future[bytes] = loop.create_future()
+            answer = pb.ObserveBatchResponse(error=pb.StreamError(code=code.value[0], message=message))
+            fut.set_result(answer.SerializeToString())
             return fut
 
         async def read() -> None:
@@ -634,17 +782,20 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             try:
                 async for req in request_iterator:
                     call = _Call()
+                    refusal: Exception | None = None
                     if isinstance(req, Malformed):
                         self.metrics.malformed.labels("StreamBatch").inc()
-                        fut, n = refused(req.problem(), call), 1
+                        refusal, n = req.problem(), 1
                     else:
                         n = max(1, len(req.steps))
                         try:
                             fut = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call)
                         except Exception as e:
-                            fut = refused(e, call)
+                            refusal = e
+                    if refusal is not None:
+                        fut = refused(refusal, call)
                     unsent += n
-                    answers.put_nowait((fut, n, call))
+                    answers.put_nowait((fut, n, None if refusal else call))  # a refusal is counted already
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
@@ -658,7 +809,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             while (item := await answers.get()) is not None:
                 fut, n, call = item
                 response = await fut
-                if not response.HasField("error"):
+                if call is not None:
                     self._count("StreamBatch", call, grpc.StatusCode.OK)
                 yield response
                 unsent -= n
