@@ -189,3 +189,36 @@ def test_a_cancelled_stream_batch_leaves_every_session_consistent(
             stub.Observe(_step(twin, t, k))
         nxt = applied[k] + 1
         _close(array(stub.Observe(_step(sid, nxt, k)).forecast), array(stub.Observe(_step(twin, nxt, k)).forecast))
+
+
+def test_a_stream_batch_that_never_reads_is_held_back(srv: RunningServer) -> None:
+    """The client writes 300 messages of 16 steps and reads nothing: the server stops reading once
+    max_stream_inflight (32) steps are unanswered and flow control holds the answers it wrote, instead of
+    applying every step. Once the client reads, everything is answered."""
+    n, rounds = MAX_STEPS, 300
+    with grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        stub = pb_grpc.ForecasterStub(ch)
+        ids = [str(stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id) for _ in range(n)]
+        messages = (
+            pb.ObserveBatchRequest(
+                steps=[pb.ObserveRequest(session_id=s, sequence=t, rows=matrix(VALUES[t : t + 1])) for s in ids]
+            )
+            for t in range(1, rounds + 1)
+        )
+        replies = stub.StreamBatch(messages, timeout=120)
+
+        async def applied() -> int:
+            return sum(srv.app.sessions.get(s).last_seq for s in ids)
+
+        last, stable_since = -1, time.monotonic()
+        while time.monotonic() - stable_since < 0.5:  # until the server stops making progress
+            now = srv.call(applied())
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            time.sleep(0.05)
+        print(f"\nsteps applied while the client read nothing: {last} of {n * rounds}")
+        assert last < 1500, f"{last} of {n * rounds} steps applied for a client that reads nothing"
+        got = list(replies)
+    assert [len(m.results) for m in got] == [n] * rounds
+    assert all(r.WhichOneof("result") == "forecast" for m in got for r in m.results)
+    assert srv.call(applied()) == n * rounds
