@@ -53,10 +53,12 @@ def generate(out_dir: Path) -> None:
 
 def main() -> None:
     from gatecast.apidoc import main as write_api_reference
+    from gatecast.settingsdoc import main as write_settings_reference
 
     generate(ROOT)
     print(f"generated code for {len(proto_files())} proto file(s) under {ROOT / 'gatecast'}", file=sys.stderr)
     write_api_reference()  # docs/api.md, from the proto's comments
+    write_settings_reference()  # docs/settings.md, from the Settings model
 
 
 if __name__ == "__main__":
