@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="onnxruntime execution providers in order of preference; the one actually used is reported",
     )
-    intra_op_threads: int = Field(2, ge=0, description="onnxruntime intra-op threads; 0: onnxruntime's choice")
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime intra-op threads; 0: onnxruntime's choice (1: least CPU per forecast)"
+    )
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads; 0: onnxruntime's choice")
     allow_spinning: bool = Field(False, description="onnxruntime thread spin-wait (burns an idle core)")
     # batching
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="rows in one request summed over its series (at most half of max_queue_rows)"
     )
     max_queue_rows: int = Field(4_000_000, ge=2, description="rows queued per model version before RESOURCE_EXHAUSTED")
-    max_batch_rows: int = Field(2048, ge=1, description="rows (time steps summed over a batch) in one model run")
+    max_batch_rows: int = Field(4096, ge=1, description="rows (time steps summed over a batch) in one model run")
     chunk_rows: int = Field(
         512, ge=1, description="a longer series or observation runs in pieces this long, interleaved with others"
     )
