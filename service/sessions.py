@@ -31,8 +31,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gatecast import SESSION_HEADER
+
 from .batcher import Output
-from .errors import FailedPrecondition, NotFound, ResourceExhausted
+from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .metrics import Metrics
 from .repository import ModelVersion
 
@@ -397,7 +399,9 @@ class SessionTable:
     def _handle(self, key: bytes, code: int) -> Session:
         return Session(self, key, self._mvs[code >> 32], code & SLOT_MASK, code)
 
-    def open(self, mv: ModelVersion, owner: str | None = None) -> Session:
+    def open(self, mv: ModelVersion, owner: str | None = None, session_id: str | None = None) -> Session:
+        """`session_id` (32 lowercase hex characters, checked by the caller) is the id a client proposed so
+        that a proxy can route the session by it from its first call; ALREADY_EXISTS when it is live."""
         labels = (mv.name, str(mv.version))
         if owner is not None and self.max_per_owner is not None and self._owned[owner] >= self.max_per_owner:
             self._metrics.sessions_rejected.labels(*labels).inc()
@@ -406,9 +410,18 @@ class SessionTable:
                 f"(max_sessions_per_identity / GATECAST_MAX_SESSIONS_PER_IDENTITY = {self.max_per_owner}); "
                 "close one or let it expire"
             )
-        key = secrets.token_bytes(16)
-        while self._find(key)[1] >= 0:  # 2^-128: never, but an id must not be handed out twice
+        if session_id is not None:
+            key = bytes.fromhex(session_id)
+            if self._find(key)[1] >= 0:
+                self._metrics.sessions_rejected.labels(*labels).inc()
+                raise AlreadyExists(
+                    f"session id {session_id} (metadata {SESSION_HEADER}) is live already; propose another "
+                    "(128 random bits) or none"
+                )
+        else:
             key = secrets.token_bytes(16)
+            while self._find(key)[1] >= 0:  # 2^-128: never, but an id must not be handed out twice
+                key = secrets.token_bytes(16)
         try:
             session = self._add(mv, key, owner)
         except ResourceExhausted:
@@ -588,28 +601,29 @@ class SessionTable:
 
     # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
 
-    def live(self) -> list[tuple[int, bytes]]:
-        """(code, id bytes) of every live session: cheap values to read handles from, chunk by chunk."""
-        out: list[tuple[int, bytes]] = []
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """Codes [n] and ids [n, 2] of every live session: 24 bytes each to read handles from, chunk by chunk."""
+        codes, ids = [np.zeros(0, np.int64)], [np.zeros((0, 2), np.uint64)]
         for number, mv in self._mvs.items():
             cols = mv.pool.columns
             slots = np.flatnonzero(cols["state"] == LIVE)
-            ids = cols["id"][slots].tobytes()
-            out.extend(((number << 32) | s, ids[16 * k : 16 * k + 16]) for k, s in enumerate(slots.tolist()))
-        return out
+            codes.append((np.int64(number) << 32) | slots.astype(np.int64))
+            ids.append(cols["id"][slots])
+        return np.concatenate(codes), np.concatenate(ids)
 
-    def handles(self, entries: list[tuple[int, bytes]]) -> list[Session]:
-        """Handles for the entries of `live()` still live under the same id."""
+    def handles(self, codes: np.ndarray, ids: np.ndarray) -> list[Session]:
+        """Handles for entries of `live()` still live under the same id."""
         out = []
-        for code, key in entries:
+        raw = np.ascontiguousarray(ids, "<u8").tobytes()
+        for k, code in enumerate(codes.tolist()):
             if code >> 32 in self._mvs:
-                s = self._handle(key, code)
+                s = self._handle(raw[16 * k : 16 * k + 16], code)
                 if not s.closed:
                     out.append(s)
         return out
 
     def all(self) -> list[Session]:
-        return self.handles(self.live())
+        return self.handles(*self.live())
 
     def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray], owner: str | None = None) -> Session:
         """Re-creates a saved session with its state tensors ([dims0, dims1] each, in manifest order); the

@@ -360,13 +360,14 @@ class Snapshotter:
     async def _save(self) -> int:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        live = self.sessions.live()  # (code, id) values: handles are made a chunk at a time
+        codes, ids = self.sessions.live()  # values: handles are made a chunk at a time
         writer = await loop.run_in_executor(None, SnapshotWriter, self.path)
         try:
-            for start in range(0, len(live), CAPTURE_CHUNK):
+            for start in range(0, len(codes), CAPTURE_CHUNK):
                 records: list[SessionRecord] = []
                 busy: list[str] = []
-                chunk = self.sessions.handles(live[start : start + CAPTURE_CHUNK])  # those still live
+                end = start + CAPTURE_CHUNK
+                chunk = self.sessions.handles(codes[start:end], ids[start:end])  # those still live
                 self._capture_chunk(chunk, records, busy)  # on the loop
                 await loop.run_in_executor(None, self._write_chunk, writer, records, busy)
             self._index = await loop.run_in_executor(None, writer.commit)
