@@ -365,13 +365,17 @@ def test_tls_mutual_tls_and_a_token_against_the_real_server(
         srv.stop()
 
 
-# --- the README's tour (docs/readme/clients.md), run as written -------------------------------------------
+# --- the README's tour (its "Clients" section), run as written ---------------------------------------------
 
-TOUR = ROOT / "docs" / "readme" / "clients.md"
+
+def _tour() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Clients\n")
+    return readme[start : readme.index("\n## ", start + 1)]
 
 
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", TOUR.read_text(), flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", _tour(), flags=re.S)
 
 
 def test_the_python_tour_runs_as_written(server: RunningServer) -> None:
