@@ -634,6 +634,6 @@ class SessionTable:
             raise ValueError(f"session id {session_id!r} is not 32 lowercase hex characters")
         if self._find(key)[1] >= 0:
             raise ValueError(f"session {session_id} is already live")
-        session = self._add(mv, key, owner)  # snapshots do not keep owners yet
+        session = self._add(mv, key, owner)  # the owner a snapshot or store blob names (older blobs: none)
         mv.pool.scatter(np.array([session.slot], dtype=np.int64), [a[:, None, :] for a in states])
         return session

@@ -71,6 +71,7 @@ class SessionRecord:
     quantile_forecast: np.ndarray | None = None  # quantile models: [horizon, targets, quantiles] for last_seq
     last_digest: str | None = None  # hex digest of the rows of last_seq (a retry must resend the same rows)
     idle_s: float = 0.0  # seconds since last use when written
+    owner: str | None = None  # the client identity that opened it (None: none); absent from older blobs
     extra: dict[str, Any] = field(default_factory=dict)  # unknown meta keys, kept for forward compatibility
 
 
@@ -94,6 +95,7 @@ def encode_session(r: SessionRecord) -> bytes:
         "steps": r.steps,
         "last_digest": r.last_digest,
         "idle_s": round(r.idle_s, 3),
+        "owner": r.owner,
         "tensors": [{"name": n, "dtype": "float32", "shape": list(a.shape)} for n, a in tensors],
     }
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
@@ -133,7 +135,8 @@ def decode_session(blob: bytes) -> SessionRecord:
             pos += n
         if pos != len(blob) - _U32.size:
             raise SnapshotError(f"{len(blob) - _U32.size - pos} unexplained bytes after the tensors")
-        known = {"id", "model", "version", "onnx_sha256", "last_seq", "steps", "last_digest", "idle_s", "tensors"}
+        known = {"id", "model", "version", "onnx_sha256", "last_seq", "steps", "last_digest", "idle_s", "owner"}
+        known.add("tensors")
         return SessionRecord(
             id=str(meta["id"]),
             model=str(meta["model"]),
@@ -146,6 +149,7 @@ def decode_session(blob: bytes) -> SessionRecord:
             quantile_forecast=arrays.get("quantile_forecast"),
             last_digest=None if meta.get("last_digest") is None else str(meta["last_digest"]),
             idle_s=float(meta.get("idle_s", 0.0)),
+            owner=None if meta.get("owner") is None else str(meta["owner"]),
             extra={k: v for k, v in meta.items() if k not in known},
         )
     except SnapshotError:
@@ -299,6 +303,7 @@ def _record(s: Session, states: dict[str, np.ndarray], now: float) -> SessionRec
         quantile_forecast=s.quantile_forecast,
         last_digest=s.last_digest.hex() if s.last_digest else None,
         idle_s=max(0.0, now - s.last_used),
+        owner=s.owner,
     )
 
 
@@ -447,7 +452,7 @@ def restore_session(sessions: SessionTable, repo: Repository, r: SessionRecord) 
         states.append(a)
     if set(r.states) != {spec.input for spec in m.states}:
         raise SnapshotError(f"states {sorted(r.states)} do not match the model's")
-    session = sessions.restore(mv, r.id, states)
+    session = sessions.restore(mv, r.id, states, r.owner)
     session.last_seq = r.last_seq
     session.steps = r.steps
     session.forecast = r.forecast
