@@ -61,17 +61,19 @@ class StatePool:
         self._used += 1
         return slot
 
-    def release(self, slot: int) -> None:
-        """Zeroes the slot's state and columns and hands it back; may shrink the pool."""
+    def release(self, slots: int | np.ndarray) -> None:
+        """Zeroes the slots' states and columns and hands them back (one slot, or distinct slots in one
+        write per array); may shrink the pool."""
+        n = np.size(slots)
         with self._lock:
             for a in self._arrays:
-                a[:, slot, :] = 0.0
+                a[:, slots, :] = 0.0
         for c in self.columns.values():
-            c[slot] = 0
-        self._in_use[slot] = False
-        self._free[self._top] = slot
-        self._top += 1
-        self._used -= 1
+            c[slots] = 0
+        self._in_use[slots] = False
+        self._free[self._top : self._top + n] = slots
+        self._top += n
+        self._used -= n
         if self._used <= self._shrink_at and self.capacity > self.initial:
             self._shrink()
 
