@@ -285,6 +285,10 @@ def plot(table: list[dict[str, object]], real: list[dict[str, object]], path: Pa
             axes[1].plot(lengths, [r["median_mse_ratio"] for r in rows], style, color=colour, label=label)
     axes[0].set(xscale="log", xlabel="sequence length T", ylabel="success rate", title="adding problem: solved")
     axes[1].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="median MSE / variance")
+    lengths = sorted({int(r["length"]) for r in table})  # type: ignore[call-overload]
+    for ax in axes[:2]:
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
     axes[1].axhline(SUCCESS, color="grey", lw=0.8)
     axes[1].set_title("final MSE (grey: success threshold)")
     axes[0].legend(fontsize=7)
