@@ -56,6 +56,7 @@ STREAM = "/gatecast.v1.Forecaster/Stream"
 ECHO_UNARY = "/bench.Echo/Unary"
 ECHO_BIDI = "/bench.Echo/Bidi"
 TRITON_INFER = "/inference.GRPCInferenceService/ModelInfer"
+TRITON_ATTEMPTS = 4
 CLIENT_START_S = 2.0  # client processes start and connect; then all begin at once
 
 
@@ -350,10 +351,15 @@ def triton_rows(a: argparse.Namespace, folder: Path, windows: np.ndarray, unary_
     with tempfile.TemporaryDirectory(prefix="triton-") as tmp:
         window, request_file = Path(tmp) / "windows.npy", Path(tmp) / "requests.bin"
         np.save(window, windows)
-        try:
-            proc, port = start_triton(python, folder, window, request_file)
-        except RuntimeError as e:
-            return {"unavailable": str(e)[-2000:]}
+        for attempt in range(TRITON_ATTEMPTS):
+            try:
+                proc, port = start_triton(python, folder, window, request_file)
+                break
+            except RuntimeError as e:  # on a busy machine an instance may miss PyTriton's 1 s handshake
+                print(f"  the Triton peer did not start (attempt {attempt + 1})", flush=True)
+                failure = str(e)[-2000:]
+        else:
+            return {"unavailable": failure}
         try:
             blob = request_file.read_bytes()
             payloads, pos = [], 0
