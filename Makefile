@@ -17,7 +17,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # read when make starts: `run` trains only when the default model has no version in the repository
 DEFAULT_MODEL_FILES := $(wildcard $(MODEL_REPO)/$(DEFAULT_MODEL)/*/model.onnx)
 
-.PHONY: run test setup serve-setup proto lint typecheck bench lock train-default clean
+.PHONY: run test setup serve-setup proto lint typecheck bench lock train-default clean cluster
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -46,6 +46,11 @@ train-default: $(TRAIN_STAMP)
 
 run: $(SERVE_STAMP) $(if $(DEFAULT_MODEL_FILES),,train-default)
 	$(VENV)/bin/gatecast serve --repo $(MODEL_REPO)
+
+# three replicas over $(MODEL_REPO), Redis (the shared session store) and HAProxy (deploy/haproxy.cfg) on
+# loopback; haproxy and redis-server come from Debian's packages when missing. Ctrl-C stops them all.
+cluster: $(SERVE_STAMP) $(if $(DEFAULT_MODEL_FILES),,train-default)
+	$(PY) -m deploy.cluster --repo $(MODEL_REPO)
 
 test: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,3 +5,7 @@ API (`gatecast.v1`), the model manifest, and the command line.
 """
 
 __version__ = "0.1.0"
+
+# The metadata a proxy routes a session's calls by (deploy/haproxy.cfg): the session's id, which a client may
+# propose on OpenSession (the server adopts it) and then sends on every call of the session.
+SESSION_HEADER = "x-gatecast-session"

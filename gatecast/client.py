@@ -13,12 +13,15 @@ per target and level. Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are
 gRPC itself (a retry policy in the channel's service config), which is safe for every unary method: a session
 step carries its sequence number, and the server answers a repeated number with the stored answer instead of
 applying the rows twice. A step whose outcome stayed unknown (the retries ran out) is resent, with its
-number, before the session's next step. pandas is needed (`pip install 'gatecast[client]'`); the server is not.
+number, before the session's next step. A session's calls carry its id as metadata `x-gatecast-session` (the
+client proposes the id on OpenSession), which a proxy hashes to send them all to one replica. pandas is
+needed (`pip install 'gatecast[client]'`); the server is not.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from gatecast import SESSION_HEADER
 from gatecast.errors import UserError
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -116,8 +120,10 @@ class _Channel:
             raise ClientError("mutual TLS needs both private_key and certificate_chain")
         return grpc.ssl_channel_credentials(root, key, chain)
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+    def metadata(self, session: str = "") -> tuple[tuple[str, str], ...]:
+        """The token, and a session's id for a proxy to route the call by (deploy/haproxy.cfg)."""
+        token = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return (*token, (SESSION_HEADER, session)) if session else token
 
 
 def _pem(value: bytes | str | Path | None) -> bytes | None:
@@ -287,9 +293,10 @@ class Client(_ClientBase):
     sent as `authorization: Bearer <token>`; `tls`, or any certificate, makes the channel TLS (with
     `private_key` and `certificate_chain`: mutual TLS); `retry=None` turns the retry policy off."""
 
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(self, method: str, request: Any, session: str = "") -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=self._conf.metadata())
+            metadata = self._conf.metadata(session)
+            return getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise _error(self._conf.target, e) from None
 
@@ -345,6 +352,8 @@ class _SessionState(Generic[S]):
         self.version = version
         self.history = history
         self.id = ""
+        # proposed on OpenSession and sent with every call, so a proxy routes them all to one replica
+        self.proposed = secrets.token_hex(16)
         self.info: pb.ModelInfo | None = None
         self.forecast: pd.DataFrame | None = None  # after a history
         self.next_sequence = 1
@@ -396,7 +405,17 @@ class Session(_SessionState[Client]):
     def open(self) -> Session:
         if not self.id:
             info = self.client.model_info(self.model, self.version)
-            self._opened(self.client._call("OpenSession", self._open_request(info)))
+            request = self._open_request(info)
+            try:
+                reply = self.client._call("OpenSession", request, self.proposed)
+            except ClientError as e:
+                if e.code != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                # a retried open found the session its first attempt made, whose answer was lost: start anew
+                self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
+                self.proposed = secrets.token_hex(16)
+                reply = self.client._call("OpenSession", request, self.proposed)
+            self._opened(reply)
         return self
 
     def observe(self, rows: Any) -> pd.DataFrame:
@@ -409,7 +428,7 @@ class Session(_SessionState[Client]):
 
     def _send(self, seq: int, x: np.ndarray) -> pb.ObserveResponse:
         try:
-            reply = self.client._call("Observe", self._request(seq, x))
+            reply = self.client._call("Observe", self._request(seq, x), self.id)
         except ClientError as e:
             self._sent(seq, x, e)
             raise
@@ -422,7 +441,8 @@ class Session(_SessionState[Client]):
             return 0
         session_id, self.id = self.id, ""
         try:
-            return int(self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id)).steps)
+            reply = self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id), session_id)
+            return int(reply.steps)
         except ClientError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:  # expired or lost in a restart: nothing left to close
                 return 0
@@ -443,9 +463,10 @@ class AsyncClient(_ClientBase):
 
     _grpc = grpc.aio
 
-    async def _call(self, method: str, request: Any) -> Any:
+    async def _call(self, method: str, request: Any, session: str = "") -> Any:
         try:
-            return await getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=self._conf.metadata())
+            metadata = self._conf.metadata(session)
+            return await getattr(self.stub, method)(request, timeout=self._conf.timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise _error(self._conf.target, e) from None
 
@@ -488,7 +509,16 @@ class AsyncSession(_SessionState[AsyncClient]):
     async def open(self) -> AsyncSession:
         if not self.id:
             info = await self.client.model_info(self.model, self.version)
-            self._opened(await self.client._call("OpenSession", self._open_request(info)))
+            request = self._open_request(info)
+            try:
+                reply = await self.client._call("OpenSession", request, self.proposed)
+            except ClientError as e:
+                if e.code != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
+                self.proposed = secrets.token_hex(16)
+                reply = await self.client._call("OpenSession", request, self.proposed)
+            self._opened(reply)
         return self
 
     async def observe(self, rows: Any) -> pd.DataFrame:
@@ -500,7 +530,7 @@ class AsyncSession(_SessionState[AsyncClient]):
 
     async def _send(self, seq: int, x: np.ndarray) -> pb.ObserveResponse:
         try:
-            reply = await self.client._call("Observe", self._request(seq, x))
+            reply = await self.client._call("Observe", self._request(seq, x), self.id)
         except ClientError as e:
             self._sent(seq, x, e)
             raise
@@ -512,7 +542,8 @@ class AsyncSession(_SessionState[AsyncClient]):
             return 0
         session_id, self.id = self.id, ""
         try:
-            return int((await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id))).steps)
+            reply = await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=session_id), session_id)
+            return int(reply.steps)
         except ClientError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:
                 return 0

@@ -19,12 +19,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from gatecast import SESSION_HEADER
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .auth import caller_identity
 from .batcher import Output
-from .convert import _head, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
+from .convert import _SESSION_ID, _head, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
@@ -270,6 +271,20 @@ class _Call:
         self.start = time.monotonic()
 
 
+def _proposed_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The session id a client proposed on OpenSession (metadata SESSION_HEADER), so that a proxy hashing
+    that header routes the open and every later call of the session to the same replica."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_HEADER:
+            if not isinstance(value, str) or not _SESSION_ID.match(value):
+                raise InvalidArgument(
+                    f"metadata {SESSION_HEADER} {quote(str(value))} on OpenSession is malformed; expected 32 "
+                    "lowercase hex characters (128 random bits) to become the session's id, or no such metadata"
+                )
+            return value
+    return None
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -357,7 +372,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 session.release()
                 return Output(session.forecast, session.quantile_forecast)  # a retry: not applied twice
             commit = session.committer(seq, x.shape[0], digest) if seq is not None else None
-            fut = mv.batcher.submit(x, session.slot, deadline, commit)
+            fut = self.sessions.stored(mv.batcher.submit(x, session.slot, deadline, commit), [session.id])
         except BaseException:
             session.release()
             raise
@@ -389,7 +404,12 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
     async def _observe(
         self, req: pb.ObserveRequest, deadline: float | None, call: _Call, owner: str | None
     ) -> pb.ObserveResponse:
-        session, mv, x = self._prepare_observe(req, call, owner)
+        try:
+            session, mv, x = self._prepare_observe(req, call, owner)
+        except NotFound:  # issue 12: maybe another replica's, in the session store
+            if (load := self.sessions.recover(req.session_id, owner)) is None or not await load:
+                raise
+            session, mv, x = self._prepare_observe(req, call, owner)
         out = await self._step(session, mv, x, deadline, req.sequence)
         response = pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(out.y))
         if out.q is not None:
@@ -404,12 +424,31 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
         deadline: float | None,
         reply: Callable[[Output | None, BaseException | None], None],
         waiting: dict[asyncio.Future[None], Session],
+        recovered: bool = False,
     ) -> None:
         """Takes the step's turn now (so that no later message overtakes it), starts the step when the turn
         comes and calls `reply(result, error)` exactly once, all from callbacks: no task per step. A ticket
-        not yet granted waits in `waiting`, for a caller that goes away to give up (`_give_up`)."""
+        not yet granted waits in `waiting`, for a caller that goes away to give up (`_give_up`). A session
+        not here may be taken over from the session store first (`recovered`: that has been tried)."""
         try:
             session, mv, x = self._prepare_observe(req, call, owner)
+        except NotFound as e:
+            load = None if recovered else self.sessions.recover(req.session_id, owner)
+            if load is None:
+                reply(None, e)
+                return
+
+            missing = e
+
+            def loaded(f: asyncio.Future[bool]) -> None:
+                error = missing if f.cancelled() else f.exception()
+                if error is None and f.result():
+                    self._begin(req, call, owner, deadline, reply, waiting, recovered=True)
+                else:
+                    reply(None, error or missing)
+
+            load.add_done_callback(loaded)
+            return
         except Exception as e:
             reply(None, e)
             return
@@ -546,7 +585,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             answer.put_many(idx, [h + s + y for h, s, y in zip(heads, seqs_wire, ys, strict=True)])
 
         try:
-            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+            fut = self.sessions.stored(mv.batcher.submit_block(x, slots, deadline, commit), [ids[i] for i in idx])
         except Exception as e:
             self.sessions.release_block(mv, slots)
             for k, i in enumerate(idx):
@@ -599,7 +638,8 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 mv.batcher.check_request_rows(request.history.rows)
                 history = to_array(request.history, m.n_features, "history", self.settings.max_rows)
             rows = 0 if history is None else int(history.shape[0])
-            session = self.sessions.open(mv, caller_identity(context, self.settings))  # owner: see service.auth
+            owner = caller_identity(context, self.settings)  # see service.auth
+            session = self.sessions.open(mv, owner, _proposed_id(context))
             response = pb.OpenSessionResponse(
                 session_id=session.id,
                 model=mv.name,
@@ -620,6 +660,7 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
                 response.forecast.CopyFrom(to_matrix(out.y))
                 if out.q is not None:
                     response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+            await self.sessions.opened(session)  # issue 12: in the session store before the client has its id
             if response.short_history:
                 self.metrics.sessions_short_history.labels(mv.name, str(mv.version)).inc()
             return response
