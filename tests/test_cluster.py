@@ -4,7 +4,10 @@ The proxy, the replicas (`gatecast serve` processes) and Redis are the real ones
 
 from __future__ import annotations
 
+import re
 import secrets
+import shutil
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 
 from deploy.cluster import Cluster
 from gatecast import SESSION_HEADER
@@ -254,3 +258,43 @@ def test_a_replica_killed_under_load(cluster: Cluster, single: RunningServer, st
     assert len(one_shot_answers) > 0
     for y in one_shot_answers:
         np.testing.assert_allclose(y, ref_one_shot, rtol=1e-6)
+
+
+# --- the Kubernetes form: the same proxy config, its names matching the StatefulSet's pods -----------------
+
+
+def test_the_kubernetes_manifests_run_the_same_proxy_config_over_the_statefulsets_pods() -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    kustomization = yaml.safe_load((deploy / "kustomization.yaml").read_text())
+    docs = [d for f in kustomization["resources"] for d in yaml.safe_load_all((deploy / f).read_text())]
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    replicas = kinds["StatefulSet", "gatecast"]["spec"]
+    headless = kinds["Service", replicas["serviceName"]]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert kustomization["configMapGenerator"] == [{"name": "gatecast-haproxy", "files": ["haproxy.cfg"]}]
+    proxy = kinds["Deployment", "gatecast-proxy"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in proxy["containers"][0]["env"]}
+    config = (deploy / "haproxy.cfg").read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", config)) <= set(env)  # every variable the config reads is set
+    slots = re.findall(r"^\s+server (r\d) \"\$\{(GATECAST_REPLICA_\d)\}\" id \d+( disabled)?$", config, re.M)
+    enabled = [var for _, var, off in slots if not off]
+    assert len(enabled) == replicas["replicas"] == 3
+    for n, (_, var, _) in enumerate(slots):
+        assert env[var] == f"gatecast-{n}.{replicas['serviceName']}:8500"  # pod n is server r(n+1)
+    store = {e["name"]: e["value"] for e in replicas["template"]["spec"]["containers"][0]["env"]}
+    assert store["GATECAST_SESSION_STORE_URL"].startswith(
+        f"redis://{kinds['Service', 'gatecast-redis']['metadata']['name']}:"
+    )
+    mount = proxy["containers"][0]["volumeMounts"][0]["mountPath"]
+    assert proxy["containers"][0]["args"][-1] == f"{mount}/haproxy.cfg"
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (the cluster fixture installs it)")
+    checked = subprocess.run(
+        [haproxy, "-c", "-f", str(deploy / "haproxy.cfg")],
+        env={**env, "GATECAST_PROXY_ADMIN": "/tmp/x.sock"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr  # valid; pod names that do not resolve here wait for DNS
