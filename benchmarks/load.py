@@ -26,7 +26,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from gatecast.manifest import Manifest
+from gatecast.graph import session_options, zero_states
+from gatecast.manifest import Manifest, version_dirs
+from gatecast.service.settings import Settings
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
@@ -166,16 +168,15 @@ async def _drain(queue: asyncio.Queue[pb.ObserveRequest | None]):  # type: ignor
 
 
 def ort_ceiling(folder: Path, batch: int, time_len: int, seconds: float) -> dict[str, Any]:
-    """In-process onnxruntime, same settings as the server (2 intra-op threads, no spinning)."""
+    """In-process onnxruntime with the server's default thread settings."""
     m = Manifest.read(folder)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    s = Settings()
+    opts = session_options(s.intra_op_threads, s.inter_op_threads, s.allow_spinning)
     sess = ort.InferenceSession(str(folder / m.onnx.file), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     x = np.asarray(m.scaler.mean) + np.asarray(m.scaler.std) * rng.standard_normal((batch, time_len, m.n_features))
     feed = {"x": x.astype(np.float32)}
-    feed.update({s.input: np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in m.states})
+    feed.update(zero_states(m.states, batch))
     sess.run(None, feed)
     runs, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -202,7 +203,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load.json")
     args = ap.parse_args()
 
-    folder = max((p for p in (args.repo / args.model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = version_dirs(args.repo / args.model)
+    folder = versions[max(versions)]
     manifest = Manifest.read(folder)
     values = np.loadtxt(DATA, delimiter=",", skiprows=1, usecols=1, dtype=np.float32)[:, None]
     ctx = manifest.context_length

@@ -169,8 +169,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """The version folders of one model, <repo>/<name>/<integer>/, by version (empty when there is no such
+    model). Staging folders (".name") and other files are not versions. Raises OSError when the model
+    folder cannot be listed."""
+    if not model_dir.is_dir():
+        return {}
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
 def next_version(repo: Path, name: str) -> int:
     """The next integer version under repo/name (1 when there is none)."""
-    folder = repo / name
-    versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
-    return max(versions, default=0) + 1
+    return max(version_dirs(repo / name), default=0) + 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gatecast.manifest import MANIFEST_FILE, Manifest
+from gatecast.manifest import MANIFEST_FILE, Manifest, version_dirs
 
 from .batcher import Batcher
 from .errors import NotFound
@@ -71,9 +71,9 @@ def scan(repo: Path) -> list[tuple[str, int, Path]]:
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
         try:
-            for vdir in model_dir.iterdir():
-                if vdir.is_dir() and vdir.name.isdigit() and (vdir / MANIFEST_FILE).is_file():
-                    found.append((model_dir.name, int(vdir.name), vdir))
+            for version, vdir in version_dirs(model_dir).items():
+                if (vdir / MANIFEST_FILE).is_file():
+                    found.append((model_dir.name, version, vdir))
         except OSError as e:
             log.error("cannot list %s: %s", model_dir, e)
     return found

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from gatecast.graph import session_options, zero_states
 from gatecast.manifest import Manifest, sha256_file
 
 from .settings import Settings
@@ -109,11 +110,7 @@ class ModelRuntime:
         onnx_path = folder / manifest.onnx.file
         if sha256_file(onnx_path) != manifest.onnx.sha256:
             raise ModelLoadError(f"{onnx_path}: sha256 differs from the manifest's; refusing to load")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.intra_op_threads
-        opts.inter_op_num_threads = settings.inter_op_threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
-        opts.log_severity_level = 3
+        opts = session_options(settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning)
         wanted = select_providers(tuple(settings.providers))
         session = ort.InferenceSession(str(onnx_path), opts, providers=list(wanted))
         # onnxruntime falls back to CPU without raising: the first active provider is the truth
@@ -139,7 +136,7 @@ class ModelRuntime:
         return rt
 
     def zero_states(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in self.manifest.states]
+        return list(zero_states(self.manifest.states, batch).values())
 
     def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
         """x [batch, time, features], states [dim0, batch, dim1] each -> y [batch, horizon, targets], states,

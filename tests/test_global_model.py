@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from gatecast.cli import main
+from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -56,7 +57,7 @@ def test_one_graph_serves_every_scale(global_model: Path) -> None:
     x = taylor_values()[None, -m.context_length :, :]
 
     def run(window: np.ndarray) -> np.ndarray:
-        feed = {"x": window, **{s.input: np.zeros((s.dims[0], 1, s.dims[1]), np.float32) for s in m.states}}
+        feed = {"x": window, **zero_states(m.states, 1)}
         return np.asarray(sess.run(None, feed)[0])
 
     base = run(x)

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
 from gatecast.service.repository import ModelVersion
 from gatecast.service.sessions import Session
@@ -97,7 +98,7 @@ def reference(folder: Path, x: np.ndarray) -> np.ndarray:
     m = Manifest.read(folder)
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {"x": x[None].astype(np.float32)}
-    feed.update({s.input: np.zeros((s.dims[0], 1, s.dims[1]), np.float32) for s in m.states})
+    feed.update(zero_states(m.states, 1))
     return sess.run(["y"], feed)[0][0]  # type: ignore[no-any-return]
 
 

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -29,7 +30,7 @@ def reference(folder: Path, histories: list[np.ndarray]) -> list[np.ndarray]:
     out = []
     for x in histories:
         feed = {"x": x[None].astype(np.float32)}
-        feed.update({s.input: np.zeros((s.dims[0], 1, s.dims[1]), np.float32) for s in m.states})
+        feed.update(zero_states(m.states, 1))
         out.append(sess.run(["y"], feed)[0][0])
     return out
 

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from gatecast.cli import main
+from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
 from gatecast.training.evaluate import evaluate_model_dir
 from gatecast.v1 import forecaster_pb2 as pb
@@ -85,7 +86,7 @@ def test_quantiles_are_trained_exported_and_covered(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()][-1] == "q"
     x = np.loadtxt(TAYLOR, delimiter=",", skiprows=1, usecols=1, dtype=np.float32)[None, -m.context_length :, None]
-    feed = {"x": x, **{s.input: np.zeros((s.dims[0], 1, s.dims[1]), np.float32) for s in m.states}}
+    feed = {"x": x, **zero_states(m.states, 1)}
     y, *_, q = sess.run(None, feed)
     assert q.shape == (1, 12, 1, 2) and (q[..., 0] <= y).all() and (y <= q[..., 1]).all()
     # the server returns them beside the point forecast

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from gatecast.manifest import Evaluation, Manifest
+from gatecast.graph import cpu_session, zero_states
+from gatecast.manifest import MANIFEST_FILE, Evaluation, Manifest
 
 from .data import DataError, FillPolicy, Series, Split, load_panel, load_series, split_rows
 from .detect import default_eval_stride
@@ -23,10 +23,8 @@ class OnnxPredictor:
     """Zero-state forecasts from the exported graph; the last quantile forecasts are kept in `.q`."""
 
     def __init__(self, model_dir: Path, manifest: Manifest) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         self.manifest = manifest
-        self.sess = ort.InferenceSession(str(model_dir / manifest.onnx.file), opts, providers=["CPUExecutionProvider"])
+        self.sess = cpu_session(model_dir / manifest.onnx.file)
         self.q: np.ndarray | None = None
 
     def __call__(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
@@ -35,9 +33,7 @@ class OnnxPredictor:
         ys, qs = [], []
         for i in range(0, x.shape[0], batch):
             xb = np.ascontiguousarray(x[i : i + batch], dtype=np.float32)
-            feed = {m.onnx.input: xb}
-            for s in m.states:
-                feed[s.input] = np.zeros((s.dims[0], xb.shape[0], s.dims[1]), np.float32)
+            feed = {m.onnx.input: xb, **zero_states(m.states, xb.shape[0])}
             got = self.sess.run(outputs, feed)
             ys.append(got[0])
             if len(got) > 1:
@@ -60,8 +56,8 @@ def evaluate_model_dir(
 ) -> tuple[Evaluation, str]:
     """Rolling-origin scores on the test split of `data` (the validation split when there is no test).
     `fill` and `time_index` default to what the model was trained with."""
-    if not (model_dir / "manifest.json").is_file():
-        raise DataError(f"{model_dir}: no manifest.json; expected a folder models/<name>/<version>/")
+    if not (model_dir / MANIFEST_FILE).is_file():
+        raise DataError(f"{model_dir}: no {MANIFEST_FILE}; expected a folder models/<name>/<version>/")
     manifest = Manifest.read(model_dir)
     policy: FillPolicy = fill or manifest.training.get("fill", "error")  # type: ignore[assignment]
     time_index = bool(manifest.training.get("time_index", False)) if time_index is None else time_index

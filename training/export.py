@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gatecast.errors import UserError
+from gatecast.graph import cpu_session, zero_states
 from gatecast.manifest import Manifest, StateSpec, next_version
 
 from .model import Forecaster, SeriesScale
@@ -111,9 +112,7 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
     rounding a thousandfold in a correct recurrent net, so those answer to RANDOM_TOLERANCE.
     """
     model.eval()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     specs = state_specs(model)
     rng = np.random.default_rng(seed)
     mean = model.mean.numpy()  # type: ignore[operator]
@@ -144,11 +143,8 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
         if out.q is not None:
             check(f"q ({where})", got[-1], out.q.numpy(), y_scale[..., None], tolerance)
 
-    def zero(batch: int) -> dict[str, np.ndarray]:
-        return {s.input: np.zeros((s.dims[0], batch, s.dims[1]), np.float32) for s in specs}
-
     if real is not None and real.size:
-        compare(np.ascontiguousarray(real, np.float32), zero(real.shape[0]), "real windows", TOLERANCE)
+        compare(np.ascontiguousarray(real, np.float32), zero_states(specs, real.shape[0]), "real windows", TOLERANCE)
     for batch in (1, 37):
         for time_len in (1, context):
             x = (mean + std * rng.standard_normal((batch, time_len, len(mean)))).astype(np.float32)
@@ -161,8 +157,8 @@ def verify(model: Forecaster, path: Path, context: int, real: np.ndarray | None 
     else:
         x = (mean + std * rng.standard_normal((5, context, len(mean)))).astype(np.float32)
         tolerance, what = RANDOM_TOLERANCE, "random windows"
-    whole = _ort_run(sess, x, zero(x.shape[0]))
-    states = zero(x.shape[0])
+    whole = _ort_run(sess, x, zero_states(specs, x.shape[0]))
+    states = zero_states(specs, x.shape[0])
     step: list[np.ndarray] = []
     for t in range(x.shape[1]):
         step = _ort_run(sess, x[:, t : t + 1], states)
