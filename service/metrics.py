@@ -135,6 +135,25 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        # the session store (service/store.py), when one is configured
+        self.store_errors = Counter(
+            "gatecast_session_store_errors",
+            "Session store (Redis) operations that failed, by operation; sessions carry on locally",
+            ["op"],
+            registry=registry,
+        )
+        self.store_writes = Counter(
+            "gatecast_session_store_writes",
+            "Session blobs sent to the store, by outcome (fenced: another replica holds the session now)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.sessions_resumed = Counter(
+            "gatecast_sessions_resumed",
+            "Sessions taken over from the session store (written by another replica, or before a restart)",
+            ["model", "version"],
+            registry=registry,
+        )
         self.model_loaded = Gauge(
             "gatecast_model_loaded",
             "1 for each loaded model version, labelled with the execution provider actually running it",
@@ -144,6 +163,10 @@ class Metrics:
 
         for rpc in RPCS:
             self.malformed.labels(rpc)
+        for op in ("write", "read", "close", "ping"):
+            self.store_errors.labels(op)
+        for outcome in ("written", "stale", "fenced", "closed"):
+            self.store_writes.labels(outcome)
         self._add_model("")  # requests naming no loaded model are counted under model=""
 
     def _add_model(self, name: str) -> None:
@@ -157,6 +180,7 @@ class Metrics:
             self.sessions_closed,
             self.sessions_expired,
             self.sessions_rejected,
+            self.sessions_resumed,
             self.sessions_short_history,
             self.queue_rejected,
             self.live_sessions,

@@ -37,6 +37,7 @@ from .servicer import ForecasterServicer, TolerantDecoding, add_to_server
 from .sessions import SessionTable
 from .settings import Settings
 from .snapshot import Snapshotter
+from .store import SessionStore
 
 log = logging.getLogger(__name__)
 GC_YOUNG = 20_000
@@ -86,6 +87,7 @@ class App:
     metrics: Metrics
     health: HealthServicer
     snapshots: Snapshotter | None = None
+    store: SessionStore | None = None  # issue 12: sessions in Redis too, for another replica to take over
     metrics_port: int | None = None
     _metrics_http: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -119,12 +121,17 @@ class App:
         if not self.repo.versions():
             log.warning("no model found under %s; health is NOT_SERVING until one loads", s.repo)
         if self.snapshots is not None:
+            if self.store is not None and saved:  # the store is as new as any step answered: sessions come from it
+                log.info("%d session(s) in %s left to the session store", len(saved), self.snapshots.path)
+                saved = []
             self.snapshots.restore(saved)
             try:
                 await self.snapshots.save()  # fails now, not at the first SIGTERM, when the path is not writable
             except OSError as e:
                 where = f"session snapshot (GATECAST_SNAPSHOT_PATH) {self.snapshots.path}"
                 raise StartupError(f"{where} cannot be written: {e.strerror or e}") from e
+        if self.store is not None:
+            await self.store.start()
         await self.server.start()
         settle_heap()
         await self._update_health()
@@ -189,6 +196,8 @@ class App:
         await self.repo.close()
         for _ in range(3):  # let the drained steps' done callbacks release their sessions
             await asyncio.sleep(0)
+        if self.store is not None:
+            await self.store.close()  # what is pending is written first
         try:
             if self.snapshots is not None:
                 n = await self.snapshots.save()
@@ -216,6 +225,8 @@ class App:
         await self._cancel_tasks()
         await self.server.stop(0)
         await self.repo.close()
+        if self.store is not None:
+            await self.store.close()
         self._close_metrics()
 
 
@@ -295,4 +306,5 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
             settings.host,
         )
     snapshots = Snapshotter(settings.snapshot_path, sessions, repo) if settings.snapshot_path is not None else None
-    return App(settings, server, port, repo, sessions, metrics, health, snapshots)
+    store = SessionStore(settings, sessions, repo, metrics) if settings.session_store_url is not None else None
+    return App(settings, server, port, repo, sessions, metrics, health, snapshots, store=store)

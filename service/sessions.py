@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from .batcher import Output
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .metrics import Metrics
 from .repository import ModelVersion
+
+if TYPE_CHECKING:
+    from .store import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +265,8 @@ class Session:
             cols["steps"][self.slot] += rows
             self.last_digest = digest
             cols["last_used"][self.slot] = time.monotonic()
+            if table.store is not None and seq % table.store.every == 0:
+                table.store.save(self.mv, [self])
 
         return commit
 
@@ -285,6 +290,7 @@ class SessionTable:
         self._owned: Counter[str] = Counter()
         self._owner_numbers: dict[str, int] = {}  # identity -> its number in the `owner` column (1, 2, ...)
         self._owner_names: dict[int, str] = {}
+        self.store: SessionStore | None = None  # issue 12: sessions kept in Redis too (service.store sets it)
 
     def __len__(self) -> int:
         return self._count
@@ -477,6 +483,9 @@ class SessionTable:
             del self._mvs[self._numbers.pop(id(mv))]
 
     async def close(self, session_id: str, owner: str | None = None) -> Closed:
+        """A session held by the store but not here is taken over first; the store keeps a tombstone."""
+        if self.locate(session_id) < 0 and (load := self.recover(session_id, owner)) is not None:
+            await load
         session = self.get(session_id, owner)
         await session.take()  # let an in-flight step finish before the slot is freed
         try:
@@ -487,7 +496,35 @@ class SessionTable:
         finally:
             session.release()
         self._metrics.sessions_closed.labels(closed.model, str(closed.version)).inc()
+        if self.store is not None:
+            await self.store.closed(closed.id)
         return closed
+
+    # --- issue 12: the session store (service.store) ----------------------------------------------------
+
+    def recover(self, session_id: str, owner: str | None) -> asyncio.Future[bool] | None:
+        """For an id not live here: a future of whether the store held it and it is live here now; None when
+        there is no store or the id is malformed (NOT_FOUND at once, Redis is not asked)."""
+        if self.store is None or _key(session_id) is None:
+            return None
+        return self.store.recover(session_id, owner)
+
+    def stored(self, step: asyncio.Future[Output], ids: list[str]) -> asyncio.Future[Output]:
+        """`step`, answered only once what it recorded for these sessions is in the store (when there is one)."""
+        return step if self.store is None else self.store.after(step, ids)
+
+    async def opened(self, session: Session) -> None:
+        """A new session goes to the store before its id goes to the client; ALREADY_EXISTS (and the session is
+        discarded) when the store knows its id already (a proposed id live or closed on another replica)."""
+        if self.store is not None and not await self.store.opened(session):
+            self.discard(session)
+            raise AlreadyExists(f"session id {session.id} is in the session store already; propose another or none")
+
+    def forget(self, session_id: str) -> None:
+        """Removes a session another replica has taken over (the store refused this one's write)."""
+        code = self.locate(session_id)
+        if code >= 0:
+            self._remove(self._handle(bytes.fromhex(session_id), code))
 
     def discard(self, session: Session) -> None:
         """Removes a session whose opening failed."""
@@ -598,6 +635,10 @@ class SessionTable:
         cols["steps"][slots] += rows
         cols["digest"][slots] = np.frombuffer(digests, np.uint8).reshape(-1, 16)
         cols["last_used"][slots] = time.monotonic()
+        if self.store is not None:
+            kept = slots[np.asarray(seqs, np.uint64) % np.uint64(self.store.every) == 0]
+            codes = (np.int64(self._numbers[id(mv)]) << 32) | kept.astype(np.int64)
+            self.store.save(mv, self.handles(codes, cols["id"][kept]))
 
     # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
 

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     # session snapshots (docs/snapshot.md): written on SIGTERM/SIGHUP and every snapshot_interval_s
     snapshot_path: Path | None = Field(None, description="session snapshot file; unset: sessions die with the process")
     snapshot_interval_s: float = Field(30.0, gt=0, description="how often sessions are snapshotted while serving")
+    # session store (docs/readme/sessions-store.md): sessions kept in Redis, so another replica can take one over
+    session_store_url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://", description="redis://host:port/db of the session store; unset: off"
+    )
+    session_store_every: int = Field(
+        1, ge=1, description="a session is written after every step whose sequence number is a multiple of this"
+    )
+    session_store_ttl_s: float | None = Field(
+        None, gt=0, description="a session's key lives this long after its last write; unset: session_idle_s"
+    )
     # security (docs/readme/security.md): TLS, client certificates, bearer tokens
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the gRPC port; unset: plain text")
     tls_key_file: Path | None = Field(None, description="unencrypted PEM private key of tls_cert_file")
