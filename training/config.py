@@ -10,8 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gatecast.manifest import Cell as CellName
+
 from .data import DataError, FillPolicy
-from .model import CellName
 
 InputFormName = Literal["auto", "level", "seasonal", "lookback"]
 LossName = Literal["mse", "mae"]

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from gatecast.manifest import Cell
+
 from .peephole import PeepholeLSTM
 
 # plstm: an LSTM whose gates also see the cell state (peepholes); it exports as ONNX's LSTM with input P
-CellName = Literal["lstm", "gru", "rnn", "plstm"]
+CellName = Cell  # one list of cells, in the manifest both sides read
 _CELLS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "plstm": PeepholeLSTM}
 
 
