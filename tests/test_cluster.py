@@ -179,10 +179,10 @@ def test_a_replica_killed_under_load(cluster: Cluster, single: RunningServer, st
     exactly. One-shot calls fail at most as many as were in flight."""
     from gatecast.client import Client, ClientError
 
-    n_sessions, steps, threads, one_shot_threads = 30, 16, 6, 2
+    n_sessions, steps, threads, one_shot_threads = 30, 12, 6, 2
     series = taylor_values()
     data = [series[100 * k : 100 * k + steps] for k in range(n_sessions)]
-    history = series[-432:]
+    history = series[-96:]  # a short history: one-shot load, not one-shot CPU
     with grpc.insecure_channel(single.address) as channel:  # the reference: one server, never interrupted
         ref_stub = pb_grpc.ForecasterStub(channel)
         reference = []
