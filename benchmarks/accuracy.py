@@ -109,15 +109,22 @@ def train(name: str, args: list[str], repo: Path) -> dict[str, Any]:
     }
 
 
-def global_vs_local(work: Path, horizon: int) -> dict[str, Any]:
-    """One model over ETTh2's seven columns as seven series against one model per column (each with the
-    CLI's defaults and the usual split), every series scored on its own training z-scale."""
+def etth2_long(work: Path) -> tuple[Path, list[str], pd.DataFrame]:
+    """ETTh2's seven columns as seven series in one long file (column `series`), the usual split's flags,
+    and the wide frame."""
     df = pd.read_csv(ETTH2).iloc[:14400]
     val_start, test_start = str(df["date"].iloc[8640]), str(df["date"].iloc[11520])
     split = ["--val-start", val_start, "--test-start", test_start]
     long = df.melt(id_vars=["date"], var_name="series", value_name="value")[["series", "date", "value"]]
     long_file = work / "etth2_long.csv"
     long.to_csv(long_file, index=False)
+    return long_file, split, df
+
+
+def global_vs_local(work: Path, horizon: int) -> dict[str, Any]:
+    """One model over ETTh2's seven columns as seven series against one model per column (each with the
+    CLI's defaults and the usual split), every series scored on its own training z-scale."""
+    long_file, split, df = etth2_long(work)
     wide_file = work / "ETTh2.csv"
     df.to_csv(wide_file, index=False)
     repo = work / "repo"

@@ -170,9 +170,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None and not args.data.is_file():
         raise UserError(f"{args.data}: no such file")
     from gatecast.training.config import TrainConfig, build_config
+    from gatecast.training.distributed import lead_process
     from gatecast.training.pipeline import run
 
     published = run(build_config(args.config, given(args, TrainConfig)), started=args.started)
+    if not lead_process():  # another process of a torchrun job: rank 0 prints
+        return 0
     print(published.table)
     files = ", ".join(sorted(p.name for p in published.path.iterdir()))
     print(f"wrote {published.path}/ ({files})")

@@ -8,6 +8,10 @@ validation windows, and the network then learns a correction within the budget.
 
 Each series is split in time on its own (the same fractions or start timestamps) and scored on its own
 z-scale (its errors divided by its training std); the card reports the mean over the series.
+
+Under torchrun (training/distributed.py) every process reads the data; rank 0 alone fits the linear map
+(the exact single-process fit, sent to the others), the network's batches and validation are shared out
+among the ranks, and rank 0 alone scores, exports, publishes and logs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from gatecast.manifest import DataFingerprint
 from .config import TrainConfig
 from .data import DataError, Series, Split, load_panel, origins, split_rows
 from .detect import find_seasons
+from .distributed import Group
 from .model import Forecaster
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
 from .scoring import format_table, pooled_evaluation
@@ -39,6 +45,18 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     if cfg.horizon is None:
         raise DataError("no horizon: give --horizon H (rows to forecast)")
     start = time.monotonic() if started is None else started
+    group = Group.from_env()
+    if not group.lead:  # the other ranks of a torchrun job train quietly
+        logging.getLogger("gatecast").setLevel(logging.ERROR)
+        cfg = cfg.model_copy(update={"progress": False})
+    try:
+        return _run(cfg, start, group)
+    finally:
+        group.close()
+
+
+def _run(cfg: TrainConfig, start: float, group: Group) -> Published:
+    assert cfg.data is not None and cfg.series_column is not None and cfg.horizon is not None
     horizon = cfg.horizon
     panel = load_panel(
         cfg.data, cfg.series_column, cfg.time_column, cfg.targets, cfg.covariates, cfg.fill, cfg.time_index
@@ -81,15 +99,21 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
 
     shortest = min(sp.train_end for _, sp in parts)
     sizes = [cfg.lookback] if cfg.lookback else lookback_sizes(horizon, seasons, shortest)
-    ridge = ridge_search(
-        values,
-        n_t,
-        horizon,
-        sizes,
-        at,
-        std=None,
-        unit_of=lambda a: unit_of(a)[:, None, :],
-        deadline=start + 0.25 * training_share(cfg.budget_s),
+    # rank 0 alone: the closed form is cheap and stays exactly the single-process fit, and its deadline
+    # (which decides the lookback sizes tried) is one clock's
+    ridge = group.broadcast(
+        ridge_search(
+            values,
+            n_t,
+            horizon,
+            sizes,
+            at,
+            std=None,
+            unit_of=lambda a: unit_of(a)[:, None, :],
+            deadline=start + 0.25 * training_share(cfg.budget_s),
+        )
+        if group.lead
+        else None
     )
     if ridge is None:
         raise DataError(f"{cfg.data}: the training splits are too short for any lookback at horizon {horizon}")
@@ -113,7 +137,13 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
         start + training_share(cfg.budget_s),
         train_unit=unit_of(tr_at),
         val_unit=unit_of(va_at),
+        group=group,
     )
+    seen = group.gather(group.seen)  # training windows stepped on, per rank
+    if not group.lead:  # rank 0 publishes; the others wait for its card
+        return group.broadcast(cast(Published, None))
+    if group.world > 1:
+        log.info("%d processes; training windows stepped on per rank: %s", group.world, seen)
     label = f"global lookback {lookback}"
     log.info(
         "%s over %d series: validation MSE %.4f (ridge alone %.4f)", label, len(parts), fitted.best_val, ridge.val_mse
@@ -139,7 +169,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
     )
 
     def card(onnx_path):  # type: ignore[no-untyped-def]
-        return build_manifest(
+        m = build_manifest(
             gcfg,
             label,
             cfg.model_name,
@@ -156,6 +186,8 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
             series_ids=[str(s.series_id) for s, _ in parts],
             series_column=cfg.series_column or "",
         )
+        ranks = {"world_size": group.world, "rank_windows": ",".join(map(str, seen))}
+        return m.model_copy(update={"training": {**m.training, **ranks}})
 
     s0, sp0 = parts[0]
     real = np.stack([s0.values[i - lookback : i] for i in np.linspace(lookback, sp0.val_end, 8).astype(int)])
@@ -166,7 +198,7 @@ def run_global(cfg: TrainConfig, started: float | None = None) -> Published:
         "per series, test MSE on its z-scale: model / best baseline\n" + "\n".join(test_rows),
     ]
     lines.extend(f"WARNING: {w}" for w in warnings)
-    return Published(path=path, manifest=manifest, table="\n\n".join(lines))
+    return group.broadcast(Published(path=path, manifest=manifest, table="\n\n".join(lines)))
 
 
 def _common_seasons(parts: list[tuple[Series, Split]], n_t: int) -> list[int]:

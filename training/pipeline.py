@@ -27,6 +27,7 @@ from gatecast.manifest import (
 from .config import TrainConfig
 from .data import DataError, Series, Split, load_series, split_rows
 from .detect import default_eval_stride, find_seasons
+from .distributed import world_size
 from .export import OPSET, discard, export_onnx, publish, staging_dir, state_specs, verify
 from .model import Forecaster
 from .scoring import coverage, evaluate, format_table
@@ -182,6 +183,8 @@ def run(cfg: TrainConfig, started: float | None = None) -> Published:
         from .panel import run_global
 
         return run_global(cfg, started)
+    if world_size() > 1:
+        raise DataError("several processes (torchrun) train the global model only: give --series-column")
     prep = prepare(cfg)
     cfg = prep.cfg
     assert cfg.horizon is not None

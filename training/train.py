@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import DataError, Series, Split, fit_scaler, origins
+from .distributed import Group
 from .model import Forecaster, ModelConfig, SeriesScale
 
 log = logging.getLogger(__name__)
@@ -174,17 +175,19 @@ def predict_all(model: Forecaster, x: np.ndarray, batch: int = 512) -> tuple[np.
 
 
 @torch.no_grad()
-def _val_loss(model: Forecaster, source: WindowSource) -> float:
-    """The mean squared error in standardised units (or each window's own unit) over the windows."""
+def _val_loss(model: Forecaster, source: WindowSource, group: Group | None = None) -> float:
+    """The mean squared error in standardised units (or each window's own unit) over the windows (under
+    torchrun: each rank scores its share, the sums are all-reduced, so every rank gets the same number)."""
+    group = group or Group()
     model.eval()
     total, n = 0.0, 0
-    for idx in torch.arange(len(source)).split(512):
-        xb, yb = source.batch(idx)
-        unit = source.units(idx)
+    for idx in group.shard(len(source)).split(512):
+        xb, yb, unit = group.place(*source.batch(idx), source.units(idx))
         err = (forward_window(model, xb) - yb) / (model.target_scale() if unit is None else unit)
         total += float((err**2).sum())
         n += err.numel()
-    return total / max(n, 1)
+    total, count = group.sum(total, n)
+    return total / max(count, 1)
 
 
 def _relative(
@@ -339,9 +342,12 @@ def fit(
     deadline: float | None = None,
     train_unit: np.ndarray | None = None,
     val_unit: np.ndarray | None = None,
+    group: Group | None = None,
 ) -> Fitted:
     """The training loop over windows of `values` ending at the given origins (stride-1 candidates: the
-    train stride and the validation sample are taken here)."""
+    train stride and the validation sample are taken here). `group`: the processes of a torchrun job
+    (training/distributed.py), which share every batch and every validation pass."""
+    group = group or Group()
     assert cfg.context is not None and cfg.horizon is not None
     context, horizon = cfg.context, cfg.horizon
     stride = cfg.train_stride or default_stride(train_at.size, cfg.max_train_windows)
@@ -361,6 +367,8 @@ def fit(
         streams = StreamSource(values, end, cfg.tbptt, horizon, n_t, cfg.tbptt_streams)
         log.info("truncated BPTT: %d streams of %d rows in chunks of %d", cfg.tbptt_streams, streams.stretch, cfg.tbptt)
 
+    model.to(group.device)
+    net = group.wrap(model)  # the steps go through DDP under torchrun
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -392,7 +400,7 @@ def fit(
     scored: Forecaster = ema.module if ema is not None else model  # type: ignore[assignment]
     # epoch 0 is the untrained model: for the lookback form that is the ridge regression, which training
     # must beat on validation to replace
-    initial_val = _val_loss(scored, va)
+    initial_val = _val_loss(scored, va, group)
     best_val, best_epoch, best_state = initial_val, 0, copy.deepcopy(scored.state_dict())
     history: list[tuple[float, float]] = []
     lrs: list[float] = []
@@ -401,8 +409,8 @@ def fit(
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.form} {cfg.cell}", disable=not cfg.progress, unit="epoch")
     for epoch in bar:
         model.train()
-        total, norms, done = 0.0, [], 0
-        for loss, n in _steps(cfg, model, tr, streams, gen):
+        total, norms, done = 0.0, [], 0.0
+        for loss, n in _steps(cfg, net, tr, streams, gen, group):  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
@@ -417,10 +425,11 @@ def fit(
                 cosine.step()
             total += float(loss.detach()) * n
             done += n
-            if deadline is not None and time.monotonic() > deadline:
+            if group.any(deadline is not None and time.monotonic() > deadline):
                 break  # the budget ends mid-epoch: validate what there is and stop
+        total, done = group.sum(total, done)
         train_loss = total / max(done, 1)
-        val = _val_loss(scored, va)
+        val = _val_loss(scored, va, group)
         if plateau is not None:
             plateau.step(val)
         history.append((train_loss, val))
@@ -432,11 +441,11 @@ def fit(
         if epoch - best_epoch >= cfg.patience:
             log.info("early stop at epoch %d; best validation %.4f at epoch %d", epoch, best_val, best_epoch)
             break
-        if deadline is not None and time.monotonic() > deadline:
+        if group.any(deadline is not None and time.monotonic() > deadline):
             log.info("time budget reached at epoch %d; best validation %.4f at epoch %d", epoch, best_val, best_epoch)
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     return Fitted(
         model=model,
         epochs=len(history),
@@ -451,14 +460,24 @@ def fit(
 
 
 def _steps(
-    cfg: TrainConfig, model: Forecaster, tr: WindowSource, streams: StreamSource | None, gen: torch.Generator
-) -> Iterator[tuple[torch.Tensor, int]]:
+    cfg: TrainConfig,
+    model: Forecaster,
+    tr: WindowSource,
+    streams: StreamSource | None,
+    gen: torch.Generator,
+    group: Group | None = None,
+) -> Iterator[tuple[torch.Tensor, float]]:
     """One epoch's losses, one per optimisation step, and the forecasts each covers: shuffled windows from
     a zero state, or (truncated BPTT) the streams' chunks in order with the state carried between them."""
     if streams is None:
+        group = group or Group()
         for idx in torch.randperm(len(tr), generator=gen).split(cfg.batch_size):
-            xb, yb = tr.batch(idx)
-            yield model.loss(forward_window_out(model, xb), yb, cfg.loss, tr.units(idx)), len(idx)
+            # under torchrun each rank takes its share of the batch (the same permutation everywhere); its
+            # loss is weighted so that DDP's gradient average is the whole batch's, and counted as
+            # len(idx) / world windows so that the summed train loss is the batch's mean
+            mine, weight = group.split(idx)
+            xb, yb, unit = group.place(*tr.batch(mine), tr.units(mine))
+            yield weight * model.loss(forward_window_out(model, xb), yb, cfg.loss, unit), len(idx) / group.world
         return
     state = model.zero_state(streams.streams)
     for xb, yb in streams.epoch(gen):
