@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "haproxy.cfg"
 SLOTS = ("r1", "r2", "r3", "r4")  # the config's servers: r4 is the spare slot, off until `add_replica`
 UNUSED = "127.0.0.1:1"  # the spare slot's address until a replica fills it
+PROXY_VARIABLES = ("GATECAST_PROXY_", "GATECAST_REPLICA_")  # deploy/haproxy.cfg's, not server settings
 LISTENING = re.compile(r"gatecast listening on \S+:(\d+) \(metrics on (\S+)\)")
 
 
@@ -145,7 +146,7 @@ class Cluster:
         gatecast = str(Path(sys.executable).with_name("gatecast"))
         args = [gatecast, "serve", "--repo", str(self.repo), "--host", "127.0.0.1", "--port", "0"]
         args += ["--metrics-port", "0", *self.serve_args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATECAST_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PROXY_VARIABLES)}  # GATECAST_* settings pass
         if self.store:
             env["GATECAST_SESSION_STORE_URL"] = self.store_url
             env.update({f"GATECAST_{k.upper()}": v for k, v in self.store_settings.items()})

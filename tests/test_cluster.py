@@ -96,6 +96,23 @@ def test_the_python_client_proposes_the_id_and_sends_it_on_every_session_call(si
     assert calls[4:] == [("Forecast", "")]  # a one-shot call carries no session header
 
 
+def test_a_client_whose_open_was_applied_but_unanswered_starts_anew(single: RunningServer) -> None:
+    """A retried OpenSession whose first attempt opened the session (its answer lost) finds its own id live:
+    the client closes that session and opens under a fresh id instead of failing."""
+    from gatecast.client import Client
+
+    with Client(single.address) as client, grpc.insecure_channel(single.address) as channel:
+        session = client.session("taylor")
+        first = session.proposed
+        _open(pb_grpc.ForecasterStub(channel), first)  # the attempt whose answer never came back
+        session.open()
+        assert session.id == session.proposed != first
+        with pytest.raises(grpc.RpcError) as gone:
+            pb_grpc.ForecasterStub(channel).CloseSession(pb.CloseSessionRequest(session_id=first))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert session.close() == 0
+
+
 # --- the cluster: three replicas, HAProxy, Redis (when the server has the session store) ----------------
 
 
