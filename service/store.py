@@ -152,7 +152,7 @@ class SessionStore:
     def save(self, mv: ModelVersion, sessions: list[Session]) -> None:
         """On the loop, right after these sessions' steps were recorded: each session as a record (its state
         copied in one indexed read), queued for the writer. A queued record not yet sent is replaced."""
-        if not sessions:
+        if not sessions or self._closing:  # closing: the server has stopped, nothing waits for a write
             return
         assert self._loop is not None
         arrays = mv.pool.gather(np.array([s.slot for s in sessions], dtype=np.int64))

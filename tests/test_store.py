@@ -271,3 +271,29 @@ def test_a_moved_session_keeps_its_owner(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_restarted_replica_takes_its_sessions_from_the_store(
+    repo: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With a store the snapshot's sessions are left to it: the restarted replica takes the session over
+    on its next call and answers as an uninterrupted session does."""
+    snapshot = tmp_path / "sessions.snap"
+    srv = replica(repo, redis_server.url, snapshot_path=snapshot)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            sid, ref = opened(stub), opened(stub)
+            for seq in (1, 2):
+                observe(stub, sid, seq)
+            reference = [observe(stub, ref, seq) for seq in (1, 2, 3)]
+    finally:
+        srv.stop()
+    srv = replica(repo, redis_server.url, snapshot_path=snapshot)
+    try:
+        assert len(srv.app.sessions) == 0
+        with grpc.insecure_channel(srv.address) as ch:
+            assert np.array_equal(observe(pb_grpc.ForecasterStub(ch), sid, 3), reference[2])
+        assert metric(srv, "gatecast_sessions_resumed_total", model="taylor", version="1") == 1
+    finally:
+        srv.stop()
