@@ -24,18 +24,21 @@ under ~/.cache/gatecast-bench/repo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +131,28 @@ def drive(loads: list[Load]) -> dict[str, Any]:
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by a process and its descendants: what a server spent,
-    whatever else shares the machine."""
+    """CPU seconds used so far by a process and its descendants (every thread's time on a CPU, in ns, from
+    schedstat: exact, where the tick-sampled user + system times misjudge a process that wakes on timers):
+    what a server spent, whatever else shares the machine."""
     parent: dict[int, int] = {}
-    used: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(d)] = int(fields[1])
-        used[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
-        total += used.get(p, 0.0)
+        try:
+            threads = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            threads = []
+        for t in threads:
+            try:
+                total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0]) / 1e9
+            except OSError:
+                continue
         todo.extend(c for c, pp in parent.items() if pp == p)
     return total
 
@@ -299,82 +306,91 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "servers": {},
     }
     servers: dict[str, Any] = result["servers"]
-    gproc, gport = start_server(repo, env)
-    gaddr = f"127.0.0.1:{gport}"
-    try:
+    with contextlib.ExitStack() as stack:
+        gproc, gport = start_server(repo, env)
+        stack.callback(stop, gproc)  # type: ignore[arg-type]
+        gaddr = f"127.0.0.1:{gport}"
         ids = open_sessions(gaddr, a.model, a.sessions)
         unary_answer, bidi_answer = answers(gaddr, forecast[0], row, ids[0])
-    except BaseException:
-        stop(gproc)  # type: ignore[arg-type]
-        raise
-    result["payload_bytes"] = {"forecast_request": len(forecast[0]), "forecast_answer": len(unary_answer)}
-    sizes = {"stream_message": len(observe_bytes(ids[0], 1, row)), "stream_answer": len(bidi_answer)}
-    result["payload_bytes"] |= sizes
-
-    def unary_rows(pid: int, address: str, method: str, payloads: list[bytes]) -> list[dict[str, Any]]:
-        rows = []
-        for c in a.concurrency:
-            rows.append(unary_point(pid, address, method, payloads, c, a))
-            _progress(rows[-1])
-        return rows
-
-    if "gatecast" in a.servers:
-        try:
-            servers["gatecast"] = {"unary": unary_rows(gproc.pid, gaddr, FORECAST, forecast)}
-            servers["gatecast"]["stream"] = stream_point(gproc.pid, gaddr, STREAM, ids, row, a)
-            _progress(servers["gatecast"]["stream"])
-        finally:
-            stop(gproc)  # type: ignore[arg-type]
-    else:
-        stop(gproc)  # type: ignore[arg-type]
-    if "echo" in a.servers:
-        eproc, eport = start_echo(unary_answer, bidi_answer)
-        try:
-            eaddr = f"127.0.0.1:{eport}"
-            servers["echo"] = {"unary": unary_rows(eproc.pid, eaddr, ECHO_UNARY, forecast)}
-            servers["echo"]["stream"] = stream_point(eproc.pid, eaddr, ECHO_BIDI, ids, row, a)
-            _progress(servers["echo"]["stream"])
-        finally:
-            stop(eproc)
-    if "triton" in a.servers:
-        servers["triton"] = triton_rows(a, folder, np.stack(windows), unary_rows)
+        result["payload_bytes"] = {"forecast_request": len(forecast[0]), "forecast_answer": len(unary_answer)}
+        sizes = {"stream_message": len(observe_bytes(ids[0], 1, row)), "stream_answer": len(bidi_answer)}
+        result["payload_bytes"] |= sizes
+        peers = []
+        if "gatecast" in a.servers:
+            peers.append(Peer("gatecast", gproc.pid, gaddr, FORECAST, forecast, STREAM))
+        if "echo" in a.servers:
+            eproc, eport = start_echo(unary_answer, bidi_answer)
+            stack.callback(stop, eproc)
+            peers.append(Peer("echo", eproc.pid, f"127.0.0.1:{eport}", ECHO_UNARY, forecast, ECHO_BIDI))
+        if "triton" in a.servers:
+            triton = start_triton_peer(stack, folder, np.stack(windows))
+            if isinstance(triton, str):
+                servers["triton"] = {"unavailable": triton}
+            else:
+                peers.append(triton)
+        for p in peers:
+            servers[p.name] = {"unary": []}
+        for c in a.concurrency:  # point by point, so that every server meets the same background load
+            for p in peers:
+                servers[p.name]["unary"].append(unary_point(p.pid, p.address, p.method, p.payloads, c, a))
+                _progress(p.name, servers[p.name]["unary"][-1])
+        for p in peers:
+            if p.stream:
+                servers[p.name]["stream"] = stream_point(p.pid, p.address, p.stream, ids, row, a)
+                _progress(p.name, servers[p.name]["stream"])
     ratios(result)
     return result
 
 
-def triton_rows(a: argparse.Namespace, folder: Path, windows: np.ndarray, unary_rows: Any) -> dict[str, Any]:
-    """Triton's figures, or why there are none (never made up)."""
+@dataclass
+class Peer:
+    """A server under test: where it listens, what to call, and what to send."""
+
+    name: str
+    pid: int
+    address: str
+    method: str
+    payloads: list[bytes]
+    stream: str | None = None  # the bidirectional method, where the server has one to compare
+
+
+def start_triton_peer(stack: contextlib.ExitStack, folder: Path, windows: np.ndarray) -> Peer | str:
+    """Triton serving the graph (stopped when `stack` closes), or why it cannot (never made-up figures)."""
     try:
         python = triton_python()
     except (subprocess.CalledProcessError, OSError) as e:
-        return {"unavailable": f"PyTriton could not be installed: {e}"}
-    with tempfile.TemporaryDirectory(prefix="triton-") as tmp:
-        window, request_file = Path(tmp) / "windows.npy", Path(tmp) / "requests.bin"
-        np.save(window, windows)
-        for attempt in range(TRITON_ATTEMPTS):
-            try:
-                proc, port = start_triton(python, folder, window, request_file)
-                break
-            except RuntimeError as e:  # on a busy machine an instance may miss PyTriton's 1 s handshake
-                print(f"  the Triton peer did not start (attempt {attempt + 1})", flush=True)
-                failure = str(e)[-2000:]
-        else:
-            return {"unavailable": failure}
+        return f"PyTriton could not be installed: {e}"
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triton-")))
+    window, request_file = tmp / "windows.npy", tmp / "requests.bin"
+    np.save(window, windows)
+    failure = ""
+    for attempt in range(TRITON_ATTEMPTS):
         try:
-            blob = request_file.read_bytes()
-            payloads, pos = [], 0
-            while pos < len(blob):  # length-prefixed ModelInferRequest bytes, one per window
-                n = int.from_bytes(blob[pos : pos + 4], "little")
-                payloads.append(blob[pos + 4 : pos + 4 + n])
-                pos += 4 + n
-            return {"unary": unary_rows(proc.pid, f"127.0.0.1:{port}", TRITON_INFER, payloads)}
-        finally:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+            proc, port = start_triton(python, folder, window, request_file)
+            break
+        except RuntimeError as e:  # on a busy machine an instance may miss PyTriton's 1 s handshake
+            print(f"  the Triton peer did not start (attempt {attempt + 1})", flush=True)
+            failure = str(e)[-2000:]
+    else:
+        return failure
+    stack.callback(stop_group, proc)
+    blob = request_file.read_bytes()
+    payloads, pos = [], 0
+    while pos < len(blob):  # length-prefixed ModelInferRequest bytes, one per window
+        n = int.from_bytes(blob[pos : pos + 4], "little")
+        payloads.append(blob[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return Peer("triton", proc.pid, f"127.0.0.1:{port}", TRITON_INFER, payloads)
+
+
+def stop_group(proc: subprocess.Popen[str]) -> None:
+    """The Triton peer and its children (tritonserver, the Python-backend stubs)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def ratios(result: dict[str, Any]) -> None:
@@ -397,8 +413,10 @@ def ratios(result: dict[str, Any]) -> None:
                 r["of_triton"] = r["per_s"] / o["per_s"]
 
 
-def _progress(row: dict[str, Any]) -> None:
-    print(f"  {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}", flush=True)
+def _progress(name: str, row: dict[str, Any]) -> None:
+    print(
+        f"  {name:>8} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})}", flush=True
+    )
 
 
 def print_table(result: dict[str, Any]) -> None:

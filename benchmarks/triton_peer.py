@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2
 
 INSTANCES = 2
 MAX_BATCH = 256
-QUEUE_DELAY_US = 2000  # gatecast's default max_queue_delay_ms
+QUEUE_DELAY_US = 2000  # Triton waits this long for a batch to fill
 
 
 def write_requests(windows: np.ndarray, path: Path, input_name: str, output_name: str) -> None:

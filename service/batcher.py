@@ -13,9 +13,11 @@ hold is bounded three ways:
 - *the queue*: it counts rows, not items (`max_queue_rows`) and requests (`max_queue_size`); one request
   may hold at most `max_request_rows` rows and never more than half of the queue.
 
-A batch closes when it is full or its oldest item has waited `max_queue_delay_ms`; it runs in a worker
-thread while the next one gathers. Items of different chunk lengths share a batch by bucketing: one
-onnxruntime run per distinct length, so no answer depends on what it was batched with.
+A batch closes when it is full or its oldest item has waited `max_queue_delay_ms` (default 0: a batch is
+taken as soon as the worker is free, so under load it is what arrived during the previous run, and an
+idle server runs a lone request at once); it runs in a worker thread while the next one gathers. Items
+of different chunk lengths share a batch by bucketing: one onnxruntime run per distinct length, so no
+answer depends on what it was batched with.
 
 A session item reads its pool slot at its first chunk and writes it only after its last chunk succeeded:
 a failed step leaves the session's state as it was. Every item that leaves the queue has its future

@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     # batching
     max_batch_size: int = Field(64, ge=1, description="requests in one model run; a batch closes when full")
     max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="a batch closes when its oldest request has waited this long"
+        0.0,
+        ge=0,
+        description="a batch closes when its oldest request has waited this long; 0: once the worker is free "
+        "(what arrived during a run forms the next batch)",
     )
     max_queue_size: int = Field(
         4096, ge=1, description="requests queued per model version (a Forecast counts one) before RESOURCE_EXHAUSTED"
