@@ -258,6 +258,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     repo = Repository(settings, metrics)
     sessions = SessionTable(metrics, settings.session_idle_s, settings.max_sessions_per_identity)
+    store = SessionStore(settings, sessions, repo, metrics) if settings.session_store_url is not None else None
     credentials = server_credentials(settings)  # files checked before anything is bound
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_tokens_file is not None:
@@ -306,5 +307,4 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
             settings.host,
         )
     snapshots = Snapshotter(settings.snapshot_path, sessions, repo) if settings.snapshot_path is not None else None
-    store = SessionStore(settings, sessions, repo, metrics) if settings.session_store_url is not None else None
     return App(settings, server, port, repo, sessions, metrics, health, snapshots, store=store)

@@ -38,7 +38,7 @@ from .errors import FailedPrecondition, NotFound, Unavailable
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sessions import Session, SessionTable
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .snapshot import (
     SessionRecord,
     SnapshotError,
@@ -104,7 +104,10 @@ class SessionStore:
         self.sessions = sessions
         self.repo = repo
         self.metrics = metrics
-        self.client = redis.Redis.from_url(self.url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        try:
+            self.client = redis.Redis.from_url(self.url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        except ValueError as e:
+            raise SettingsError(f"session_store_url (GATECAST_SESSION_STORE_URL) {self.url!r}: {e}") from e
         self._write = self.client.register_script(_WRITE)
         self._take = self.client.register_script(_TAKE)
         self._close = self.client.register_script(_CLOSE)

@@ -17,6 +17,8 @@ import redis
 from benchmarks.load import start_server
 from benchmarks.session_store import RedisServer
 from gatecast.service.auth import token_name
+from gatecast.service.server import create_server
+from gatecast.service.settings import SettingsError
 from gatecast.service.snapshot import decode_session, encode_session
 from gatecast.service.store import KEY
 from gatecast.v1 import forecaster_pb2 as pb
@@ -297,3 +299,10 @@ def test_a_restarted_replica_takes_its_sessions_from_the_store(
         assert metric(srv, "gatecast_sessions_resumed_total", model="taylor", version="1") == 1
     finally:
         srv.stop()
+
+
+def test_a_bad_store_url_is_named(repo: Path) -> None:
+    with pytest.raises(SettingsError, match="GATECAST_SESSION_STORE_URL"):
+        server_settings(repo, session_store_url="http://127.0.0.1:6379")
+    with pytest.raises(SettingsError, match="notaport"):
+        create_server(server_settings(repo, session_store_url="redis://127.0.0.1:notaport/0"))
