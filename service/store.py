@@ -271,7 +271,9 @@ class SessionStore:
     async def closed(self, session_id: str) -> None:
         """A closed session's tombstone: a late write (from here or a cut-off replica) cannot revive it."""
         with self._cond:
-            self._pending.pop(session_id, None)
+            entry = self._pending.pop(session_id, None)
+        if entry is not None and not entry.done.done():  # nobody may wait for a write that will not happen
+            entry.done.set_result(CLOSED)
         try:
             await asyncio.to_thread(self._close, keys=[KEY + session_id], args=[self.ttl_ms])
         except redis.RedisError as e:

@@ -20,7 +20,7 @@ from gatecast.service.auth import token_name
 from gatecast.service.server import create_server
 from gatecast.service.settings import SettingsError
 from gatecast.service.snapshot import decode_session, encode_session
-from gatecast.service.store import KEY
+from gatecast.service.store import _WRITE, KEY
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, RunningServer, array, matrix, server_settings, taylor_values
@@ -306,3 +306,13 @@ def test_a_bad_store_url_is_named(repo: Path) -> None:
         server_settings(repo, session_store_url="http://127.0.0.1:6379")
     with pytest.raises(SettingsError, match="notaport"):
         create_server(server_settings(repo, session_store_url="redis://127.0.0.1:notaport/0"))
+
+
+def test_the_write_script_takes_only_newer_steps_from_the_holder(db: redis.Redis) -> None:
+    write, key = db.register_script(_WRITE), KEY + "12" * 16
+    assert [write(keys=[key], args=["a", seq, f"blob {seq}", 60_000]) for seq in (0, 5, 4, 5)] == [1, 1, 0, 0]
+    assert write(keys=[key], args=["b", 6, "blob 6", 60_000]) == -1  # not the holder
+    db.hset(key, "holder", "b")  # b took it over
+    assert write(keys=[key], args=["a", 7, "blob 7", 60_000]) == -1
+    assert write(keys=[key], args=["b", 6, "blob 6", 60_000]) == 1
+    assert db.hmget(key, ["seq", "blob"]) == [b"6", b"blob 6"]
