@@ -391,7 +391,7 @@ def build_manifest(
             "clip_norm": cfg.clip_norm,
             "forget_bias": cfg.forget_bias,
             "tbptt": cfg.tbptt,
-            "tbptt_streams": cfg.tbptt_streams if cfg.tbptt else None,
+            "tbptt_streams": cfg.tbptt_streams if cfg.tbptt else 0,  # the card takes no None
             "budget_s": cfg.budget_s,
             "fill": cfg.fill,
             "time_index": cfg.time_index,
