@@ -316,3 +316,27 @@ def test_the_write_script_takes_only_newer_steps_from_the_holder(db: redis.Redis
     assert write(keys=[key], args=["a", 7, "blob 7", 60_000]) == -1
     assert write(keys=[key], args=["b", 6, "blob 6", 60_000]) == 1
     assert db.hmget(key, ["seq", "blob"]) == [b"6", b"blob 6"]
+
+
+def test_a_session_closed_on_another_replica_stays_closed(
+    repo: Path, redis_server: RedisServer, db: redis.Redis
+) -> None:
+    a = replica(repo, redis_server.url)
+    b = replica(repo, redis_server.url)
+    try:
+        with grpc.insecure_channel(a.address) as ch_a, grpc.insecure_channel(b.address) as ch_b:
+            stub_a, stub_b = pb_grpc.ForecasterStub(ch_a), pb_grpc.ForecasterStub(ch_b)
+            sid = opened(stub_a)
+            observe(stub_a, sid, 1)
+            closed = stub_b.CloseSession(pb.CloseSessionRequest(session_id=sid))  # taken over, then closed
+            assert closed.steps == 480 + 1
+            assert stored(db, sid) == {b"closed": b"1"}
+            observe(stub_a, sid, 2)  # A had not heard: its write meets the tombstone, and it forgets the session
+            assert a.app.sessions.locate(sid) < 0
+            with pytest.raises(grpc.RpcError) as e:
+                observe(stub_a, sid, 3)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert stored(db, sid) == {b"closed": b"1"}
+    finally:
+        a.stop()
+        b.stop()
