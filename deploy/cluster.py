@@ -105,6 +105,8 @@ class Cluster:
         return f"unix://{self.redis_socket}"
 
     def start(self) -> Cluster:
+        if self.proxy is not None or self.replicas:
+            raise RuntimeError("this cluster is started already")
         haproxy = ensure_installed("haproxy", "haproxy")
         try:
             if self.store:
@@ -236,6 +238,15 @@ def _wait(
         time.sleep(0.05)
 
 
+def _check_free(port: int) -> None:
+    """HAProxy and grpc both bind with SO_REUSEPORT: a server already on the port would silently share it."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"port {port} on 127.0.0.1: {e.strerror}; stop what listens there or give --port") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8500, help="the proxy's port on 127.0.0.1 (default 8500)")
@@ -250,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    cluster = Cluster(args.repo, f"127.0.0.1:{args.port}", store=not args.no_store)
     try:
-        cluster = Cluster(args.repo, f"127.0.0.1:{args.port}", store=not args.no_store).start()
+        _check_free(args.port)
+        cluster.start()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    with cluster:
+    try:
         print(f"gatecast cluster on {cluster.target} (HAProxy: {CONFIG.relative_to(ROOT)})")
         for r in cluster.replicas.values():
             print(f"  {r.name}: {r.address}, metrics http://127.0.0.1:{r.metrics_port}/metrics, log {r.log}")
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         processes = [cluster.proxy, *(r.process for r in cluster.replicas.values())]
         while not stop and all(p is not None and p.poll() is None for p in processes):
             time.sleep(0.2)
+    finally:
+        cluster.stop()
     return 0
 
 
