@@ -90,6 +90,7 @@ class Cluster:
         self.serve_args = serve_args
         self.store_settings = store_settings or {}
         self.replicas: dict[str, Replica] = {}
+        self._processes: list[subprocess.Popen[bytes]] = []
         self.redis: subprocess.Popen[bytes] | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
         self.admin_socket = self.dir / "admin.sock"
@@ -105,7 +106,7 @@ class Cluster:
         return f"unix://{self.redis_socket}"
 
     def start(self) -> Cluster:
-        if self.proxy is not None or self.replicas:
+        if self._processes:
             raise RuntimeError("this cluster is started already")
         haproxy = ensure_installed("haproxy", "haproxy")
         try:
@@ -142,7 +143,9 @@ class Cluster:
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with self._log(name).open("wb") as log:
-            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._processes.append(process)  # stopped by `stop`, whether or not it started well
+        return process
 
     def _spawn_replica(self, name: str) -> tuple[str, subprocess.Popen[bytes]]:
         gatecast = str(Path(sys.executable).with_name("gatecast"))
@@ -207,7 +210,7 @@ class Cluster:
         return replica
 
     def stop(self) -> None:
-        processes = [r.process for r in self.replicas.values()] + [p for p in (self.proxy, self.redis) if p]
+        processes, self._processes = self._processes, []
         for p in processes:
             if p.poll() is None:
                 p.terminate()

@@ -277,6 +277,16 @@ def test_a_replica_killed_under_load(cluster: Cluster, single: RunningServer, st
         np.testing.assert_allclose(y, ref_one_shot, rtol=1e-6)
 
 
+def test_a_replica_that_cannot_start_is_reported_with_its_log_and_nothing_is_left(repo: Path, tmp_path: Path) -> None:
+    from gatecast.errors import UserError
+
+    cluster = Cluster(repo, str(tmp_path / "grpc.sock"), store=False, workdir=tmp_path, serve_args=("--max-rows", "0"))
+    with pytest.raises(UserError, match=r"replica r1 did not start .*GATECAST_MAX_ROWS"):
+        cluster.start()
+    assert not cluster._processes
+    assert all((tmp_path / f"{r}.log").exists() for r in ("r1", "r2", "r3"))  # all three were started and stopped
+
+
 # --- the Kubernetes form: the same proxy config, its names matching the StatefulSet's pods -----------------
 
 
