@@ -197,7 +197,7 @@ class SessionStore:
                     if not out.done():
                         out.set_result(f.result())
 
-                asyncio.gather(*waits).add_done_callback(written)
+                (waits[0] if len(waits) == 1 else asyncio.gather(*waits)).add_done_callback(written)
 
         step.add_done_callback(stepped)
         return out
