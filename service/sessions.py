@@ -321,11 +321,11 @@ class SessionTable:
             self._owner_names[number] = owner
         return number
 
-    def _drop_owner(self, number: int) -> None:
+    def _drop_owner(self, number: int, sessions: int = 1) -> None:
         owner = self._owner_names.get(number)
         if owner is None:
             return
-        self._owned[owner] -= 1
+        self._owned[owner] -= sessions
         if not self._owned[owner]:
             del self._owned[owner], self._owner_numbers[owner], self._owner_names[number]
 
@@ -538,12 +538,23 @@ class SessionTable:
         for number, mv in list(self._mvs.items()):
             cols = mv.pool.columns
             idle = (cols["state"] == LIVE) & (cols["held"] == 0) & (now - cols["last_used"] > self.idle_s)
-            for slot in np.flatnonzero(idle).tolist():
-                self._remove(self._handle(cols["id"][slot].tobytes(), (number << 32) | slot))
-                cols = mv.pool.columns  # removing may shrink the pool
-                expired += 1
-            if idle.any():
-                self._metrics.sessions_expired.labels(mv.name, str(mv.version)).inc(int(idle.sum()))
+            slots = np.flatnonzero(idle)
+            if len(slots) * 8 <= self._count:  # a few: each out of the index on its own
+                for slot in slots.tolist():
+                    self._remove(self._handle(cols["id"][slot].tobytes(), (number << 32) | slot))
+                    cols = mv.pool.columns  # removing may shrink the pool
+            elif len(slots):  # many: freed in one write per column, the index rebuilt once
+                for owner, n in zip(*np.unique(cols["owner"][slots], return_counts=True), strict=True):
+                    self._drop_owner(int(owner), int(n))
+                mv.pool.release(slots)
+                self._count -= len(slots)
+                self._rebuild(max(MIN_INDEX, 1 << (2 * self._count + 1).bit_length()))
+                self._metrics.live_sessions.labels(mv.name, str(mv.version)).dec(len(slots))
+                if mv.pool.used == 0:
+                    del self._mvs[self._numbers.pop(id(mv))]
+            expired += len(slots)
+            if len(slots):
+                self._metrics.sessions_expired.labels(mv.name, str(mv.version)).inc(len(slots))
         if expired:
             log.info("expired %d idle session(s)", expired)
         return expired
