@@ -583,7 +583,7 @@ class SessionTable:
             raw = bytes.fromhex(joined)
         except ValueError:
             raw = b""
-        if len(raw) != 16 * n or raw.hex() != joined or any(len(s) != 32 for s in session_ids):
+        if len(raw) != 16 * n or raw.hex() != joined or set(map(len, session_ids)) != {32}:
             return [self.locate(s) for s in session_ids]  # some id is malformed: one at a time
         words = np.frombuffer(raw, "<u8").reshape(n, 2)
         mask = len(self._index) - 1
@@ -591,7 +591,7 @@ class SessionTable:
         found = np.full(n, -1, np.int64)
         todo = np.arange(n)
         only = next(iter(self._mvs)) if len(self._mvs) == 1 else None
-        for _ in range(2):  # most ids sit at their home position or the next; the rest are probed singly
+        for _ in range(3):  # most ids sit within a few positions of their home; the rest are probed singly
             if not todo.size:
                 break
             entry = self._index[pos[todo]]
