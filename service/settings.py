@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="rows in one request summed over its series (at most half of max_queue_rows)"
     )
     max_queue_rows: int = Field(4_000_000, ge=2, description="rows queued per model version before RESOURCE_EXHAUSTED")
-    max_batch_rows: int = Field(4096, ge=1, description="rows (time steps summed over a batch) in one model run")
+    max_batch_rows: int = Field(2048, ge=1, description="rows (time steps summed over a batch) in one model run")
     chunk_rows: int = Field(
         512, ge=1, description="a longer series or observation runs in pieces this long, interleaved with others"
     )
