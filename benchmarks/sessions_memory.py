@@ -4,10 +4,12 @@ before, with N sessions open, optionally after one StreamBatch step of each (whi
 last answer), and after every session is closed again.
 
 Clients in `--client-procs` processes open (and later close) their share of the sessions with unary calls,
-`--concurrency` in flight each. Prints a table and writes JSON.
+`--concurrency` in flight each. Prints a table and writes JSON. A session opened without a history has
+never had its state written: those pages of the pool are not resident yet, so the figure per session
+that counts is the one after each session's first step (state written, last answer stored).
 
-    python -m benchmarks.sessions_memory                      # 1,000,000 sessions (several minutes)
-    python -m benchmarks.sessions_memory --sessions 100000 --step
+    python -m benchmarks.sessions_memory                      # 1,000,000 sessions (20-40 minutes on 2 cores)
+    python -m benchmarks.sessions_memory --sessions 100000 --no-step
 """
 
 from __future__ import annotations
@@ -104,7 +106,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=1_000_000)
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=128, help="calls in flight per client process")
-    ap.add_argument("--step", action="store_true", help="also step every session once (stores its last answer)")
+    ap.add_argument(
+        "--step", action=argparse.BooleanOptionalAction, default=True, help="step every session once before closing"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sessions_memory.json")
     a = ap.parse_args()
 
@@ -152,27 +156,38 @@ def main() -> None:
             p.join(30)
         stop(proc)  # type: ignore[arg-type]
 
-    base, opened = phases[0]["rss"], phases[1]["rss"]
-    per_session = (opened - base) / a.sessions
     result = {
         "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, horizon {m.horizon}); {state_bytes} bytes of state "
         "per session",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "sessions": a.sessions,
         "phases": phases,
-        "rss_bytes_per_open_session": per_session,
-        "beside_state_bytes_per_session": per_session - state_bytes,
-        "rss_after_close_minus_start_mib": (phases[-1]["rss"] - base) / MIB,
+        **summary(phases, a.sessions, state_bytes),
     }
-    if a.step:
-        result["rss_bytes_per_stepped_session"] = (phases[2]["rss"] - base) / a.sessions
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"\n{per_session:.0f} bytes per open session ({per_session - state_bytes:.0f} beside its {state_bytes} "
-        f"bytes of state); {opened / 2**30:.2f} GiB with {a.sessions:,} open; after closing "
-        f"{result['rss_after_close_minus_start_mib']:+.1f} MiB from the start; wrote {a.out}"
+    print(f"\n{result['summary']}; wrote {a.out}")
+
+
+def summary(phases: list[dict[str, Any]], sessions: int, state_bytes: int) -> dict[str, Any]:
+    """Bytes per session from the phases' RSS (the last phase is `all closed`)."""
+    base, full = phases[0]["rss"], phases[-2]["rss"]  # with each session stepped, when it was
+    per = (full - base) / sessions
+    out = {
+        "rss_bytes_per_open_session_never_stepped": (phases[1]["rss"] - base) / sessions,
+        "rss_bytes_per_session": per,
+        "beside_state_bytes_per_session": per - state_bytes,
+        "rss_gib_with_all_sessions": full / 2**30,
+        "peak_rss_gib": max(p["peak"] for p in phases) / 2**30,
+        "rss_after_close_minus_start_mib": (phases[-1]["rss"] - base) / MIB,
+    }
+    stepped = " (each stepped once)" if len(phases) > 3 else " (never stepped: state pages not resident)"
+    out["summary"] = (
+        f"{per:.0f} bytes per session{stepped}, {per - state_bytes:.0f} beside its {state_bytes} bytes of state; "
+        f"{out['rss_gib_with_all_sessions']:.3f} GiB with {sessions:,} sessions; after closing them "
+        f"{out['rss_after_close_minus_start_mib']:+.1f} MiB from the start"
     )
+    return out
 
 
 if __name__ == "__main__":
