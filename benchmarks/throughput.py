@@ -17,7 +17,7 @@ measured in that run.
 The model: an LSTM 2x64, window 96, horizon 24, trained once (one epoch) on the Taylor series and cached
 under ~/.cache/gatecast-bench/repo.
 
-    python -m benchmarks.throughput                 # the full run (about 6 minutes)
+    python -m benchmarks.throughput                 # the full run (about 4 minutes)
     python -m benchmarks.throughput --quick --servers echo gatecast   # a smoke test (seconds)
 """
 
