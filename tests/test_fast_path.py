@@ -4,27 +4,36 @@ throughput benchmark's smoke run works."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gatecast.manifest import Manifest
+from gatecast.service.batcher import Batcher
 from gatecast.service.convert import to_array, to_matrix, to_quantile_matrix
 from gatecast.service.errors import InvalidArgument
+from gatecast.service.metrics import Metrics
+from gatecast.service.pool import StatePool
 from gatecast.service.server import GC_YOUNG
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .conftest import DEFAULT_MODEL, ROOT, RunningServer, array, matrix, server_settings, taylor_values
+from .test_reliability_batcher import SumRuntime
 
 
 def _unpacked(rows: int, cols: int, values: np.ndarray) -> bytes:
@@ -69,6 +78,44 @@ def test_answers_built_as_a_block_equal_the_element_wise_ones() -> None:
     q = rng.standard_normal((24, 2, 3)).astype(np.float32)
     assert to_quantile_matrix(q) == pb.Matrix(rows=24, cols=6, values=q.ravel().tolist())
     assert to_matrix(y[:, :1].astype(np.float64)) == pb.Matrix(rows=24, cols=1, values=y[:, 0].tolist())
+
+
+@dataclass
+class GatedRuntime(SumRuntime):
+    """The first run waits until the test opens the gate, so that requests pile up behind it."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    started: int = 0
+
+    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], None]:
+        self.started += 1
+        if self.started == 1:
+            self.gate.wait(10)
+        return super().run(x, states)
+
+
+def test_without_a_queue_delay_a_lone_request_runs_at_once_and_what_waits_runs_together() -> None:
+    async def scenario() -> None:
+        limits = SimpleNamespace(max_batch_rows=2048, chunk_rows=512, max_queue_rows=100_000, max_request_rows=5_000)
+        rt = GatedRuntime(limits)
+        pool = StatePool(rt.manifest.states, initial=4, cap=64)
+        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 64, 0.0, 1000)  # type: ignore[arg-type]
+        batcher.start()
+        first = batcher.submit(np.ones((3, 1), np.float32))
+        for _ in range(100):  # the lone request is taken without waiting for company
+            if rt.started:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.started == 1
+        rest = [batcher.submit(np.full((3, 1), k, np.float32)) for k in range(5)]
+        await asyncio.sleep(0.05)
+        rt.gate.set()
+        assert (await first).y.ravel().tolist() == [3.0]
+        assert [(await f).y.ravel().tolist() for f in rest] == [[3.0 * k] for k in range(5)]
+        assert rt.runs == [(1, 3), (5, 3)]  # the five that arrived during the run made one batch
+        await batcher.close()
+
+    asyncio.run(scenario())
 
 
 @pytest.fixture(scope="module")
