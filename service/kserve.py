@@ -15,8 +15,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -31,6 +29,7 @@ from .convert import quote
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
+from .servicer import Front, _Call
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,42 +163,11 @@ def wanted_outputs(req: kpb.ModelInferRequest, m: Manifest) -> list[str]:
     return names
 
 
-class _Call:
-    __slots__ = ("model", "start")
-
-    def __init__(self) -> None:
-        self.model = ""
-        self.start = time.monotonic()
-
-
-class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, settings: Settings, repo: Repository, metrics: Metrics) -> None:
+        super().__init__(metrics)  # counting, timing and error mapping as gatecast's own API does them
         self.settings = settings
         self.repo = repo
-        self.metrics = metrics
-
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, handler: Callable[[_Call], Awaitable[T]]) -> T:
-        """Runs a handler, counts it, and turns our errors into their status (anything else: INTERNAL with
-        a request id, logged, its text kept from the client)."""
-        call = _Call()
-        code = grpc.StatusCode.OK
-        try:
-            return await handler(call)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except ServiceError as e:
-            code = e.code
-            await context.abort(code, e.message[:1024])
-        except Exception as e:
-            request_id = uuid.uuid4().hex[:12]
-            log.error("%s failed (request id %s)", rpc, request_id, exc_info=e)
-            code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error (request id {request_id})")
-        finally:
-            self.metrics.requests.labels(rpc, call.model, code.name).inc()
-            self.metrics.latency.labels(rpc, call.model).observe(time.monotonic() - call.start)
-        raise AssertionError("unreachable: context.abort raises")
 
     def _resolve(self, name: str, version: str) -> ModelVersion:
         if len(name) > MAX_NAME:

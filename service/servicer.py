@@ -290,16 +290,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class ForecasterServicer(pb_grpc.ForecasterServicer):
-    def __init__(self, settings: Settings, repo: Repository, sessions: SessionTable, metrics: Metrics) -> None:
-        self.settings = settings
-        self.repo = repo
-        self.sessions = sessions
+class Front:
+    """What every gRPC front over the engine (gatecast's API, KServe v2) does around its handlers, in one
+    place: count each call by rpc, model and status, time it, and turn our errors into their status."""
+
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}
-
-    # --- accounting and error mapping, in one place -------------------------------------------------
 
     def _count(self, rpc: str, call: _Call, code: grpc.StatusCode) -> None:
         key = (rpc, call.model, code.name)
@@ -347,6 +345,14 @@ class ForecasterServicer(pb_grpc.ForecasterServicer):
             await context.abort(*self._status(rpc, call, e))
         self._count(rpc, call, grpc.StatusCode.OK)
         return result
+
+
+class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
+    def __init__(self, settings: Settings, repo: Repository, sessions: SessionTable, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self.settings = settings
+        self.repo = repo
+        self.sessions = sessions
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
