@@ -34,7 +34,7 @@ from .model import Forecaster
 from .pipeline import Published, _baseline_warnings, build_manifest, export_and_publish
 from .scoring import format_table, pooled_evaluation
 from .search import lookback_sizes, ridge_search, training_share
-from .train import fit, model_config, predict
+from .train import fit, model_config, predict, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def _run(cfg: TrainConfig, start: float, group: Group) -> Published:
     lookback = ridge.lookback
     gcfg = cfg.model_copy(update={"form": "lookback", "lookback": lookback, "context": lookback})
     train_rows = np.concatenate([s.values[: sp.train_end] for s, sp in parts])
+    seed_everything(cfg.seed)  # the same start in one process or several (DDP then sends rank 0's)
     model = Forecaster(model_config(gcfg, panel.features, n_t, train_rows, series_scale=True))
     with torch.no_grad():
         assert model.linear is not None
