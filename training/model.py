@@ -193,11 +193,12 @@ class Forecaster(nn.Module):
     def zero_state(self, batch: int) -> tuple[Tensor | None, ...]:
         """(h, c, s, m) from nothing seen; c, s and m are None where the model has no such state."""
         shape = (self.cfg.layers, batch, self.cfg.hidden_size)
-        h = torch.zeros(shape)
-        c = torch.zeros(shape) if self.is_lstm else None
+        on = next(self.buffers()).device  # the model's (a GPU under torchrun)
+        h = torch.zeros(shape, device=on)
+        c = torch.zeros(shape, device=on) if self.is_lstm else None
         rows = self.cfg.buffer_rows
-        s = torch.zeros(rows, batch, self.cfg.n_features + 1) if rows else None
-        m = torch.zeros(SeriesScale.ROWS, batch, self.cfg.n_features) if self.cfg.series_scale else None
+        s = torch.zeros(rows, batch, self.cfg.n_features + 1, device=on) if rows else None
+        m = torch.zeros(SeriesScale.ROWS, batch, self.cfg.n_features, device=on) if self.cfg.series_scale else None
         return h, c, s, m
 
     def forward(
@@ -304,7 +305,7 @@ class Forecaster(nn.Module):
         err = (out.y - y_true) / scale
         loss = (err**2).mean() if kind == "mse" else err.abs().mean()
         if out.q is not None:
-            levels = torch.tensor(self.cfg.quantiles, dtype=y_true.dtype)
+            levels = torch.tensor(self.cfg.quantiles, dtype=y_true.dtype, device=y_true.device)
             miss = (y_true.unsqueeze(-1) - out.q) / scale.unsqueeze(-1)  # [B, H, T, Q]
             loss = loss + torch.maximum(levels * miss, (levels - 1) * miss).mean()
         return loss
