@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 
 from benchmarks.load import start_server
+from deploy.packages import ensure_installed
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
@@ -48,16 +49,7 @@ def _free_port() -> int:
 
 def ensure_redis_server() -> str:
     """The redis-server binary; Debian's package is installed when it is missing (as root, in CI)."""
-    found = shutil.which("redis-server")
-    if found is None:
-        install = ["apt-get", "install", "-y", "-q", "redis-server"]
-        if subprocess.run(install, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=True)
-            subprocess.run(install, capture_output=True, check=True)
-        found = shutil.which("redis-server")
-    if found is None:
-        raise RuntimeError("redis-server is not installed and apt-get could not install it")
-    return found
+    return ensure_installed("redis-server", "redis-server")
 
 
 class RedisServer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.packages import ensure_installed
 from gatecast.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,21 +32,6 @@ SLOTS = ("r1", "r2", "r3", "r4")  # the config's servers: r4 is the spare slot, 
 UNUSED = "127.0.0.1:1"  # the spare slot's address until a replica fills it
 PROXY_VARIABLES = ("GATECAST_PROXY_", "GATECAST_REPLICA_")  # deploy/haproxy.cfg's, not server settings
 LISTENING = re.compile(r"gatecast listening on \S+:(\d+) \(metrics on (\S+)\)")
-
-
-def ensure_installed(command: str, package: str) -> str:
-    """The path of `command`, installing its Debian package first when it is missing (root, apt-get)."""
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise UserError(f"{command} is not installed: run `apt-get install -y {package}` as root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", package]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-    return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin") or command
 
 
 def store_supported() -> bool:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -20,6 +18,8 @@ import pytest
 import yaml
 
 from benchmarks.dashboard import DASHBOARD, Prometheus, drive, panels, promql, rate_interval, render
+from deploy.packages import ensure_installed
+from gatecast.errors import UserError
 from tests.conftest import ROOT, RunningServer, server_settings
 from tests.test_lifecycle import _taylor_repo
 
@@ -29,16 +29,11 @@ RATE_S = rate_interval(SCRAPE_S, SCRAPE_S)
 
 @pytest.fixture(scope="module")
 def prometheus_installed() -> None:
-    if shutil.which("prometheus") and shutil.which("promtool"):
-        return
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("prometheus is not installed and there is no apt-get to install it with")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "--no-install-recommends", "prometheus"]
-    if subprocess.run(install, env=env).returncode != 0:
-        subprocess.run([apt, "update"], env=env, check=True)  # a fresh machine has no package lists yet
-        subprocess.run(install, env=env, check=True)
+    try:
+        ensure_installed("prometheus", "prometheus")
+        ensure_installed("promtool", "prometheus")
+    except UserError as e:
+        pytest.skip(str(e))
 
 
 @dataclass

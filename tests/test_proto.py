@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from deploy.packages import ensure_installed
 from gatecast.apidoc import OUT, read_descriptor, render
 from gatecast.codegen import PROTO_DIR, ROOT
+from gatecast.errors import UserError
 
 API = "gatecast/v1/forecaster.proto"
 BUF_DIR = Path.home() / ".cache" / "gatecast" / "buf"  # npm installs buf here once
@@ -36,14 +38,10 @@ def _buf() -> str:
 
 def _apt(binary: str, package: str) -> str:
     """A Debian-packaged protoc plugin, installed when missing (CI is a clean Debian machine)."""
-    if not shutil.which(binary):
-        if not shutil.which("apt-get") or os.geteuid() != 0:
-            pytest.skip(f"{binary} is missing and apt-get cannot install {package} here (not root on Debian)")
-        install = ["apt-get", "install", "-y", "-q", package]
-        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=600)
-            subprocess.run(install, check=True, capture_output=True, timeout=600)
-    return str(shutil.which(binary))
+    try:
+        return ensure_installed(binary, package)
+    except UserError as e:
+        pytest.skip(str(e))
 
 
 def test_buf_lint_is_clean() -> None:
