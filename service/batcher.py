@@ -173,13 +173,7 @@ class Batcher:
             return []
         rows = sum(int(x.shape[0]) for x in xs)
         self.check_request_rows(rows)
-        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
-            self._m_rejected.inc()
-            raise ResourceExhausted(
-                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
-                f"({self._rows} rows of {self._n_flows} request(s) waiting; "
-                f"bounds {self.max_queue_rows} rows, {self.max_queue_size} requests); retry with backoff"
-            )
+        self._admit(rows)
         loop = asyncio.get_running_loop()
         flow = Flow()
         futures: list[asyncio.Future[Output]] = []
@@ -188,9 +182,35 @@ class Batcher:
             fut: asyncio.Future[Output] = loop.create_future()
             flow.items.append(WorkItem(x, slot, fut, deadline, commit, now, flow))
             futures.append(fut)
+        self._enqueue(flow, rows, sum(min(self.chunk_rows, int(x.shape[0])) for x in xs), len(xs))
+        return futures
+
+    async def forecast(self, xs: Sequence[np.ndarray], deadline: float | None) -> list[Output]:
+        """One-shot forecasts of a request's series from a zero state, in order. If the caller stops
+        waiting (cancelled, or one series failed), what has not run yet is dropped."""
+        futures = self.submit_many(xs, None, deadline)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def _admit(self, rows: int) -> None:
+        """Refuses a request the queue has no room for (rows or requests)."""
+        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
+            self._m_rejected.inc()
+            raise ResourceExhausted(
+                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
+                f"({self._rows} rows of {self._n_flows} request(s) waiting; "
+                f"bounds {self.max_queue_rows} rows, {self.max_queue_size} requests); retry with backoff"
+            )
+
+    def _enqueue(self, flow: Flow, rows: int, ready_rows: int, ready_items: int) -> None:
+        """Puts an admitted request's flow at the back of the round robin and wakes the worker."""
         self._rows += rows
-        self._ready_rows += sum(min(self.chunk_rows, int(x.shape[0])) for x in xs)
-        self._ready_items += len(xs)
+        self._ready_rows += ready_rows
+        self._ready_items += ready_items
         self._n_flows += 1
         self._m_queued_rows.set(self._rows)
         first = not self._flows
@@ -200,7 +220,6 @@ class Batcher:
             self._wake.set()
         if self._is_full():
             self._full.set()
-        return futures
 
     def submit_block(
         self, x: np.ndarray, slots: np.ndarray, deadline: float | None, commit: Callable[[Output], None]
@@ -214,27 +233,11 @@ class Batcher:
             raise Unavailable("the server is shutting down; retry on another instance")
         assert 0 < n <= self.max_batch_size and 0 < steps <= self.chunk_rows and len(slots) == n
         rows = n * steps
-        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
-            self._m_rejected.inc()
-            raise ResourceExhausted(
-                f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
-                f"({self._rows} rows of {self._n_flows} request(s) waiting); retry with backoff"
-            )
+        self._admit(rows)
         fut: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
         flow = Flow()
         flow.items.append(WorkItem(x, slots, fut, deadline, commit, time.monotonic(), flow, n=n))
-        self._rows += rows
-        self._ready_rows += rows
-        self._ready_items += n
-        self._n_flows += 1
-        self._m_queued_rows.set(self._rows)
-        first = not self._flows
-        flow.queued = True
-        self._flows.append(flow)
-        if first:
-            self._wake.set()
-        if self._is_full():
-            self._full.set()
+        self._enqueue(flow, rows, rows, n)
         return fut
 
     def check_request_rows(self, rows: int) -> None:

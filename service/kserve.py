@@ -11,10 +11,8 @@ tritonclient reads). Recurrent state is neither taken nor returned: sessions are
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from typing import Any, TypeVar
 
 import grpc
@@ -29,7 +27,7 @@ from .convert import quote
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
-from .servicer import Front, _Call
+from .servicer import Front, _Call, _deadline
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,15 +225,7 @@ class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"sequence parameters ({', '.join(_SEQUENCE)}) are not supported: {NO_STATE}")
             x = read_input(request, mv, self.settings)
             names = wanted_outputs(request, m)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            futures = mv.batcher.submit_many(list(x), None, deadline)
-            try:
-                outs = await asyncio.gather(*futures)
-            except BaseException:
-                for f in futures:
-                    f.cancel()  # the batcher drops what has not run yet
-                raise
+            outs = await mv.batcher.forecast(list(x), _deadline(context))
             tensors = {m.onnx.output: np.stack([o.y for o in outs])}
             if m.onnx.quantile_output:
                 tensors[m.onnx.quantile_output] = np.stack([o.q for o in outs if o.q is not None])

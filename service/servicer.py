@@ -614,13 +614,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             mv.batcher.check_request_rows(sum(s.rows for s in request.series))  # before converting anything
             n_f = mv.runtime.manifest.n_features
             xs = [to_array(s, n_f, f"series[{i}]", self.settings.max_rows) for i, s in enumerate(request.series)]
-            futures = mv.batcher.submit_many(xs, None, _deadline(context))
-            try:
-                outs = await asyncio.gather(*futures)
-            except BaseException:
-                for f in futures:
-                    f.cancel()  # the batcher drops what has not run yet
-                raise
+            outs = await mv.batcher.forecast(xs, _deadline(context))
             m = mv.runtime.manifest
             response = pb.ForecastResponse(
                 model=mv.name, version=mv.version, forecasts=[to_matrix(o.y) for o in outs], quantiles=m.quantiles
