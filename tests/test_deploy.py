@@ -37,7 +37,11 @@ HEALTHCHECK = "gatecast.service.healthcheck"
 def _make(*args: str) -> str:
     if shutil.which("make") is None:
         pytest.fail("make is not installed: `make test` itself needs it")
-    done = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    # run as a top-level make even under `make test` (a sub-make prints "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
