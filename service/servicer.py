@@ -342,7 +342,15 @@ class Front:
             self._count(rpc, call, grpc.StatusCode.CANCELLED)
             raise
         except Exception as e:
-            await context.abort(*self._status(rpc, call, e))
+            code, message = self._status(rpc, call, e)
+            try:
+                await context.abort(code, message)
+            except grpc.aio.AbortError:
+                raise  # the status went out: this is how grpc ends the call
+            except Exception as unsent:
+                # the client went away (deadline, cancel) before the status could be sent: nothing to answer,
+                # and not a server error for grpc to log
+                raise asyncio.CancelledError from unsent
         self._count(rpc, call, grpc.StatusCode.OK)
         return result
 
@@ -633,8 +641,10 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             call.model = mv.name
             m = mv.runtime.manifest
             history = None
-            # an empty matrix is no history; rows 0 beside values is a matrix that lies about its size
-            if request.HasField("history") and (request.history.rows > 0 or request.history.values):
+            # an empty matrix (no rows, no values, no columns or the model's) is no history; rows 0 beside
+            # values, or beside another column count, is a matrix that lies about itself
+            h = request.history
+            if request.HasField("history") and (h.rows > 0 or h.values or h.cols not in (0, m.n_features)):
                 mv.batcher.check_request_rows(request.history.rows)
                 history = to_array(request.history, m.n_features, "history", self.settings.max_rows)
             rows = 0 if history is None else int(history.shape[0])

@@ -418,6 +418,7 @@ EMPTY = [pb.Matrix(), pb.Matrix(rows=0, cols=1)]  # an empty history is no histo
 @given(name=MODEL, version=VERSION, history=OPTIONAL_MATRIX, timeout=TIMEOUTS)
 @example(name="taylor", version=0, history=pb.Matrix(), timeout=10.0)
 @example(name="taylor", version=0, history=pb.Matrix(rows=0, cols=1, values=[30000.0, 31000.0]), timeout=10.0)
+@example(name="taylor", version=0, history=pb.Matrix(rows=0, cols=2**31), timeout=10.0)  # found in CI: a lying size
 def test_open_session(harness: Harness, name: str, version: int, history: pb.Matrix | None, timeout: float) -> None:
     h, s = harness, harness.settings
     request = pb.OpenSessionRequest(model=name, version=version)
