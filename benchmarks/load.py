@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,14 @@ def _matrix(x: np.ndarray) -> pb.Matrix:
 
 def _pct(lat: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(lat), q) * 1000.0) if lat else float("nan")
+
+
+def free_port() -> int:
+    """A loopback port the OS says is free now, for a peer that takes an explicit port (tritonserver,
+    redis-server): a race with another process is possible, and shows as that peer failing to bind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def start_server(repo: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[str], int]:

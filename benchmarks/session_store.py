@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.load import start_server
+from benchmarks.load import free_port, start_server
 from deploy.packages import ensure_installed
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -39,12 +39,6 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "taylor_halfhourly.csv"
 MODEL = ROOT / "models" / "taylor"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_redis_server() -> str:
@@ -69,7 +63,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         for _ in range(5):
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             self.proc = subprocess.Popen([*cmd, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
             if self._ready():

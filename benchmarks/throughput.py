@@ -32,7 +32,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ import grpc
 import numpy as np
 
 from benchmarks.bytes_client import Load, observe_bytes
-from benchmarks.load import start_server
+from benchmarks.load import free_port, start_server
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
@@ -235,15 +234,8 @@ def triton_python(cache: Path = CACHE) -> Path:
     return python
 
 
-def _free_port() -> int:
-    """tritonserver takes explicit ports: the OS names a free one (a race is possible, and reported)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_triton(python: Path, folder: Path, window: Path, request_file: Path) -> tuple[subprocess.Popen[str], int]:
-    ports = [str(_free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(3)]
     cmd = [str(python), str(ROOT / "benchmarks" / "triton_peer.py"), str(folder), str(window), str(request_file)]
     proc = subprocess.Popen(
         [*cmd, *ports], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
