@@ -8,6 +8,7 @@ or sent back; a token is named by its fingerprint (`token:` and 12 hex digits of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -77,6 +78,7 @@ def metrics_tls(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every session call; only accepted tokens reach it
 def token_name(token: str) -> str:
     """What names a token in identities, logs and errors: a fingerprint, never the token."""
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]

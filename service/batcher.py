@@ -470,6 +470,9 @@ class Batcher:
     @staticmethod
     def _rows_and_slots(items: list[WorkItem], ks: list[int], at: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The run's rows of items `ks` and their pool slots (a block has n of each)."""
+        # single session steps (an int slot each), the common case: no array per item
+        if all(not isinstance(items[k].slot, np.ndarray) for k in ks):
+            return np.array([at[k] for k in ks]), np.array([items[k].slot for k in ks], np.int64)
         rows = [np.arange(at[k], at[k] + items[k].n) for k in ks]
         slots = [np.atleast_1d(np.asarray(items[k].slot, dtype=np.int64)) for k in ks]
         return np.concatenate(rows), np.concatenate(slots)

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_NAME = 64  # the manifest's limit: a longer name cannot be loaded
 MAX_MESSAGE = 1024  # an error message is never longer than this
-DEFAULT_STREAM_INFLIGHT = 256
 
 
 class Malformed:
@@ -249,9 +248,7 @@ class _Answer:
             r = pb.StreamResponse(session_id=session_id, sequence=seq)
             if error is None:
                 assert result is not None
-                r.forecast.CopyFrom(to_matrix(result.y))
-                if result.q is not None:
-                    r.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
+                _fill(r, result)
                 self.outer.model = self.outer.model or call.model
             else:
                 code, message = self.servicer._status(self.rpc, call, error)
@@ -259,6 +256,14 @@ class _Answer:
             self.put(i, r.SerializeToString())
 
         return reply
+
+
+def _fill(response: Any, out: Output) -> None:
+    """A step's answer into its message (ObserveResponse, StreamResponse, OpenSessionResponse): the forecast,
+    and the quantile forecast when the model has one."""
+    response.forecast.CopyFrom(to_matrix(out.y))
+    if out.q is not None:
+        response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
 
 
 class _Call:
@@ -425,9 +430,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 raise
             session, mv, x = self._prepare_observe(req, call, owner)
         out = await self._step(session, mv, x, deadline, req.sequence)
-        response = pb.ObserveResponse(session_id=session.id, sequence=req.sequence, forecast=to_matrix(out.y))
-        if out.q is not None:
-            response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+        response = pb.ObserveResponse(session_id=session.id, sequence=req.sequence)
+        _fill(response, out)
         return response
 
     def _begin(
@@ -579,14 +583,17 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         def commit(out: Output) -> None:
             self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
 
+        def fail_all(error: BaseException) -> None:
+            for k, i in enumerate(idx):
+                call = _Call()
+                call.model = mv.name
+                answer.reply(i, ids[i], seq_list[k], call)(None, error)
+
         def finish(fut: asyncio.Future[Output]) -> None:
             self.sessions.release_block(mv, slots)
             error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
             if error is not None:
-                for k, i in enumerate(idx):
-                    call = _Call()
-                    call.model = mv.name
-                    answer.reply(i, ids[i], seq_list[k], call)(None, error)
+                fail_all(error)
                 return
             answer.outer.model = answer.outer.model or mv.name
             out = fut.result()
@@ -602,8 +609,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             fut = self.sessions.stored(mv.batcher.submit_block(x, slots, deadline, commit), [ids[i] for i in idx])
         except Exception as e:
             self.sessions.release_block(mv, slots)
-            for k, i in enumerate(idx):
-                answer.reply(i, ids[i], seq_list[k], _Call())(None, e)
+            fail_all(e)
             return
         fut.add_done_callback(finish)
 
@@ -667,9 +673,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                     self.sessions.discard(session)
                     raise
                 session.steps += rows
-                response.forecast.CopyFrom(to_matrix(out.y))
-                if out.q is not None:
-                    response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+                _fill(response, out)
             await self.sessions.opened(session)  # issue 12: in the session store before the client has its id
             if response.short_history:
                 self.metrics.sessions_short_history.labels(mv.name, str(mv.version)).inc()
@@ -709,7 +713,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
         lines: dict[str, deque[list[pb.StreamResponse | None]]] = {}  # per session id, in message order
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
-        limit = getattr(self.settings, "max_stream_inflight", DEFAULT_STREAM_INFLIGHT)
+        limit = self.settings.max_stream_inflight
         pending = 0  # read, not yet queued for sending
         unsent = 0  # read, not yet sent
         room = asyncio.Event()
@@ -730,9 +734,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
             if error is None:
                 assert result is not None
-                response.forecast.CopyFrom(to_matrix(result.y))
-                if result.q is not None:
-                    response.quantile_forecast.CopyFrom(to_quantile_matrix(result.q))
+                _fill(response, result)
                 self._count("Stream", call, grpc.StatusCode.OK)
             else:
                 code, message = self._status("Stream", call, error)
@@ -811,10 +813,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
     ) -> AsyncIterator[bytes]:
         """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
         sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
-        reads on while fewer than `max_stream_inflight` steps are unanswered (a refused message counts one)."""
+        reads on while fewer than `max_stream_inflight` steps are unanswered
+        (a message that does not decode counts one; any other, its steps)."""
         answers: asyncio.Queue[tuple[asyncio.Future[bytes], int, _Call | None] | None] = asyncio.Queue()
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
-        limit = getattr(self.settings, "max_stream_inflight", DEFAULT_STREAM_INFLIGHT)
+        limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
         room = asyncio.Event()
         deadline = _deadline(context)

@@ -674,9 +674,6 @@ class SessionTable:
                     out.append(s)
         return out
 
-    def all(self) -> list[Session]:
-        return self.handles(*self.live())
-
     def restore(self, mv: ModelVersion, session_id: str, states: list[np.ndarray], owner: str | None = None) -> Session:
         """Re-creates a saved session with its state tensors ([dims0, dims1] each, in manifest order); the
         caller sets its sequence bookkeeping. Raises ValueError if the id is live or malformed,
