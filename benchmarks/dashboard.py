@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from deploy.packages import ensure_installed
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
@@ -78,9 +79,7 @@ class Prometheus:
     """Prometheus on 127.0.0.1 (a port of its own choosing) scraping one target, data in a scratch folder."""
 
     def __init__(self, target: str, scrape_s: float = 1.0, binary: str = "prometheus") -> None:
-        exe = shutil.which(binary)
-        if exe is None:
-            raise RuntimeError("prometheus not found: apt-get install -y --no-install-recommends prometheus")
+        exe = ensure_installed(binary, "prometheus")
         self.scrape_s = scrape_s
         self.dir = Path(tempfile.mkdtemp(prefix="gatecast-prometheus-"))
         self.config = self.dir / "prometheus.yml"

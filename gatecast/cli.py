@@ -223,7 +223,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
     opts: ForecastArgs = parse_model(ForecastArgs, args)
     history = _read_time_csv(opts.data, opts.time_column)
-    token = opts.token_file.read_text().strip() if opts.token_file else os.environ.get("GATECAST_TOKEN")
+    token = _read_token(opts.token_file) if opts.token_file else os.environ.get("GATECAST_TOKEN")
     client = Client(
         opts.server,
         tls=opts.tls,
@@ -276,13 +276,11 @@ def _read_time_csv(path: Path, time_column: str | None) -> Any:
         raise UserError(f"{path}: no time column {column!r}; the file has {list(frame.columns)}")
     if not len(frame):
         raise UserError(f"{path}: no data rows")
+    from gatecast.training.data import parse_times  # pandas only: no torch
+
     times = frame.pop(column)
     if not pd.api.types.is_integer_dtype(times.dtype):
-        parsed = pd.to_datetime(times, errors="coerce")
-        if parsed.isna().any():
-            bad = times[parsed.isna()]
-            raise UserError(f"{path}: column {column!r}, row {bad.index[0] + 2}: {bad.iloc[0]!r} is not a timestamp")
-        times = parsed
+        times = parse_times(path, column, times)  # as training reads them: mixed formats, offsets, named rows
     frame.index = pd.Index(times, name=column)
     return frame
 
@@ -309,11 +307,22 @@ def _diagnose_flags(diag: argparse.ArgumentParser) -> None:
     grads.set_defaults(func=cmd_diagnose_gradients)
 
 
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise UserError(f"--token-file {path}: cannot read the token file: {e.strerror or e}") from None
+
+
 def cmd_diagnose_gradients(args: argparse.Namespace) -> int:
     from gatecast.training.diagnose import CELLS, diagnose_gradients, table
 
     if args.steps < 2:
         raise UserError("--steps must be at least 2")
+    if args.hidden < 1:
+        raise UserError("--hidden must be at least 1 (units in the recurrent layer)")
+    if args.train_steps < 0:
+        raise UserError("--train-steps must be 0 (initialisation only) or more")
     if args.forget_bias and args.cell == "rnn":
         raise UserError("--forget-bias needs a gated cell: a plain RNN has no forget or update gate")
     cells = [args.cell] if args.cell else list(CELLS)  # with --forget-bias the rnn runs without one, to compare

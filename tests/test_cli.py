@@ -150,6 +150,12 @@ def test_forecast_errors_name_the_problem(
     assert "no time column 'when'" in capsys.readouterr().err
     assert main([*args, str(tmp_path / "missing.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+    offsets = tmp_path / "offsets.csv"  # read as training reads it: a clear message, not pandas' traceback
+    offsets.write_text("timestamp,demand_mw\n2000-01-01 00:00+01:00,1\n2000-01-01 01:00+02:00,2\n")
+    assert main([*args, str(offsets)]) == 2
+    assert "has UTC offset +02:00 but row 2 has +01:00" in capsys.readouterr().err
+    assert main([*args, str(TAYLOR), "--token-file", str(tmp_path / "no-token")]) == 2
+    assert "cannot read the token file" in capsys.readouterr().err
 
 
 def test_forecast_into_a_closed_pipe_exits_quietly(server: RunningServer) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
 import subprocess
 import threading
 from collections import Counter
@@ -19,7 +18,9 @@ import pytest
 import yaml
 
 from deploy.cluster import Cluster
+from deploy.packages import ensure_installed
 from gatecast import SESSION_HEADER
+from gatecast.errors import UserError
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, RunningServer, array, matrix, server_settings, taylor_values
@@ -314,9 +315,10 @@ def test_the_kubernetes_manifests_run_the_same_proxy_config_over_the_statefulset
     )
     mount = proxy["containers"][0]["volumeMounts"][0]["mountPath"]
     assert proxy["containers"][0]["args"][-1] == f"{mount}/haproxy.cfg"
-    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if haproxy is None:
-        pytest.skip("haproxy is not installed (the cluster fixture installs it)")
+    try:
+        haproxy = ensure_installed("haproxy", "haproxy")
+    except UserError as e:
+        pytest.skip(str(e))
     checked = subprocess.run(
         [haproxy, "-c", "-f", str(deploy / "haproxy.cfg")],
         env={**env, "GATECAST_PROXY_ADMIN": "/tmp/x.sock"},

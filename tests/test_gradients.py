@@ -79,3 +79,7 @@ def test_diagnose_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "lstm" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "g.json").read_text())) >= {"lstm", "steps"}
     assert main(["diagnose", "gradients", "--cell", "rnn", "--steps", "30", "--forget-bias", "1"]) == 2
+    assert main(["diagnose", "gradients", "--steps", "30", "--hidden", "0"]) == 2
+    assert "--hidden must be at least 1" in capsys.readouterr().err
+    assert main(["diagnose", "gradients", "--steps", "30", "--train-steps", "-1"]) == 2
+    assert "--train-steps must be 0" in capsys.readouterr().err

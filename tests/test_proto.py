@@ -24,8 +24,10 @@ def _buf() -> str:
     found = shutil.which("buf") or BUF_DIR / "node_modules" / ".bin" / "buf"
     if Path(found).exists():
         return str(found)
-    if shutil.which("npm") is None:
-        pytest.skip("buf is not installed and npm, which would install it, is missing")
+    try:
+        ensure_installed("npm", "npm")  # a fresh Debian machine may have no npm: Debian packages it
+    except UserError as e:
+        pytest.skip(str(e))
     BUF_DIR.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(BUF_DIR), "@bufbuild/buf"],

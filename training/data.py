@@ -317,7 +317,7 @@ def _mixed_offsets(path: Path, column: str, raw: pd.Series) -> DataError:
     )
 
 
-def _parse_times(path: Path, column: str, raw: pd.Series) -> pd.Series:
+def parse_times(path: Path, column: str, raw: pd.Series) -> pd.Series:
     """Timestamps of a datetime or text column; every failure names its row."""
     if _is_datetime(raw):
         times = raw
@@ -692,7 +692,7 @@ def load_series(
     sample, df, time_column, tgts, covs = _prepare(path, targets, covariates, time_column, time_index, None)
     features = [*tgts, *covs]
     raw_times = df[time_column]
-    times = _parse_index(path, time_column, raw_times) if time_index else _parse_times(path, time_column, raw_times)
+    times = _parse_index(path, time_column, raw_times) if time_index else parse_times(path, time_column, raw_times)
     rows = np.arange(len(times))
     ticks = times.to_numpy(dtype=np.int64) if time_index else _ns(times)
     d = np.diff(ticks)
@@ -728,7 +728,7 @@ def load_panel(
         )
     codes, uniques = pd.factorize(raw_ids, sort=False)
     raw_times = df[time_column]
-    times = _parse_index(path, time_column, raw_times) if time_index else _parse_times(path, time_column, raw_times)
+    times = _parse_index(path, time_column, raw_times) if time_index else parse_times(path, time_column, raw_times)
     matrix = np.stack([_numeric_values(path, c, df[c]) for c in features], axis=1)
     del df, raw_times
     order = np.argsort(codes, kind="stable")
