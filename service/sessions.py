@@ -585,7 +585,12 @@ class SessionTable:
             raw = b""
         if len(raw) != 16 * n or raw.hex() != joined or set(map(len, session_ids)) != {32}:
             return [self.locate(s) for s in session_ids]  # some id is malformed: one at a time
-        words = np.frombuffer(raw, "<u8").reshape(n, 2)
+        return self.locate_words(np.frombuffer(raw, "<u8").reshape(n, 2)).tolist()  # type: ignore[no-any-return]
+
+    def locate_words(self, words: np.ndarray) -> np.ndarray:
+        """`locate_many` for ids already as the `id` column keeps them ([n, 2] little-endian words): int64
+        codes, -1 where no live session has that id."""
+        n = len(words)
         mask = len(self._index) - 1
         pos = (words[:, 1] & np.uint64(mask)).astype(np.int64)
         found = np.full(n, -1, np.int64)
@@ -606,8 +611,8 @@ class SessionTable:
             todo = todo[~match]
             pos[todo] = (pos[todo] + 1) & mask
         for i in todo.tolist():
-            found[i] = self._find(raw[16 * i : 16 * i + 16])[1]
-        return found.tolist()  # type: ignore[no-any-return]
+            found[i] = self._find(words[i].tobytes())[1]
+        return found
 
     def version(self, number: int) -> ModelVersion:
         return self._mvs[number]
