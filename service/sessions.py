@@ -13,15 +13,23 @@ pool only when nothing can write it any more.
 Compact: a session is no Python object while it sits idle. Its bookkeeping lives in columns of its model
 version's pool (`COLUMNS`: id, sequence, digest, stored answer, owner, ...), and the table finds it by id
 through one open-addressing hash index (a numpy array of slot codes, linear probing keyed by the id's
-random low 64 bits). About 80 bytes per session beside its state, plus the stored answer; all of it is
-given back when sessions close (the pool shrinks, the index shrinks). `Session` is a small handle made
-on demand; only a session with steps waiting for their turn has a queue of tickets.
+random low 64 bits). 43 bytes per session beside its state (`COLUMNS`), plus the stored answer (4 bytes
+per forecast value) and about 4 to 8 bytes of index; all of it is given back when sessions close (the
+pool shrinks, the index shrinks, the C heap is trimmed). `Session` is a small handle made on demand; only
+a session with steps waiting for their turn has a queue of tickets.
+
+Narrow columns, and what their limits do: `steps` (rows applied, informational) saturates at 2**32 - 1;
+`owner` numbers the identities holding live sessions, at most 65,535 at a time (one more is refused with
+RESOURCE_EXHAUSTED); `last_used` is float32 seconds since the table was made (1 s resolution after 194
+days up, plenty for idle expiry); the index holds uint32 entries (version number and slot packed) while
+they fit, int64 otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import secrets
 import time
@@ -36,6 +44,7 @@ from gatecast import SESSION_HEADER
 from .batcher import Output
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .metrics import Metrics
+from .pool import USED, trim_heap
 from .repository import ModelVersion
 
 if TYPE_CHECKING:
@@ -43,29 +52,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FREE, LIVE, CLOSING = 0, 1, 2  # a slot's `state`: CLOSING = removed, its slot held until its step has finished
-# the per-session columns kept in each pool: name -> (dtype, shape per session)
+# bits of a slot's `flags` byte: USED (the pool's: acquired), then the table's
+CLOSING = 2  # removed while a step held its turn: the slot is freed when the turn is let go
+HELD = 4  # someone holds the turn: a step is being started or is in flight
+ANSWERED = 8  # an answer to last_seq is stored
+LIVE_MASK = USED | CLOSING  # a session is live when (flags & LIVE_MASK) == USED
+# the per-session columns kept in each pool: name -> (dtype, shape per session); 43 bytes
 COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "id": ("<u8", (2,)),  # the 16 id bytes as two little-endian words; the second is the hash key
-    "state": ("u1", ()),
-    "held": ("u1", ()),  # someone holds the turn: a step is being started or is in flight
-    "answered": ("u1", ()),  # an answer to last_seq is stored
+    "flags": ("u1", ()),  # USED, CLOSING, HELD, ANSWERED (the pool makes this column)
     "last_seq": ("u8", ()),
-    "steps": ("u8", ()),  # rows applied
-    "digest": ("u1", (16,)),  # rows_digest of last_seq's rows (all zero: none kept)
-    "last_used": ("f8", ()),
-    "owner": ("i4", ()),  # security (issue 8): the identity that opened it, as a number (0: none)
+    "steps": ("u4", ()),  # rows applied, saturating at STEPS_MAX
+    "digest": ("<u8", ()),  # rows_digest of last_seq's rows as a little-endian word (0: none kept)
+    "last_used": ("f4", ()),  # seconds since the table's `epoch` (time.monotonic)
+    "owner": ("u2", ()),  # security (issue 8): the identity that opened it, as a number (0: none)
 }
 SLOT_MASK = 0xFFFFFFFF  # a code is (model version number << 32) | slot
-_NO_DIGEST = bytes(16)
+STEPS_MAX = 0xFFFFFFFF
+MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner` column's numbers)
+DIGEST_BYTES = 8
 MIN_INDEX = 1024
+TRIM_CHURN = 65536  # opens and closes after which a sweep trims the C heap (what serving them freed goes back)
 
 
 def rows_digest(x: np.ndarray) -> bytes:
-    """What identifies a step's rows for retries: 16 bytes of BLAKE2b over the rows as row-major float32
-    (a session's column count is fixed by its model, so the bytes also fix the row count). Stored in
-    snapshots: changing it makes every saved digest refuse its retry."""
-    return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float32).tobytes(), digest_size=16).digest()
+    """What identifies a step's rows for retries, 8 bytes, from the rows as row-major float32 (a session's
+    column count is fixed by its model, so the bytes also fix the row count): rows of at most 7 bytes are
+    kept as they are (their length + 1, then the bytes, zero-padded: never all zero, exact), larger ones
+    as 8 bytes of BLAKE2b. Stored in snapshots: changing it makes every saved digest refuse its retry (the
+    16-byte digests of older snapshots and store blobs are read as no digest kept)."""
+    raw = np.ascontiguousarray(x, dtype=np.float32).tobytes()
+    if len(raw) < DIGEST_BYTES:
+        return bytes((len(raw) + 1,)) + raw.ljust(DIGEST_BYTES - 1, b"\0")
+    return hashlib.blake2b(raw, digest_size=DIGEST_BYTES).digest()
 
 
 def _key(session_id: str) -> bytes | None:
@@ -77,11 +96,28 @@ def _key(session_id: str) -> bytes | None:
     return key if len(key) == 16 and key.hex() == session_id else None
 
 
-def rows_digests(x: np.ndarray) -> list[bytes]:
-    """rows_digest of each x[k] ([n, rows, features]), from one copy of the bytes."""
-    raw = np.ascontiguousarray(x, dtype=np.float32).tobytes()
-    size = len(raw) // max(1, len(x))
-    return [hashlib.blake2b(raw[k : k + size], digest_size=16).digest() for k in range(0, len(raw), size)]
+def rows_digests(x: np.ndarray) -> bytes:
+    """rows_digest of each x[k] ([n, rows, features]), joined: n * 8 bytes, what `commit_block` takes.
+    Steps of at most 7 bytes (one row of one feature) are done for all n at once, without hashing."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(a)
+    if n == 0:
+        return b""
+    size = a.nbytes // n
+    if size < DIGEST_BYTES:
+        out = np.zeros((n, DIGEST_BYTES), np.uint8)
+        out[:, 0] = size + 1
+        out[:, 1 : 1 + size] = a.reshape(n, size // 4).view(np.uint8)
+        return out.tobytes()
+    raw = memoryview(a.tobytes())
+    blake = hashlib.blake2b
+    return b"".join([blake(raw[k : k + size], digest_size=DIGEST_BYTES).digest() for k in range(0, len(raw), size)])
+
+
+def rows_digests_list(x: np.ndarray) -> list[bytes]:
+    """rows_digest of each x[k], as a list (for callers of the former rows_digests)."""
+    d = rows_digests(x)
+    return [d[k : k + DIGEST_BYTES] for k in range(0, len(d), DIGEST_BYTES)]
 
 
 class Closed(NamedTuple):
@@ -123,13 +159,16 @@ class Session:
         """The slot still belongs to this session (not freed and handed to another)."""
         return self.slot < self.mv.pool.capacity and self._col("id")[self.slot].tobytes() == self.key
 
+    def _flags(self) -> int:
+        return int(self._col("flags")[self.slot])
+
     @property
     def closed(self) -> bool:
-        return not self.mine or int(self._col("state")[self.slot]) != LIVE
+        return not self.mine or self._flags() & LIVE_MASK != USED
 
     @property
     def busy(self) -> bool:
-        return self.mine and bool(self._col("held")[self.slot])
+        return self.mine and bool(self._flags() & HELD)
 
     @property
     def owner(self) -> str | None:
@@ -149,29 +188,34 @@ class Session:
 
     @steps.setter
     def steps(self, value: int) -> None:
-        self._col("steps")[self.slot] = value
+        self._col("steps")[self.slot] = min(value, STEPS_MAX)
 
     @property
     def last_used(self) -> float:
-        return float(self._col("last_used")[self.slot])
+        """time.monotonic() of its last use."""
+        return self._table.epoch + float(self._col("last_used")[self.slot])
 
     @last_used.setter
     def last_used(self, value: float) -> None:
-        self._col("last_used")[self.slot] = value
+        self._col("last_used")[self.slot] = value - self._table.epoch
 
     @property
     def last_digest(self) -> bytes:
-        digest = self._col("digest")[self.slot].tobytes()
-        return b"" if digest == _NO_DIGEST else digest
+        """rows_digest of last_seq's rows, b"" when none is kept."""
+        digest = int(self._col("digest")[self.slot])
+        return digest.to_bytes(DIGEST_BYTES, "little") if digest else b""
 
     @last_digest.setter
     def last_digest(self, value: bytes) -> None:
-        self._col("digest")[self.slot] = np.frombuffer(value.ljust(16, b"\0")[:16], np.uint8)
+        """b"": none kept."""
+        if len(value) not in (0, DIGEST_BYTES):
+            raise ValueError(f"a rows digest is {DIGEST_BYTES} bytes, not {len(value)}")
+        self._col("digest")[self.slot] = int.from_bytes(value, "little")
 
     @property
     def forecast(self) -> np.ndarray | None:
         """The answer to last_seq (a copy), [horizon, targets]."""
-        if not self._col("answered")[self.slot]:
+        if not self._flags() & ANSWERED:
             return None
         return np.array(self._col("forecast")[self.slot])
 
@@ -183,7 +227,7 @@ class Session:
     def quantile_forecast(self) -> np.ndarray | None:
         """For a quantile model, [horizon, targets, quantiles] for last_seq."""
         q = self.mv.pool.columns.get("quantile_forecast")
-        if q is None or not self._col("answered")[self.slot]:
+        if q is None or not self._flags() & ANSWERED:
             return None
         return np.array(q[self.slot])
 
@@ -195,15 +239,15 @@ class Session:
 
     def hold(self) -> None:
         """Takes the turn of a free session (not `busy`) without a ticket; `release()` once done."""
-        self._col("held")[self.slot] = 1
+        self._col("flags")[self.slot] |= HELD
 
     def queue_turn(self) -> asyncio.Future[None]:
         """A ticket for the next turn, taken synchronously so that arrival order is kept; it is already
         done when the session is free. Whoever holds a granted ticket must `release()` exactly once."""
         ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        held = self._col("held")
-        if not held[self.slot]:
-            held[self.slot] = 1
+        flags = self._col("flags")
+        if not flags[self.slot] & HELD:
+            flags[self.slot] |= HELD
             ticket.set_result(None)
         else:
             self._table.waiting.setdefault(self.code, deque()).append(ticket)
@@ -218,8 +262,9 @@ class Session:
                 ticket.set_result(None)
                 return
         self._table.waiting.pop(self.code, None)
-        self._col("held")[self.slot] = 0
-        if self._col("state")[self.slot] == CLOSING:  # closed while a step ran: nothing can write the slot now
+        flags = self._col("flags")
+        flags[self.slot] &= ~HELD & 0xFF
+        if flags[self.slot] & CLOSING:  # closed while a step ran: nothing can write the slot now
             self._table.free_slot(self.mv, self.slot)
 
     def drop(self, ticket: asyncio.Future[None]) -> None:
@@ -241,7 +286,7 @@ class Session:
         """True when `seq` is a retry of the last applied step (with the same rows, when `digest` is given);
         raises unless it is the next one."""
         last = self.last_seq
-        if seq == last and seq > 0 and self._col("answered")[self.slot]:
+        if seq == last and seq > 0 and self._flags() & ANSWERED:
             kept = self.last_digest
             if digest is not None and kept and digest != kept:
                 raise FailedPrecondition(
@@ -262,9 +307,9 @@ class Session:
             table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
             cols = self.mv.pool.columns
             cols["last_seq"][self.slot] = seq
-            cols["steps"][self.slot] += rows
+            cols["steps"][self.slot] = min(STEPS_MAX, int(cols["steps"][self.slot]) + rows)
             self.last_digest = digest
-            cols["last_used"][self.slot] = time.monotonic()
+            cols["last_used"][self.slot] = time.monotonic() - table.epoch
             if table.store is not None and seq % table.store.every == 0:
                 table.store.save(self.mv, [self])
 
@@ -278,11 +323,15 @@ class SessionTable:
     def __init__(self, metrics: Metrics, idle_s: float, max_per_owner: int | None = None) -> None:
         self._metrics = metrics
         self.idle_s = idle_s
-        self._index = np.zeros(MIN_INDEX, np.int64)  # code + 1 per entry, 0: empty
+        self.epoch = time.monotonic()  # `last_used` columns count seconds from here
+        # the index: entry = packed code + 1 (0: empty); a code (number << 32 | slot) is packed as
+        # number << _shift | slot, in uint32 while every entry fits (see _layout), else int64 with _shift 32
+        self._shift = 32
+        self._index: np.ndarray = np.zeros(MIN_INDEX, np.uint32)
         self._count = 0
+        self._churn = 0  # opens and closes since the heap was last trimmed
         self._mvs: dict[int, ModelVersion] = {}  # number -> version, while it has slots in use
-        self._numbers: dict[int, int] = {}  # id(version) -> number
-        self._next_number = 1
+        self._numbers: dict[int, int] = {}  # id(version) -> number (the lowest free one: numbers stay small)
         self.waiting: dict[int, deque[asyncio.Future[None]]] = {}  # code -> tickets waiting for the turn
         # security (issue 8, docs/readme/security.md): live sessions per owner identity, so one client cannot
         # take every slot; kept by open/restore/_remove, checked in open. Keep it in any rework of the table.
@@ -300,12 +349,13 @@ class SessionTable:
     def _number(self, mv: ModelVersion) -> int:
         number = self._numbers.get(id(mv))
         if number is None:
-            number = self._next_number
-            self._next_number += 1
+            number = next(n for n in itertools.count(1) if n not in self._mvs)
             self._numbers[id(mv)] = number
             self._mvs[number] = mv
             for name, (dtype, shape) in COLUMNS.items():
                 mv.pool.add_column(name, dtype, shape)
+            if self._layout() != (self._shift, self._index.dtype):
+                self._rebuild(len(self._index))  # packs the entries anew
         return number
 
     def owner_name(self, number: int) -> str | None:
@@ -314,11 +364,19 @@ class SessionTable:
     def _take_owner(self, owner: str | None) -> int:
         if owner is None:
             return 0
-        self._owned[owner] += 1
         number = self._owner_numbers.get(owner)
         if number is None:
-            number = self._owner_numbers[owner] = max(self._owner_names, default=0) + 1
+            number = max(self._owner_names, default=0) + 1
+            if number > MAX_OWNERS:
+                if len(self._owner_names) >= MAX_OWNERS:
+                    raise ResourceExhausted(
+                        f"{MAX_OWNERS} client identities hold live sessions, the most this server tells apart; "
+                        "retry once some of their sessions have closed or expired"
+                    )
+                number = next(n for n in itertools.count(1) if n not in self._owner_names)
+            self._owner_numbers[owner] = number
             self._owner_names[number] = owner
+        self._owned[owner] += 1
         return number
 
     def _drop_owner(self, number: int, sessions: int = 1) -> None:
@@ -331,6 +389,28 @@ class SessionTable:
 
     # --- the id index -------------------------------------------------------------------------------
 
+    def _layout(self) -> tuple[int, np.dtype[np.generic]]:
+        """The packing the numbered versions need: slot bits for the largest pool cap, uint32 when the
+        highest number still fits beside them."""
+        shift = max([(mv.pool.cap - 1).bit_length() for mv in self._mvs.values()] + [1])
+        if (max(self._mvs, default=0) + 1) << shift < 1 << 32:
+            return shift, np.dtype(np.uint32)
+        return 32, np.dtype(np.int64)
+
+    def _entry(self, code: int) -> int:
+        return ((code >> 32) << self._shift | code & SLOT_MASK) + 1
+
+    def _code(self, entry: int) -> int:
+        e = entry - 1
+        return (e >> self._shift) << 32 | e & ((1 << self._shift) - 1)
+
+    def _codes(self, entries: np.ndarray) -> np.ndarray:
+        """_code of many nonzero entries: int64 codes."""
+        e = entries.astype(np.int64) - 1
+        if self._shift == 32:
+            return e
+        return ((e >> self._shift) << 32) | (e & ((1 << self._shift) - 1))
+
     def _id_words(self, code: int) -> np.ndarray:
         return self._mvs[code >> 32].pool.columns["id"][code & SLOT_MASK]
 
@@ -342,17 +422,18 @@ class SessionTable:
             e = int(index[i])
             if e == 0:
                 return -1, -1
-            if self._id_words(e - 1).tobytes() == key:
-                return i, e - 1
+            code = self._code(e)
+            if self._id_words(code).tobytes() == key:
+                return i, code
             i = (i + 1) & mask
 
     def _insert(self, key: bytes, code: int) -> None:
-        """Adds an entry; room was made beforehand (`_make_room`, before the slot's state became LIVE)."""
+        """Adds an entry; room was made beforehand (`_make_room`, before the slot became live)."""
         index, mask = self._index, len(self._index) - 1
         i = int.from_bytes(key[8:], "little") & mask
         while index[i]:
             i = (i + 1) & mask
-        index[i] = code + 1
+        index[i] = self._entry(code)
         self._count += 1
 
     def _make_room(self) -> None:
@@ -360,7 +441,7 @@ class SessionTable:
             self._rebuild(2 * len(self._index))
 
     def _delete(self, i: int) -> None:
-        """Empties position i (its slot no longer LIVE), shifting later entries of its cluster back (no tombstones)."""
+        """Empties position i (its slot no longer live), shifting later entries of its cluster back (no tombstones)."""
         index, mask = self._index, len(self._index) - 1
         j = i
         while True:
@@ -368,7 +449,7 @@ class SessionTable:
             e = int(index[j])
             if e == 0:
                 break
-            home = int(self._id_words(e - 1)[1]) & mask
+            home = int(self._id_words(self._code(e))[1]) & mask
             if (j - home) & mask >= (j - i) & mask:  # i lies between its home and j: it may move back to i
                 index[i] = e
                 i = j
@@ -380,25 +461,30 @@ class SessionTable:
     def _rebuild(self, size: int) -> None:
         """A fresh index of `size` positions holding every live session, placed in vectorised rounds: each
         round puts every entry whose probe position is empty there (one per position), the others move on."""
-        codes, homes = [], []
+        shrinking = size < len(self._index)
+        self._shift, dtype = self._layout()
+        entries, homes = [], []
         for number, mv in self._mvs.items():
             cols = mv.pool.columns
-            slots = np.flatnonzero(cols["state"] == LIVE)
-            codes.append((np.int64(number) << 32) | slots.astype(np.int64))
+            slots = np.flatnonzero(cols["flags"] & LIVE_MASK == USED)
+            entries.append(((np.int64(number) << self._shift) | slots.astype(np.int64)) + 1)
             homes.append(cols["id"][slots, 1])
-        index = np.zeros(size, np.int64)
+        index = np.zeros(size, dtype)
         mask = size - 1
-        code = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        entry = np.concatenate(entries).astype(dtype) if entries else np.zeros(0, dtype)
         pos = (np.concatenate(homes) & np.uint64(mask)).astype(np.int64) if homes else np.zeros(0, np.int64)
-        while code.size:
+        del entries, homes
+        while entry.size:
             empty = index[pos] == 0
             places, first = np.unique(pos[empty], return_index=True)
             winners = np.flatnonzero(empty)[first]
-            index[places] = code[winners] + 1
-            left = np.ones(code.size, np.bool_)
+            index[places] = entry[winners]
+            left = np.ones(entry.size, np.bool_)
             left[winners] = False
-            code, pos = code[left], (pos[left] + 1) & mask
+            entry, pos = entry[left], (pos[left] + 1) & mask
         self._index = index
+        if shrinking or size >= 1 << 16:
+            trim_heap()
 
     # --- sessions -----------------------------------------------------------------------------------
 
@@ -441,12 +527,18 @@ class SessionTable:
         self._make_room()
         slot = mv.pool.acquire()
         cols = mv.pool.columns
+        try:
+            cols["owner"][slot] = self._take_owner(owner)
+        except ResourceExhausted:
+            mv.pool.release(slot)
+            if mv.pool.used == 0:
+                del self._mvs[self._numbers.pop(id(mv))]
+            raise
         cols["id"][slot] = np.frombuffer(key, "<u8")
-        cols["state"][slot] = LIVE
-        cols["last_used"][slot] = time.monotonic()
-        cols["owner"][slot] = self._take_owner(owner)
+        cols["last_used"][slot] = time.monotonic() - self.epoch
         code = (number << 32) | slot
         self._insert(key, code)
+        self._churn += 1
         self._metrics.live_sessions.labels(mv.name, str(mv.version)).inc()
         return self._handle(key, code)
 
@@ -470,11 +562,12 @@ class SessionTable:
         cols = mv.pool.columns
         self._drop_owner(int(cols["owner"][slot]))
         cols["owner"][slot] = 0
-        if cols["held"][slot]:  # a step may still write the slot: free it when the session's turn is let go
-            cols["state"][slot] = CLOSING
+        if cols["flags"][slot] & HELD:  # a step may still write the slot: free it when the session's turn is let go
+            cols["flags"][slot] |= CLOSING
         else:
             self.free_slot(mv, slot)
         self._delete(i)
+        self._churn += 1
         self._metrics.live_sessions.labels(mv.name, str(mv.version)).dec()
 
     def free_slot(self, mv: ModelVersion, slot: int) -> None:
@@ -537,7 +630,9 @@ class SessionTable:
         expired = 0
         for number, mv in list(self._mvs.items()):
             cols = mv.pool.columns
-            idle = (cols["state"] == LIVE) & (cols["held"] == 0) & (now - cols["last_used"] > self.idle_s)
+            idle = (cols["flags"] & (LIVE_MASK | HELD) == USED) & (
+                cols["last_used"] < np.float32(now - self.epoch - self.idle_s)
+            )
             slots = np.flatnonzero(idle)
             if len(slots) * 8 <= self._count:  # a few: each out of the index on its own
                 for slot in slots.tolist():
@@ -557,18 +652,21 @@ class SessionTable:
                 self._metrics.sessions_expired.labels(mv.name, str(mv.version)).inc(len(slots))
         if expired:
             log.info("expired %d idle session(s)", expired)
+        if self._churn >= TRIM_CHURN:
+            self._churn = 0
+            trim_heap()
         return expired
 
     def store_answers(self, mv: ModelVersion, slots: np.ndarray, y: np.ndarray | None, q: np.ndarray | None) -> None:
         """Keeps each slot's answer to its last sequence (y [n, horizon, targets], q with quantiles)."""
-        answered = mv.pool.columns["answered"]
+        flags = mv.pool.columns["flags"]
         if y is None:
-            answered[slots] = 0
+            flags[slots] &= ~ANSWERED & 0xFF
             return
         mv.pool.add_column("forecast", np.float32, y.shape[1:])[slots] = y
         if q is not None:
             mv.pool.add_column("quantile_forecast", np.float32, q.shape[1:])[slots] = q
-        answered[slots] = 1
+        flags[slots] |= ANSWERED
 
     def locate(self, session_id: str) -> int:
         """The code of the live session with this id (32 lowercase hex characters), else -1."""
@@ -600,7 +698,7 @@ class SessionTable:
             if not todo.size:
                 break
             entry = self._index[pos[todo]]
-            todo, code = todo[entry > 0], entry[entry > 0] - 1  # an empty position: not found
+            todo, code = todo[entry > 0], self._codes(entry[entry > 0])  # an empty position: not found
             match = np.zeros(todo.size, np.bool_)
             for number in [only] if only is not None else np.unique(code >> 32).tolist():
                 mine = (code >> 32) == number
@@ -621,11 +719,12 @@ class SessionTable:
         """For steps of distinct live sessions of one version: which are the next step of a free session
         that `owner` may reach. Their turns are taken now; `release_block` gives them back."""
         cols = mv.pool.columns
-        number = self._owner_numbers.get(owner, -1) if owner is not None else 0
         whose = cols["owner"][slots]
-        last = cols["last_seq"][slots]
-        ok = ((whose == 0) | (whose == number)) & (cols["held"][slots] == 0) & (seqs == last + np.uint64(1))
-        cols["held"][slots[ok]] = 1
+        number = self._owner_numbers.get(owner, 0) if owner is not None else 0
+        reach = whose == 0 if not number else (whose == 0) | (whose == number)
+        flags = cols["flags"]
+        ok = reach & (flags[slots] & HELD == 0) & (seqs == cols["last_seq"][slots] + np.uint64(1))
+        flags[slots[ok]] |= HELD
         return ok
 
     def release_block(self, mv: ModelVersion, slots: np.ndarray) -> None:
@@ -633,10 +732,11 @@ class SessionTable:
         or was closed meanwhile (then one at a time)."""
         cols = mv.pool.columns
         number = self._numbers[id(mv)]
-        special = cols["state"][slots] != LIVE
+        flags = cols["flags"]
+        special = flags[slots] & LIVE_MASK != USED
         if self.waiting:
             special |= np.array([((number << 32) | s) in self.waiting for s in slots.tolist()], np.bool_)
-        cols["held"][slots[~special]] = 0
+        flags[slots[~special]] &= ~HELD & 0xFF
         for slot in slots[special].tolist():
             self._handle(cols["id"][slot].tobytes(), (number << 32) | slot).release()
             cols = mv.pool.columns
@@ -644,13 +744,15 @@ class SessionTable:
     def commit_block(
         self, mv: ModelVersion, slots: np.ndarray, seqs: list[int], rows: int, digests: bytes, out: Output
     ) -> None:
-        """Records applied steps of many sessions at once (a block run by the batcher, `rows` each)."""
+        """Records applied steps of many sessions at once (a block run by the batcher, `rows` each; `digests`
+        their rows_digests, 8 bytes each)."""
         self.store_answers(mv, slots, out.y, out.q)
         cols = mv.pool.columns
         cols["last_seq"][slots] = seqs
-        cols["steps"][slots] += rows
-        cols["digest"][slots] = np.frombuffer(digests, np.uint8).reshape(-1, 16)
-        cols["last_used"][slots] = time.monotonic()
+        steps = cols["steps"][slots]
+        cols["steps"][slots] = np.where(steps > STEPS_MAX - rows, STEPS_MAX, steps + np.uint32(rows))
+        cols["digest"][slots] = np.frombuffer(digests, "<u8")
+        cols["last_used"][slots] = time.monotonic() - self.epoch
         if self.store is not None:
             kept = slots[np.asarray(seqs, np.uint64) % np.uint64(self.store.every) == 0]
             codes = (np.int64(self._numbers[id(mv)]) << 32) | kept.astype(np.int64)
@@ -663,7 +765,7 @@ class SessionTable:
         codes, ids = [np.zeros(0, np.int64)], [np.zeros((0, 2), np.uint64)]
         for number, mv in self._mvs.items():
             cols = mv.pool.columns
-            slots = np.flatnonzero(cols["state"] == LIVE)
+            slots = np.flatnonzero(cols["flags"] & LIVE_MASK == USED)
             codes.append((np.int64(number) << 32) | slots.astype(np.int64))
             ids.append(cols["id"][slots])
         return np.concatenate(codes), np.concatenate(ids)
