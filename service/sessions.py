@@ -13,16 +13,17 @@ pool only when nothing can write it any more.
 Compact: a session is no Python object while it sits idle. Its bookkeeping lives in columns of its model
 version's pool (`COLUMNS`: id, sequence, digest, stored answer, owner, ...), and the table finds it by id
 through one open-addressing hash index (a numpy array of slot codes, linear probing keyed by the id's
-random low 64 bits). 43 bytes per session beside its state (`COLUMNS`), plus the stored answer (4 bytes
+random low 64 bits). 39 bytes per session beside its state (`COLUMNS`), plus the stored answer (4 bytes
 per forecast value) and about 4 to 8 bytes of index; all of it is given back when sessions close (the
 pool shrinks, the index shrinks, the C heap is trimmed). `Session` is a small handle made on demand; only
 a session with steps waiting for their turn has a queue of tickets.
 
-Narrow columns, and what their limits do: `steps` (rows applied, informational) saturates at 2**32 - 1;
-`owner` numbers the identities holding live sessions, at most 65,535 at a time (one more is refused with
-RESOURCE_EXHAUSTED); `last_used` is float32 seconds since the table was made (1 s resolution after 194
-days up, plenty for idle expiry); the index holds uint32 entries (version number and slot packed) while
-they fit, int64 otherwise.
+Narrow columns, and what their limits do: `last_seq` is 4 bytes; from sequence 2**32 - 1 on a session's
+steps take the single-step path and a sequence above that is kept exactly in a dict beside (`big_seqs`);
+`steps` (rows applied, informational) saturates at 2**32 - 1; `owner` numbers the identities holding live
+sessions, at most 65,535 at a time (one more is refused with RESOURCE_EXHAUSTED); `last_used` is float32
+seconds since the table was made (1 s resolution after 194 days up, plenty for idle expiry); the index
+holds uint32 entries (version number and slot packed) while they fit, int64 otherwise.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ CLOSING = 2  # removed while a step held its turn: the slot is freed when the tu
 HELD = 4  # someone holds the turn: a step is being started or is in flight
 ANSWERED = 8  # an answer to last_seq is stored
 LIVE_MASK = USED | CLOSING  # a session is live when (flags & LIVE_MASK) == USED
-# the per-session columns kept in each pool: name -> (dtype, shape per session); 43 bytes
+# the per-session columns kept in each pool: name -> (dtype, shape per session); 39 bytes
 COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "id": ("<u8", (2,)),  # the 16 id bytes as two little-endian words; the second is the hash key
     "flags": ("u1", ()),  # USED, CLOSING, HELD, ANSWERED (the pool makes this column)
-    "last_seq": ("u8", ()),
+    "last_seq": ("u4", ()),  # SEQ_BIG: at least that; the table's big_seqs holds any larger one exactly
     "steps": ("u4", ()),  # rows applied, saturating at STEPS_MAX
     "digest": ("<u8", ()),  # rows_digest of last_seq's rows as a little-endian word (0: none kept)
     "last_used": ("f4", ()),  # seconds since the table's `epoch` (time.monotonic)
@@ -69,10 +70,11 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 SLOT_MASK = 0xFFFFFFFF  # a code is (model version number << 32) | slot
 STEPS_MAX = 0xFFFFFFFF
+SEQ_BIG = 0xFFFFFFFF  # a last_seq column at this value reads big_seqs[code] (absent: this value itself)
 MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner` column's numbers)
 DIGEST_BYTES = 8
 MIN_INDEX = 1024
-TRIM_CHURN = 65536  # opens and closes after which a sweep trims the C heap (what serving them freed goes back)
+TRIM_CHURN = 65536  # opens, closes and steps after which a sweep trims the C heap (what serving them freed goes back)
 
 
 def rows_digest(x: np.ndarray) -> bytes:
@@ -176,11 +178,16 @@ class Session:
 
     @property
     def last_seq(self) -> int:
-        return int(self._col("last_seq")[self.slot])
+        seq = int(self._col("last_seq")[self.slot])
+        return self._table.big_seqs.get(self.code, seq) if seq == SEQ_BIG else seq
 
     @last_seq.setter
     def last_seq(self, value: int) -> None:
-        self._col("last_seq")[self.slot] = value
+        self._col("last_seq")[self.slot] = min(value, SEQ_BIG)
+        if value > SEQ_BIG:
+            self._table.big_seqs[self.code] = value
+        elif self._table.big_seqs:
+            self._table.big_seqs.pop(self.code, None)
 
     @property
     def steps(self) -> int:
@@ -306,10 +313,11 @@ class Session:
             table, slot = self._table, np.array([self.slot])
             table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
             cols = self.mv.pool.columns
-            cols["last_seq"][self.slot] = seq
+            self.last_seq = seq
             cols["steps"][self.slot] = min(STEPS_MAX, int(cols["steps"][self.slot]) + rows)
             self.last_digest = digest
             cols["last_used"][self.slot] = time.monotonic() - table.epoch
+            table._churn += 1
             if table.store is not None and seq % table.store.every == 0:
                 table.store.save(self.mv, [self])
 
@@ -329,10 +337,11 @@ class SessionTable:
         self._shift = 32
         self._index: np.ndarray = np.zeros(MIN_INDEX, np.uint32)
         self._count = 0
-        self._churn = 0  # opens and closes since the heap was last trimmed
+        self._churn = 0  # opens, closes and steps since the heap was last trimmed
         self._mvs: dict[int, ModelVersion] = {}  # number -> version, while it has slots in use
         self._numbers: dict[int, int] = {}  # id(version) -> number (the lowest free one: numbers stay small)
         self.waiting: dict[int, deque[asyncio.Future[None]]] = {}  # code -> tickets waiting for the turn
+        self.big_seqs: dict[int, int] = {}  # code -> last_seq of the sessions past 2**32 - 1 steps (see SEQ_BIG)
         # security (issue 8, docs/readme/security.md): live sessions per owner identity, so one client cannot
         # take every slot; kept by open/restore/_remove, checked in open. Keep it in any rework of the table.
         self.max_per_owner = max_per_owner
@@ -571,6 +580,8 @@ class SessionTable:
         self._metrics.live_sessions.labels(mv.name, str(mv.version)).dec()
 
     def free_slot(self, mv: ModelVersion, slot: int) -> None:
+        if self.big_seqs:
+            self.big_seqs.pop((self._numbers[id(mv)] << 32) | slot, None)
         mv.pool.release(slot)
         if mv.pool.used == 0:  # forget the version: an unloaded one must not be kept alive from here
             del self._mvs[self._numbers.pop(id(mv))]
@@ -641,6 +652,8 @@ class SessionTable:
             elif len(slots):  # many: freed in one write per column, the index rebuilt once
                 for owner, n in zip(*np.unique(cols["owner"][slots], return_counts=True), strict=True):
                     self._drop_owner(int(owner), int(n))
+                for slot in slots[cols["last_seq"][slots] == SEQ_BIG].tolist():
+                    self.big_seqs.pop((number << 32) | slot, None)
                 mv.pool.release(slots)
                 self._count -= len(slots)
                 self._rebuild(max(MIN_INDEX, 1 << (2 * self._count + 1).bit_length()))
@@ -717,13 +730,15 @@ class SessionTable:
 
     def claim(self, mv: ModelVersion, slots: np.ndarray, seqs: np.ndarray, owner: str | None) -> np.ndarray:
         """For steps of distinct live sessions of one version: which are the next step of a free session
-        that `owner` may reach. Their turns are taken now; `release_block` gives them back."""
+        that `owner` may reach. Their turns are taken now; `release_block` gives them back. A session at
+        SEQ_BIG steps or more is left to the single-step path (its sequence is not all in its column)."""
         cols = mv.pool.columns
         whose = cols["owner"][slots]
         number = self._owner_numbers.get(owner, 0) if owner is not None else 0
         reach = whose == 0 if not number else (whose == 0) | (whose == number)
         flags = cols["flags"]
-        ok = reach & (flags[slots] & HELD == 0) & (seqs == cols["last_seq"][slots] + np.uint64(1))
+        last = cols["last_seq"][slots]
+        ok = reach & (flags[slots] & HELD == 0) & (seqs == last + np.uint64(1)) & (last != SEQ_BIG)
         flags[slots[ok]] |= HELD
         return ok
 
@@ -748,11 +763,12 @@ class SessionTable:
         their rows_digests, 8 bytes each)."""
         self.store_answers(mv, slots, out.y, out.q)
         cols = mv.pool.columns
-        cols["last_seq"][slots] = seqs
+        cols["last_seq"][slots] = seqs  # claimed: each at most SEQ_BIG, which needs no big_seqs entry
         steps = cols["steps"][slots]
         cols["steps"][slots] = np.where(steps > STEPS_MAX - rows, STEPS_MAX, steps + np.uint32(rows))
         cols["digest"][slots] = np.frombuffer(digests, "<u8")
         cols["last_used"][slots] = time.monotonic() - self.epoch
+        self._churn += len(slots)
         if self.store is not None:
             kept = slots[np.asarray(seqs, np.uint64) % np.uint64(self.store.every) == 0]
             codes = (np.int64(self._numbers[id(mv)]) << 32) | kept.astype(np.int64)

@@ -90,7 +90,7 @@ def test_malformed_ids_are_not_found() -> None:
     assert t.locate_many([sid, sid.upper(), "0" * 32]) == [t.locate(sid), -1, -1]
 
 
-def test_bookkeeping_beside_the_state_is_43_bytes_of_columns_and_under_60_in_all() -> None:
+def test_bookkeeping_beside_the_state_is_39_bytes_of_columns_and_under_56_in_all() -> None:
     t, mv = table(), version(initial=1024, cap=16384)
     for _ in range(16384):
         t.open(mv)
@@ -100,8 +100,8 @@ def test_bookkeeping_beside_the_state_is_43_bytes_of_columns_and_under_60_in_all
     beside = columns + pool._free.nbytes + t._index.nbytes
     assert state / 16384 == 1024
     print(f"\nbookkeeping: {beside / 16384:.1f} bytes per session beside {state // 16384} bytes of state")
-    assert columns / 16384 == 43 and t._index.dtype == np.uint32  # no stored answer yet: no forecast column
-    assert beside / 16384 < 60
+    assert columns / 16384 == 39 and t._index.dtype == np.uint32  # no stored answer yet: no forecast column
+    assert beside / 16384 < 56
     with pytest.raises(ResourceExhausted):
         t.open(mv)
 

@@ -203,3 +203,41 @@ def test_an_older_16_byte_digest_is_restored_as_none_kept() -> None:
     assert s2.last_digest == kept
     with pytest.raises(FailedPrecondition, match="different rows"):
         s2.check_sequence(4, rows_digest(np.array([[9.0]], np.float32)))
+
+
+def test_a_sequence_past_the_4_byte_column_is_kept_exactly_and_goes_the_single_step_way() -> None:
+    t, mv = table(), version()
+    s, other = t.open(mv), t.open(mv)
+    s.last_seq = 2**32 - 2
+    slots = np.array([s.slot])
+    assert t.claim(mv, slots, np.array([2**32 - 1], np.uint64), None).tolist() == [True]
+    t.commit_block(
+        mv, slots, [2**32 - 1], 1, rows_digests(np.zeros((1, 1, 1), np.float32)), Output(answer(1.0).y[None])
+    )
+    t.release_block(mv, slots)
+    assert s.last_seq == 2**32 - 1 and t.big_seqs == {}
+    assert t.claim(mv, slots, np.array([2**32], np.uint64), None).tolist() == [False]  # not in a block
+    assert not s.busy
+    assert s.check_sequence(2**32) is False
+    s.hold()
+    s.committer(2**32, 1, rows_digest(np.ones((1, 1), np.float32)))(answer(2.0))
+    s.release()
+    assert s.last_seq == 2**32 and t.big_seqs == {s.code: 2**32}
+    assert s.check_sequence(2**32, rows_digest(np.ones((1, 1), np.float32))) is True
+    assert s.check_sequence(2**32 + 1) is False
+    with pytest.raises(FailedPrecondition, match=f"expected {2**32 + 1}"):
+        s.check_sequence(2**32 + 2)
+    assert t.claim(mv, slots, np.array([2**32 + 1], np.uint64), None).tolist() == [False]
+    s.last_seq = 2**64 - 1
+    assert s.last_seq == 2**64 - 1
+    assert other.last_seq == 0 and t.claim(mv, np.array([other.slot]), np.array([1], np.uint64), None).tolist() == [
+        True
+    ]
+    t.release_block(mv, np.array([other.slot]))
+    slot = s.slot
+    t.discard(s)
+    assert t.big_seqs == {}  # gone with its session: the slot's next session starts from its column
+    again = t.open(mv)
+    assert again.slot == slot and again.last_seq == 0
+    again.last_seq = 2**32 - 1
+    assert again.last_seq == 2**32 - 1
