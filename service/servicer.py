@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
+from .wire import BatchWire, Uniform, answers
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,12 @@ def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None
         input_type = service.methods_by_name[method].input_type.full_name
         decode = handler.request_deserializer
         assert decode is not None
-        handler = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
-        if method in _WIRE_ANSWERS:
-            handler = handler._replace(response_serializer=_passing_bytes(handler.response_serializer))
+        if method in _WIRE_ANSWERS:  # read by service.wire (decoded by protobuf only when not uniform)
+            handler = handler._replace(  # type: ignore[attr-defined]
+                request_deserializer=BatchWire, response_serializer=_passing_bytes(handler.response_serializer)
+            )
+        else:
+            handler = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
         handlers[method] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)
@@ -215,14 +219,17 @@ def _result(part: bytes) -> bytes:
 
 
 class _Answer:
-    """One batch message's answer, filled in step by step in any order: each result in its wire form; `done`
-    resolves to the ObserveBatchResponse's wire form (sent as it is, see `_passing_bytes`)."""
+    """One batch message's answer, filled in step by step or block by block in any order: each result in its
+    wire form; `done` resolves to the ObserveBatchResponse's wire form (sent as it is, see `_passing_bytes`).
+    A message answered by one block of all its steps is that block's bytes, not joined again."""
 
-    __slots__ = ("done", "left", "outer", "parts", "rpc", "servicer")
+    __slots__ = ("blocks", "done", "left", "n", "outer", "parts", "rpc", "servicer")
 
     def __init__(self, servicer: ForecasterServicer, rpc: str, n: int, outer: _Call) -> None:
         self.servicer, self.rpc, self.outer = servicer, rpc, outer
+        self.n = n
         self.parts: list[bytes] = [b""] * n
+        self.blocks: list[tuple[np.ndarray, bytes, int]] = []  # (steps, their records, one record's length)
         self.left = n
         self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -237,9 +244,22 @@ class _Answer:
         self.left -= len(idx)
         self._check()
 
+    def put_block(self, idx: np.ndarray, records: bytes, size: int) -> None:
+        """The results of steps idx (ascending), as consecutive records of `size` bytes each."""
+        self.blocks.append((idx, records, size))
+        self.left -= len(idx)
+        self._check()
+
     def _check(self) -> None:
-        if self.left == 0 and not self.done.done():
-            self.done.set_result(b"".join(self.parts))
+        if self.left or self.done.done():
+            return
+        if len(self.blocks) == 1 and len(self.blocks[0][0]) == self.n:
+            self.done.set_result(self.blocks[0][1])  # every step, in order
+            return
+        for idx, records, size in self.blocks:
+            for j, i in enumerate(idx.tolist()):
+                self.parts[i] = records[j * size : (j + 1) * size]
+        self.done.set_result(b"".join(self.parts))
 
     def reply(
         self, i: int, session_id: str, seq: int, call: _Call
@@ -502,30 +522,42 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             waiting[ticket] = session
             ticket.add_done_callback(granted)
 
+    def _check_steps(self, n: int) -> None:
+        if n == 0:
+            raise InvalidArgument("no steps given; expected one or more ObserveRequest in `steps`")
+        if n > (limit := self.settings.max_batch_steps):
+            raise InvalidArgument(
+                f"{n} steps in one message; at most {limit} are accepted (GATECAST_MAX_BATCH_STEPS): split it"
+            )
+
     def _begin_batch(
         self,
         rpc: str,
-        req: pb.ObserveBatchRequest,
+        wire: BatchWire,
         owner: str | None,
         deadline: float | None,
         waiting: dict[asyncio.Future[None], Session],
         outer: _Call,
-    ) -> asyncio.Future[bytes]:
+    ) -> tuple[asyncio.Future[bytes], int]:
         """Begins every step of a batch, in request order (steps of one session apply in that order); the
-        future resolves to the answer (its wire form) once each step has its result. Raises for a batch
-        refused whole.
+        future resolves to the answer (its wire form) once each step has its result; with it, the number of
+        steps. Raises for a batch refused whole.
 
         The common step (one row, the next sequence of a free session) is claimed with its version's other
         such steps in one vectorised pass and runs as one batcher block; every other step (a retry, an
         error, a busy session, a session's later steps in the message) goes the way of a single Observe,
-        after the claims, in request order. Metrics count each message once (OK) and each step's error."""
-        n, limit = len(req.steps), self.settings.max_batch_steps
-        if n == 0:
-            raise InvalidArgument("no steps given; expected one or more ObserveRequest in `steps`")
-        if n > limit:
-            raise InvalidArgument(
-                f"{n} steps in one message; at most {limit} are accepted (GATECAST_MAX_BATCH_STEPS): split it"
-            )
+        after the claims, in request order. Metrics count each message once (OK) and each step's error.
+        A uniform message (service.wire) is read and answered as arrays; any other is decoded by protobuf."""
+        u = wire.uniform()
+        if u is not None:
+            return self._begin_uniform(rpc, u, wire, owner, deadline, waiting, outer)
+        try:
+            req = wire.message()
+        except Exception as e:  # protobuf DecodeError, invalid UTF-8 in a string field, ...
+            self.metrics.malformed.labels(rpc).inc()
+            raise Malformed("gatecast.v1.ObserveBatchRequest", str(e) or type(e).__name__).problem() from None
+        n = len(req.steps)
+        self._check_steps(n)
         answer = _Answer(self, rpc, n, outer)
         table = self.sessions
         steps = list(req.steps)  # indexing a repeated field makes a new wrapper each time
@@ -562,7 +594,96 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         for i in sorted(slow):
             call = _Call()
             self._begin(steps[i], call, owner, deadline, answer.reply(i, ids[i], seq_of[i], call), waiting)
-        return answer.done
+        return answer.done, n
+
+    def _begin_uniform(
+        self,
+        rpc: str,
+        u: Uniform,
+        wire: BatchWire,
+        owner: str | None,
+        deadline: float | None,
+        waiting: dict[asyncio.Future[None], Session],
+        outer: _Call,
+    ) -> tuple[asyncio.Future[bytes], int]:
+        """`_begin_batch` for a uniform message: sessions found, checked and claimed as arrays."""
+        n = len(u.seqs)
+        self._check_steps(n)
+        answer = _Answer(self, rpc, n, outer)
+        table = self.sessions
+        codes = table.locate_words(u.words)
+        ok = (codes >= 0) & (u.seqs != 0) & np.isfinite(u.x).all(axis=(1, 2))
+        if n > 1:  # a session's later steps in the message go the single way, after its first is claimed
+            first = np.zeros(n, np.bool_)
+            first[np.unique(codes, return_index=True)[1]] = True
+            ok &= first
+        fast = np.flatnonzero(ok)
+        slow = np.flatnonzero(~ok).tolist()
+        numbers = codes[fast] >> 32
+        for number in np.unique(numbers).tolist():
+            idx = fast[numbers == number]
+            mv = table.version(number)
+            if mv.runtime.manifest.n_features != u.layout.cols:
+                slow += idx.tolist()  # the single way says what is wrong
+                continue
+            slots = codes[idx] & SLOT_MASK
+            claimed = table.claim(mv, slots, u.seqs[idx], owner)
+            slow += idx[~claimed].tolist()
+            members, slots = idx[claimed], slots[claimed]
+            size = mv.batcher.max_batch_size
+            for s in range(0, len(members), size):
+                self._start_uniform_block(mv, u, members[s : s + size], slots[s : s + size], answer, deadline)
+        if slow:
+            steps = wire.message().steps  # bytes a uniform read accepted always decode
+            for i in sorted(slow):
+                step, call = steps[i], _Call()
+                self._begin(step, call, owner, deadline, answer.reply(i, step.session_id, step.sequence, call), waiting)
+        return answer.done, n
+
+    def _start_uniform_block(
+        self,
+        mv: ModelVersion,
+        u: Uniform,
+        members: np.ndarray,
+        slots: np.ndarray,
+        answer: _Answer,
+        deadline: float | None,
+    ) -> None:
+        """Claimed steps (turns held) of a uniform message as one batcher item: one model run, each
+        session's step recorded in one write per column, the answers written as one array."""
+        x = u.x[members]
+        seq_list = u.seqs[members].tolist()
+        digests = rows_digests(x)
+
+        def commit(out: Output) -> None:
+            self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
+
+        def fail_all(error: BaseException) -> None:
+            for k, i in enumerate(members.tolist()):
+                call = _Call()
+                call.model = mv.name
+                session_id = u.records[i, 4:36].tobytes().decode()
+                answer.reply(i, session_id, seq_list[k], call)(None, error)
+
+        def finish(fut: asyncio.Future[Output]) -> None:
+            self.sessions.release_block(mv, slots)
+            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
+            if error is not None:
+                fail_all(error)
+                return
+            answer.outer.model = answer.outer.model or mv.name
+            out = fut.result()
+            answer.put_block(members, *answers(u, members, out.y, out.q))
+
+        try:
+            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+            if self.sessions.store is not None:
+                fut = self.sessions.stored(fut, [u.records[i, 4:36].tobytes().decode() for i in members.tolist()])
+        except Exception as e:
+            self.sessions.release_block(mv, slots)
+            fail_all(e)
+            return
+        fut.add_done_callback(finish)
 
     def _start_block(
         self,
@@ -577,7 +698,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
     ) -> None:
         """Claimed steps (turns held) as one batcher item: one model run, each session's step recorded in
         one write per column, each step's answer written straight in its wire form."""
-        digests = b"".join(rows_digests(x))
+        digests = rows_digests(x)
         seq_list = seqs.tolist()
 
         def commit(out: Output) -> None:
@@ -795,11 +916,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             reader.cancel()
             _give_up(waiting)  # the stream is gone: give up its places in line
 
-    async def ObserveBatch(self, request: pb.ObserveBatchRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def ObserveBatch(self, request: BatchWire, context: grpc.aio.ServicerContext) -> bytes:
         async def handle(call: _Call) -> bytes:
             waiting: dict[asyncio.Future[None], Session] = {}
             owner = caller_identity(context, self.settings)
-            done = self._begin_batch("ObserveBatch", request, owner, _deadline(context), waiting, call)
+            done, _ = self._begin_batch("ObserveBatch", request, owner, _deadline(context), waiting, call)
             try:
                 return await done  # started steps apply even if the caller goes: they answer nobody
             except asyncio.CancelledError:
@@ -809,13 +930,13 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         return await self._call("ObserveBatch", context, handle, request)  # type: ignore[no-any-return]  # wire form
 
     async def StreamBatch(
-        self, request_iterator: AsyncIterator[pb.ObserveBatchRequest | Malformed], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[BatchWire], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
         sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
         reads on while fewer than `max_stream_inflight` steps are unanswered
-        (a message that does not decode counts one; any other, its steps)."""
-        answers: asyncio.Queue[tuple[asyncio.Future[bytes], int, _Call | None] | None] = asyncio.Queue()
+        (a message refused whole counts one; any other, its steps)."""
+        queue: asyncio.Queue[tuple[asyncio.Future[bytes], int, _Call | None] | None] = asyncio.Queue()
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
@@ -837,30 +958,24 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 async for req in request_iterator:
                     call = _Call()
                     refusal: Exception | None = None
-                    if isinstance(req, Malformed):
-                        self.metrics.malformed.labels("StreamBatch").inc()
-                        refusal, n = req.problem(), 1
-                    else:
-                        n = max(1, len(req.steps))
-                        try:
-                            fut = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call)
-                        except Exception as e:
-                            refusal = e
-                    if refusal is not None:
+                    try:
+                        fut, n = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call)
+                    except Exception as e:
+                        refusal, n = e, 1
                         fut = refused(refusal, call)
                     unsent += n
-                    answers.put_nowait((fut, n, None if refusal else call))  # a refusal is counted already
+                    queue.put_nowait((fut, n, None if refusal else call))  # a refusal is counted already
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
             except Exception as e:  # the transport failed under us: say so, then end
                 log.warning("StreamBatch: reading requests failed: %s", e)
             finally:
-                answers.put_nowait(None)
+                queue.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await answers.get()) is not None:
+            while (item := await queue.get()) is not None:
                 fut, n, call = item
                 response = await fut
                 if call is not None:

@@ -1,0 +1,187 @@
+"""The batch RPCs' common message read and answered at the wire level (issue 9).
+
+A gateway's ObserveBatch/StreamBatch message is nearly always the same record repeated: one step per
+session, a 32-character id, a sequence of the same width, one row of the model's features. `Uniform.parse`
+recognises exactly that layout from the bytes (every byte outside the id, the sequence and the values
+equal to the first record's, and the first record checked field by field), and reads the ids, sequences
+and values of all records at once with numpy instead of one protobuf wrapper per field. Any other message
+(another field order, a step of several rows, a malformed id, unknown fields, anything) is not `Uniform`
+and is decoded by protobuf as before: the fast reading only ever accepts bytes that protobuf would decode
+to the same values.
+
+`answers` writes the StreamResponses of many steps of one model in one array: the records differ only in
+their id, sequence and values, so the answer is a template row with those columns filled in.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+
+from gatecast.v1 import forecaster_pb2 as pb
+
+_HEX = np.full(256, 255, np.uint8)  # an id character's value, 255 for anything but lowercase hex
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_ID = slice(4, 36)  # a record's id characters: 0x0a len | 0x0a 0x20 <32 characters> | 0x10 <sequence> ...
+_SEQ_AT = 37
+MAX_SEQ_BYTES = 9  # a longer varint (a sequence of 2**63 or more) is read by protobuf
+
+
+def _varint_len(data: bytes, at: int) -> int:
+    """The length of the varint starting at `at` (0 when it runs past the end or past MAX_SEQ_BYTES)."""
+    for k in range(MAX_SEQ_BYTES):
+        if at + k >= len(data):
+            return 0
+        if not data[at + k] & 0x80:
+            return k + 1
+    return 0
+
+
+class Layout(NamedTuple):
+    """Where a record's variable parts sit; the rest of its bytes are `fixed`."""
+
+    stride: int
+    seq: slice
+    values: slice
+    cols: int
+    fixed: np.ndarray  # positions that every record must share with the first
+
+
+@lru_cache(maxsize=256)
+def _layout(stride: int, k: int, cols: int) -> Layout:
+    seq = slice(_SEQ_AT, _SEQ_AT + k)
+    values = slice(stride - 4 * cols, stride)
+    variable = np.zeros(stride, np.bool_)
+    for part in (_ID, seq, values):
+        variable[part] = True
+    return Layout(stride, seq, values, cols, np.flatnonzero(~variable))
+
+
+def _first_record(data: bytes) -> Layout | None:
+    """The layout of the first record when it is exactly: results tag, one-byte length, session_id (32
+    characters), sequence, rows = a Matrix of one row with cols (1 to 127) and packed values, nothing else."""
+    if len(data) < 2 or data[0] != 0x0A or data[1] & 0x80:
+        return None
+    stride = 2 + data[1]
+    if len(data) < stride or data[2] != 0x0A or data[3] != 0x20 or data[36] != 0x10:
+        return None
+    k = _varint_len(data, _SEQ_AT)
+    at = _SEQ_AT + k
+    if k == 0 or at + 8 > stride or data[at] != 0x1A:
+        return None
+    m = data[at + 1]  # the Matrix's length (one byte)
+    cols = data[at + 5]
+    if m & 0x80 or at + 2 + m != stride or not 0 < cols < 0x80:
+        return None
+    head = bytes((0x08, 0x01, 0x10, cols, 0x1A, 4 * cols))
+    if 4 * cols >= 0x80 or data[at + 2 : at + 8] != head or m != 6 + 4 * cols:
+        return None
+    return _layout(stride, k, cols)
+
+
+class Uniform(NamedTuple):
+    """Every step of a uniform batch message, as arrays."""
+
+    records: np.ndarray  # [n, stride] uint8, the records themselves (ids and sequences are copied from them)
+    layout: Layout
+    words: np.ndarray  # [n, 2] uint64: each id's 16 bytes as the session table keeps them
+    seqs: np.ndarray  # [n] uint64
+    x: np.ndarray  # [n, 1, cols] float32
+
+    @staticmethod
+    def parse(data: bytes) -> Uniform | None:
+        layout = _first_record(data)
+        if layout is None or len(data) % layout.stride:
+            return None
+        records = np.frombuffer(data, np.uint8).reshape(-1, layout.stride)
+        if not (records[:, layout.fixed] == records[0, layout.fixed]).all():
+            return None
+        seq = records[:, layout.seq]
+        if (seq[:, -1] & 0x80).any() or not (seq[:, :-1] & 0x80).all():
+            return None  # a sequence whose varint is not exactly this wide
+        digits = _HEX[records[:, _ID]]
+        if (digits == 255).any():
+            return None  # not a well-formed id: protobuf's way answers that step with its error
+        raw = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])
+        seqs = np.zeros(len(records), np.uint64)
+        for j in range(seq.shape[1]):
+            seqs |= (seq[:, j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        x = np.ascontiguousarray(records[:, layout.values]).view("<f4").astype(np.float32, copy=False)
+        return Uniform(records, layout, raw.view("<u8"), seqs, x.reshape(len(records), 1, layout.cols))
+
+
+class BatchWire:
+    """An ObserveBatchRequest as received: its bytes, read as `Uniform` or decoded by protobuf on demand
+    (the batch RPCs' request deserializer, which never raises)."""
+
+    __slots__ = ("_message", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._message: pb.ObserveBatchRequest | None = None
+
+    def uniform(self) -> Uniform | None:
+        return Uniform.parse(self.data)
+
+    def message(self) -> pb.ObserveBatchRequest:
+        """The protobuf message; raises what protobuf raises for bytes that are not one."""
+        if self._message is None:
+            self._message = pb.ObserveBatchRequest.FromString(self.data)
+        return self._message
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _matrix_field(tag: int, rows: int, cols: int) -> bytes:
+    """A Matrix field up to its values (tag, length, rows, cols, the packed values' tag and length)."""
+    head = b"\x08" + _varint(rows) + b"\x10" + _varint(cols) + b"\x1a" + _varint(4 * rows * cols)
+    return bytes((tag,)) + _varint(len(head) + 4 * rows * cols) + head
+
+
+@lru_cache(maxsize=256)
+def _answer_template(k: int, y_shape: tuple[int, int], q_shape: tuple[int, int] | None) -> tuple[bytes, int, int, int]:
+    """An answer record (results tag and length, then a StreamResponse) with zeroed variable parts; where
+    the StreamResponse begins, and where the forecast's and the quantile forecast's values begin."""
+    body = b"\x0a\x20" + bytes(32) + b"\x10" + bytes(k) + _matrix_field(0x1A, *y_shape)
+    y_at = len(body)
+    body += bytes(4 * y_shape[0] * y_shape[1])
+    q_at = 0
+    if q_shape is not None:
+        body += _matrix_field(0x2A, *q_shape)
+        q_at = len(body)
+        body += bytes(4 * q_shape[0] * q_shape[1])
+    prefix = b"\x0a" + _varint(len(body))
+    p = len(prefix)
+    return prefix + body, p, p + y_at, p + q_at if q_shape is not None else 0
+
+
+def answers(u: Uniform, members: np.ndarray, y: np.ndarray, q: np.ndarray | None) -> tuple[bytes, int]:
+    """The answers of steps `members` of `u` (their forecasts y [m, horizon, targets] and quantile
+    forecasts q [m, horizon, targets, quantiles] or None) as consecutive ObserveBatchResponse.results
+    records, each with its step's id and sequence copied from the request; returns the bytes and the
+    length of one record."""
+    m = len(members)
+    k = u.layout.seq.stop - u.layout.seq.start
+    q_shape = None if q is None else (int(q.shape[1]), int(q.shape[2] * q.shape[3]))
+    template, at, y_at, q_at = _answer_template(k, (int(y.shape[1]), int(y.shape[2])), q_shape)
+    out = np.empty((m, len(template)), np.uint8)
+    out[:] = np.frombuffer(template, np.uint8)
+    src = u.records[members]
+    out[:, at + 2 : at + 34] = src[:, _ID]
+    out[:, at + 35 : at + 35 + k] = src[:, u.layout.seq]
+    yf = np.ascontiguousarray(y, "<f4").reshape(m, -1).view(np.uint8)
+    out[:, y_at : y_at + yf.shape[1]] = yf
+    if q is not None:
+        qf = np.ascontiguousarray(q, "<f4").reshape(m, -1).view(np.uint8)
+        out[:, q_at : q_at + qf.shape[1]] = qf
+    return out.tobytes(), len(template)

@@ -1,0 +1,231 @@
+"""Issue 9, the batch RPCs read and answered at the wire level (service.wire): a uniform message (one row per
+step, ids and sequences of one width) is read as arrays, and must give exactly what protobuf's decoding
+gives; its answer must be the bytes protobuf would write; and through the real server, every step of a
+uniform message is answered as a single Observe would answer it, errors included."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatecast.service.wire import Uniform, answers
+from gatecast.v1 import forecaster_pb2 as pb
+from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, array, matrix, taylor_values
+from tests.test_reliability_engine import serve, taylor_repo
+
+__all__ = ["taylor_repo"]  # the module fixture, shared
+
+VALUES = taylor_values()
+
+
+def _message(ids: list[str], seqs: list[int], rows: np.ndarray) -> bytes:
+    steps = [
+        pb.ObserveRequest(session_id=i, sequence=s, rows=pb.Matrix(rows=1, cols=r.size, values=r.ravel().tolist()))
+        for i, s, r in zip(ids, seqs, rows, strict=True)
+    ]
+    return pb.ObserveBatchRequest(steps=steps).SerializeToString()
+
+
+def _as_protobuf_reads(data: bytes) -> tuple[list[str], list[int], np.ndarray] | None:
+    try:
+        req = pb.ObserveBatchRequest.FromString(data)
+    except Exception:
+        return None
+    ids = [s.session_id for s in req.steps]
+    seqs = [s.sequence for s in req.steps]
+    values = [list(s.rows.values) for s in req.steps]
+    return ids, seqs, np.array(values, np.float32) if values else np.zeros((0, 0), np.float32)
+
+
+@pytest.mark.parametrize("seq", [1, 127, 128, 16384, 2**40, 2**62])
+@pytest.mark.parametrize("cols", [1, 3])
+def test_a_uniform_message_reads_as_protobuf_decodes_it(seq: int, cols: int) -> None:
+    rng = np.random.default_rng(seq)
+    ids = [secrets.token_hex(16) for _ in range(40)]
+    rows = rng.normal(size=(40, cols)).astype(np.float32)
+    data = _message(ids, [seq] * 40, rows)
+    u = Uniform.parse(data)
+    assert u is not None
+    assert [w.tobytes().hex() for w in u.words] == ids
+    assert u.seqs.tolist() == [seq] * 40
+    np.testing.assert_array_equal(u.x[:, 0, :], rows)
+
+
+def test_what_is_not_uniform_is_left_to_protobuf() -> None:
+    a, b = secrets.token_hex(16), secrets.token_hex(16)
+    one = np.ones((1, 1), np.float32)
+    cases = {
+        "sequences of two widths": _message([a, b], [1, 200], np.ones((2, 1), np.float32)),
+        "an upper-case id": _message([a.upper()], [1], one),
+        "a short id": _message([a[:30]], [1], one),
+        "sequence 0 (left out on the wire)": _message([a], [0], one),
+        "two rows": pb.ObserveBatchRequest(
+            steps=[pb.ObserveRequest(session_id=a, sequence=1, rows=pb.Matrix(rows=2, cols=1, values=[1, 2]))]
+        ).SerializeToString(),
+        "a trailing unknown field": _message([a], [1], one) + b"\x18\x01",
+        "a second record cut short": _message([a, b], [1, 1], np.ones((2, 1), np.float32))[:-1],
+        "empty": b"",
+    }
+    for what, data in cases.items():
+        assert Uniform.parse(data) is None, what
+    # a non-minimal varint (1 written in two bytes) is still read as protobuf reads it
+    data = bytearray(_message([a], [1], one))
+    at = data.index(b"\x10\x01")
+    data[at : at + 2] = b"\x10\x81\x00"
+    data[1] += 1  # the record is one byte longer
+    u = Uniform.parse(bytes(data))
+    assert u is not None and u.seqs.tolist() == [1]
+    assert pb.ObserveBatchRequest.FromString(bytes(data)).steps[0].sequence == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataObject) -> None:
+    """Mutations of a uniform message: whatever `Uniform.parse` accepts, protobuf decodes to the same
+    ids, sequences and values."""
+    n = data.draw(st.integers(1, 6))
+    ids = [secrets.token_hex(16) for _ in range(n)]
+    seq = data.draw(st.integers(1, 2**40))
+    raw = bytearray(_message(ids, [seq] * n, np.arange(n, dtype=np.float32).reshape(n, 1)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    u = Uniform.parse(bytes(raw))
+    if u is None:
+        return
+    decoded = _as_protobuf_reads(bytes(raw))
+    assert decoded is not None, "read as uniform, but protobuf refuses it"
+    got_ids, got_seqs, got_values = decoded
+    assert [w.tobytes().hex() for w in u.words] == got_ids
+    assert u.seqs.tolist() == got_seqs
+    np.testing.assert_array_equal(u.x[:, 0, :].view(np.uint32), got_values.view(np.uint32))
+
+
+@pytest.mark.parametrize("quantiles", [False, True])
+def test_answers_are_the_bytes_protobuf_writes(quantiles: bool) -> None:
+    rng = np.random.default_rng(1)
+    ids = [secrets.token_hex(16) for _ in range(9)]
+    u = Uniform.parse(_message(ids, [300] * 9, np.ones((9, 1), np.float32)))
+    assert u is not None
+    members = np.array([0, 2, 3, 8])
+    y = rng.normal(size=(4, 24, 2)).astype(np.float32)
+    q = rng.normal(size=(4, 24, 2, 3)).astype(np.float32) if quantiles else None
+    records, size = answers(u, members, y, q)
+    expected = pb.ObserveBatchResponse(
+        results=[
+            pb.StreamResponse(
+                session_id=ids[i],
+                sequence=300,
+                forecast=pb.Matrix(rows=24, cols=2, values=y[k].ravel().tolist()),
+                quantile_forecast=pb.Matrix(rows=24, cols=6, values=q[k].ravel().tolist()) if q is not None else None,
+            )
+            for k, i in enumerate(members)
+        ]
+    ).SerializeToString()
+    assert records == expected and size * 4 == len(records)
+
+
+# --- through the real server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def srv(taylor_repo: Path) -> Iterator[RunningServer]:
+    with serve(taylor_repo, max_batch_steps=64, max_stream_inflight=64) as s:
+        yield s
+
+
+@pytest.fixture()
+def stub(srv: RunningServer) -> Iterator[pb_grpc.ForecasterStub]:
+    with grpc.insecure_channel(srv.address) as ch:
+        yield pb_grpc.ForecasterStub(ch)
+
+
+def _open(stub: pb_grpc.ForecasterStub, start: int) -> str:
+    history = matrix(VALUES[start : start + 150])
+    return str(stub.OpenSession(pb.OpenSessionRequest(model="taylor", history=history)).session_id)
+
+
+def _one_row(sid: str, t: int, k: int) -> pb.ObserveRequest:
+    return pb.ObserveRequest(session_id=sid, sequence=t, rows=matrix(VALUES[2000 + 41 * k + t : 2001 + 41 * k + t]))
+
+
+def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.ForecasterStub) -> None:
+    n, rounds = 12, 5
+    batched = [_open(stub, 200 * k) for k in range(n)]
+    single = [_open(stub, 200 * k) for k in range(n)]
+    messages = [
+        pb.ObserveBatchRequest(steps=[_one_row(batched[k], t, k) for k in range(n)]) for t in range(1, rounds + 1)
+    ]
+    assert all(Uniform.parse(m.SerializeToString()) is not None for m in messages)  # this test is about that path
+    replies = list(stub.StreamBatch(iter(messages), timeout=60))
+    for t, reply in enumerate(replies, start=1):
+        assert [(r.session_id, r.sequence) for r in reply.results] == [(s, t) for s in batched]
+        for k, r in enumerate(reply.results):
+            alone = stub.Observe(_one_row(single[k], t, k)).forecast
+            np.testing.assert_allclose(array(r.forecast), array(alone), rtol=1e-6, atol=1e-6)
+
+
+def test_every_step_of_a_uniform_message_gets_its_own_answer(stub: pb_grpc.ForecasterStub) -> None:
+    a, b, c, d, gone, busy = (_open(stub, 300 * k) for k in range(6))
+    applied = stub.Observe(_one_row(a, 1, 0)).forecast
+    stub.CloseSession(pb.CloseSessionRequest(session_id=gone))
+    same_seq_other_rows = pb.ObserveRequest(session_id=b, sequence=1, rows=matrix(VALUES[7:8]))
+    stub.Observe(_one_row(b, 1, 1))
+    nan = pb.ObserveRequest(session_id=d, sequence=1, rows=pb.Matrix(rows=1, cols=1, values=[float("nan")]))
+    steps = [
+        _one_row(a, 1, 0),  # a retry: the stored answer
+        same_seq_other_rows,  # the same sequence with other rows
+        _one_row(c, 1, 2),  # fine
+        _one_row(gone, 1, 3),  # closed
+        _one_row("0" * 32, 1, 3),  # never existed
+        _one_row(c, 3, 2),  # c again, out of order (its step 2 is missing)
+        nan,  # not finite
+        _one_row(busy, 1, 5),  # fine
+        _one_row(busy, 2, 5),  # the same session again: applies after its first step
+        _one_row(a, 2, 0),  # fine: a's next step
+    ]
+    data = pb.ObserveBatchRequest(steps=steps).SerializeToString()
+    assert Uniform.parse(data) is not None
+    reply = stub.ObserveBatch(pb.ObserveBatchRequest.FromString(data), timeout=30)
+    g = grpc.StatusCode
+    codes = [r.error.code if r.WhichOneof("result") == "error" else 0 for r in reply.results]
+    assert codes == [
+        0,
+        g.FAILED_PRECONDITION.value[0],
+        0,
+        g.NOT_FOUND.value[0],
+        g.NOT_FOUND.value[0],
+        g.FAILED_PRECONDITION.value[0],
+        g.INVALID_ARGUMENT.value[0],
+        0,
+        0,
+        0,
+    ]
+    assert [(r.session_id, r.sequence) for r in reply.results] == [(s.session_id, s.sequence) for s in steps]
+    np.testing.assert_array_equal(array(reply.results[0].forecast), array(applied))
+    assert "already applied with different rows" in reply.results[1].error.message
+    assert "expected 2" in reply.results[5].error.message
+    assert "NaN" in reply.results[6].error.message
+    # busy's two steps applied in order: its next expected sequence is 3
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Observe(_one_row(busy, 4, 5))
+    assert "expected 3" in err.value.details()
+
+
+def test_a_uniform_message_with_the_wrong_feature_count_names_it(stub: pb_grpc.ForecasterStub) -> None:
+    a = _open(stub, 0)
+    wide = pb.ObserveRequest(session_id=a, sequence=1, rows=matrix(np.ones((1, 3), np.float32)))
+    data = pb.ObserveBatchRequest(steps=[wide]).SerializeToString()
+    assert Uniform.parse(data) is not None
+    reply = stub.ObserveBatch(pb.ObserveBatchRequest.FromString(data))
+    assert reply.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "1 feature" in reply.results[0].error.message
+    assert stub.Observe(_one_row(a, 1, 0)).sequence == 1  # nothing was applied
