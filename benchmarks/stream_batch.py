@@ -2,14 +2,21 @@
 in-process step rate at the same batch for the same graph, measured in the same run.
 
 Each stream carries `--per-message` sessions; a round sends one message holding one new row for each of
-them and waits for its answer (closed loop). The client sends pre-serialized bytes from its own
-processes and parses every answer, so a step that failed is counted as an error. The server and the
-client share this machine's cores: compare the ratio, not the absolute figure, across machines.
+them. `--depth` messages are in flight on each stream (StreamBatch answers in message order and applies a
+session's steps in message order): a gateway pipelines, sending the next message while the last is being
+answered; `--depth 1` is a closed loop that waits for each answer before sending again.
+
+The client is built to cost little beside the server, and to check every answer (`BatchSteps`): a
+message is the round's sequence varint joined between pre-built per-session pieces (one C call, no Python
+loop over the sessions: 1.5 us for 64 steps, where encoding each step took 212 us), and an answer is
+compared whole, as a numpy array, with what 64 forecasts for those sessions and that sequence begin with
+(15 us, where protobuf's parse and a loop over the results took 71 us); an answer that differs is walked
+field by field and each step without a forecast counts as an error. The run reports the client's CPU per
+step beside the server's. The server and the client share this machine's cores: compare the ratio, not
+the absolute figure, across machines.
 
     python -m benchmarks.stream_batch                     # 8 streams x 64 sessions per message, 10 s
-    python -m benchmarks.stream_batch --seconds 3 --streams 4
-
-benchmarks/throughput.py calls `stream_batch_point` for its StreamBatch row.
+    python -m benchmarks.stream_batch --seconds 3 --streams 4 --depth 1
 """
 
 from __future__ import annotations
@@ -21,21 +28,24 @@ import multiprocessing as mp
 import os
 import platform
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from benchmarks.bytes_client import observe_head, rows_field, stream_error, varint
 from benchmarks.load import ort_ceiling, start_server
-from benchmarks.throughput import MODEL, bench_repo, observe_bytes, split, stop
+from benchmarks.throughput import MODEL, bench_repo, split, stop, tree_cpu_s
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_BATCH = "/gatecast.v1.Forecaster/StreamBatch"
 OPEN = "/gatecast.v1.Forecaster/OpenSession"
+DEPTH = 2  # messages in flight per stream: one being answered while the next is already there to read
 
 
 async def call_many(channel: grpc.aio.Channel, method: str, payloads: list[bytes], concurrency: int) -> list[bytes]:
@@ -63,74 +73,180 @@ def open_sessions(address: str, n: int, model: str = MODEL, concurrency: int = 6
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field's wire form (the length as a varint)."""
-    out, n = bytearray([number << 3 | 2]), len(payload)
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + payload
+    return bytes([number << 3 | 2]) + varint(len(payload)) + payload
+
+
+class BatchSteps:
+    """One stream's sessions, each stepped once per message with the same sequence number: the message and
+    the check of its answer without a Python loop over the sessions.
+
+    A message is the sequence's varint joined between pre-built pieces (`v.join(pieces)`, one C call): each
+    step's bytes around its sequence depend only on the varint's length, so the pieces are built once per
+    length. An answer is checked whole against what a forecast for every step must begin with (the
+    result's tag and length, the session id, the sequence, the forecast's tag), compared as one numpy array
+    of `sessions x prefix` bytes: every result for the right session and sequence in request order, and a
+    forecast (field 3), not an error (field 4). An answer that does not match that shape (some step failed,
+    or answers of unequal size) is walked field by field instead (`batch_counts`)."""
+
+    def __init__(self, session_ids: list[str], row: bytes) -> None:
+        self.n = len(session_ids)
+        self.heads = [observe_head(sid) for sid in session_ids]
+        self.rows = rows_field(row)
+        self._pieces: dict[int, list[bytes]] = {}
+        self._prefix: dict[tuple[int, int], tuple[list[bytes], int]] = {}
+
+    def message(self, seq: int) -> bytes:
+        """The ObserveBatchRequest of one step (sequence `seq`, the row) per session."""
+        v = varint(seq)
+        pieces = self._pieces.get(len(v))
+        if pieces is None:
+            steps = [(b"\x0a" + varint(len(h) + len(v) + len(self.rows)) + h) for h in self.heads]
+            pieces = [steps[0], *(self.rows + s for s in steps[1:]), self.rows]
+            self._pieces[len(v)] = pieces
+        return v.join(pieces)
+
+    def forecasts(self, reply: bytes, seq: int) -> int:
+        """How many steps of the answer to message `seq` are forecasts (the rest count as errors)."""
+        size = len(reply) // self.n if self.n and len(reply) % self.n == 0 else 0
+        if size:
+            v = varint(seq)
+            pieces, width = self._prefix_pieces(len(v), size)
+            if width:
+                expected = np.frombuffer(v.join(pieces), np.uint8).reshape(self.n, width)
+                got = np.frombuffer(reply, np.uint8).reshape(self.n, size)[:, :width]
+                if np.array_equal(got, expected):
+                    return self.n
+        ok, _ = batch_counts(reply)
+        return min(ok, self.n)
+
+    def _prefix_pieces(self, k: int, size: int) -> tuple[list[bytes], int]:
+        """What each result of `size` bytes starts with when it is a forecast, around a `k`-byte sequence."""
+        if (k, size) not in self._prefix:
+            inner = next((size - 1 - j for j in (1, 2, 3) if len(varint(size - 1 - j)) == j), 0)
+            if inner <= 0:
+                self._prefix[k, size] = [], 0
+            else:
+                heads = [b"\x0a" + varint(inner) + h for h in self.heads]
+                width = len(heads[0]) + k + 1
+                same = all(len(h) == len(heads[0]) for h in heads)
+                pieces = [heads[0], *(b"\x1a" + h for h in heads[1:]), b"\x1a"]
+                self._prefix[k, size] = (pieces, width) if same else ([], 0)
+        return self._prefix[k, size]
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
+def batch_counts(reply: bytes) -> tuple[int, int]:
+    """(forecasts, errors) in an ObserveBatchResponse, read from its wire form: a result (field 1) with a
+    forecast (field 3) counts one forecast; one with an error (field 4), or neither, one error; a message
+    refused whole (field 2) counts one error. Unreadable bytes count as (0, 1)."""
+    ok = bad = pos = 0
+    try:
+        while pos < len(reply):
+            tag = reply[pos]
+            pos += 1
+            if tag & 7 == 0:
+                _, pos = _read_varint(reply, pos)
+                continue
+            if tag & 7 != 2:
+                return ok, bad + 1
+            n, pos = _read_varint(reply, pos)
+            if pos + n > len(reply):
+                return ok, bad + 1
+            body, pos = reply[pos : pos + n], pos + n
+            if tag >> 3 == 2:
+                bad += 1
+            elif tag >> 3 == 1:
+                if stream_error(body):
+                    bad += 1
+                else:
+                    ok += 1
+    except IndexError:
+        return ok, bad + 1
+    return ok, bad
 
 
 def batch_bytes(session_ids: list[str], seq: int, row: bytes) -> bytes:
     """An ObserveBatchRequest with one step (sequence `seq`, rows `row`) per session, written directly."""
-    return b"".join(_field(1, observe_bytes(sid, seq, row)) for sid in session_ids)
+    return BatchSteps(session_ids, row).message(seq)
 
 
-async def _streams(address: str, groups: list[list[str]], row: bytes, warmup: float, seconds: float) -> Any:
-    """Closed loops, one per group: (steps answered in the window, step errors, message latencies, steps
-    answered in all)."""
+@dataclass
+class StreamCounts:
+    """One client process's counts: steps answered with a forecast inside the window, step errors (in the
+    whole run), message latencies inside the window (s), steps answered in the whole run, its CPU (s)."""
+
+    steps: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    answered: int = 0
+    cpu_s: float = 0.0
+
+
+async def _streams(
+    address: str, groups: list[list[str]], row: bytes, warmup: float, seconds: float, depth: int
+) -> StreamCounts:
+    """Closed loops, one per group, each with `depth` messages in flight (StreamBatch answers in message
+    order, and each session's steps apply in message order)."""
     channel = grpc.aio.insecure_channel(address)
     await asyncio.wait_for(channel.channel_ready(), 30)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     begin, end = t0 + warmup, t0 + warmup + seconds
-    steps = errors = answered = 0
-    lat: list[float] = []
+    c = StreamCounts()
 
     async def one(ids: list[str]) -> None:
-        nonlocal steps, errors, answered
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        async def send() -> AsyncIterator[bytes]:
-            while (m := await out.get()) is not None:
-                yield m
-
-        call = channel.stream_stream(STREAM_BATCH)(send())  # bytes both ways
+        steps = BatchSteps(ids, row)
+        n = steps.n
+        call = channel.stream_stream(STREAM_BATCH)()  # bytes both ways, written to directly
+        pending: deque[tuple[float, int]] = deque()  # (sent at, sequence) of messages not yet answered
         seq = 0
-        while (t := time.perf_counter()) < end:
-            seq += 1
-            out.put_nowait(batch_bytes(ids, seq, row))
+        clock = time.perf_counter
+        while True:
+            while len(pending) < depth and (t := clock()) < end:
+                seq += 1
+                await call.write(steps.message(seq))
+                pending.append((t, seq))
+            if not pending:
+                break
             reply = await call.read()
             if reply is grpc.aio.EOF:
-                errors += len(ids)
+                c.errors += n * len(pending)
                 return
-            answer = pb.ObserveBatchResponse.FromString(reply)
-            failed = sum(r.WhichOneof("result") != "forecast" for r in answer.results)
-            answered += len(answer.results) - failed
-            done = time.perf_counter()
+            t, s = pending.popleft()
+            ok = steps.forecasts(reply, s)
+            done = clock()
+            c.answered += ok
+            c.errors += n - ok
             if t >= begin and done <= end:
-                steps += len(answer.results) - failed
-                errors += failed
-                lat.append(done - t)
-        out.put_nowait(None)
+                c.steps += ok
+                c.latencies.append(done - t)
+        await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
 
     await asyncio.gather(*(one(g) for g in groups))
+    c.cpu_s = time.process_time() - cpu0
     await channel.close()
-    return steps, errors, lat, answered
+    return c
 
 
-def _client(address: str, groups: list[list[str]], row: bytes, warmup: float, seconds: float, conn: Any) -> None:
+def _client(
+    address: str, groups: list[list[str]], row: bytes, warmup: float, seconds: float, depth: int, conn: Any
+) -> None:
     try:
-        conn.send(asyncio.run(_streams(address, groups, row, warmup, seconds)))
+        conn.send(asyncio.run(_streams(address, groups, row, warmup, seconds, depth)))
     finally:
         conn.close()
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stream_batch_point(
@@ -142,42 +258,46 @@ def stream_batch_point(
     seconds: float = 10.0,
     warmup: float = 2.0,
     server_pid: int | None = None,
+    depth: int = DEPTH,
 ) -> dict[str, Any]:
-    """StreamBatch against a running gatecast: len(ids) // per_message streams, each a closed loop of one
-    message of `per_message` one-row steps; `row` is a serialized Matrix of one row. The sessions must be
-    fresh (their next sequence 1) and on the benchmark model. With `server_pid`, the server's CPU time
-    while the clients ran, per step they had answered (warm-up included), is reported too: a figure less
-    at the mercy of a busy machine than the rate."""
+    """StreamBatch against a running gatecast: len(ids) // per_message streams, each a closed loop of
+    `depth` messages in flight of `per_message` one-row steps; `row` is a serialized Matrix of one row.
+    The sessions must be fresh (their next sequence 1) and on the benchmark model. The clients' CPU time per
+    step answered is reported, and with `server_pid` the server's (its threads' and children's, while the
+    clients ran, warm-up included): figures less at the mercy of a busy machine than the rate."""
     groups = [ids[k : k + per_message] for k in range(0, len(ids) - per_message + 1, per_message)]
     ctx = mp.get_context("spawn")  # no fork of a process that has used grpc
-    cpu = [cpu_s(server_pid)] if server_pid is not None else []
     procs, conns, first = [], [], 0
     for n in split(len(groups), client_procs):
         parent, child = ctx.Pipe(duplex=False)
         mine = groups[first : first + n]
         first += n
-        p = ctx.Process(target=_client, args=(address, mine, row, warmup, seconds, child), daemon=True)
+        p = ctx.Process(target=_client, args=(address, mine, row, warmup, seconds, depth, child), daemon=True)
         p.start()
         child.close()
         procs.append(p)
         conns.append(parent)
-    results = [c.recv() if c.poll(warmup + seconds + 120) else (0, 0, [], 0) for c in conns]
-    if server_pid is not None:
-        cpu.append(cpu_s(server_pid))
+    cpu0 = tree_cpu_s(server_pid) if server_pid is not None else 0.0
+    results: list[StreamCounts] = [
+        c.recv() if c.poll(warmup + seconds + 120) else StreamCounts(errors=per_message) for c in conns
+    ]
+    server_cpu = tree_cpu_s(server_pid) - cpu0 if server_pid is not None else 0.0
     for p in procs:
         p.join(10)
-    lat = np.asarray([x for r in results for x in r[2]])
-    steps_per_s = sum(r[0] for r in results) / seconds
+    lat = np.asarray([x for r in results for x in r.latencies])
+    answered = sum(r.answered for r in results)
     extra = {}
-    if cpu and (answered := sum(r[3] for r in results)):
-        extra = {"server_cpu_s": cpu[1] - cpu[0], "server_cpu_us_per_step": 1e6 * (cpu[1] - cpu[0]) / answered}
+    if server_pid is not None and answered:
+        extra = {"server_cpu_s": server_cpu, "server_cpu_us_per_step": 1e6 * server_cpu / answered}
     return {
         "streams": len(groups),
         "sessions_per_message": per_message,
-        "session_steps_per_s": steps_per_s,
-        "errors": sum(r[1] for r in results),
+        "depth": depth,
+        "session_steps_per_s": sum(r.steps for r in results) / seconds,
+        "errors": sum(r.errors for r in results),
         "message_p50_ms": float(np.percentile(lat, 50) * 1000) if lat.size else float("nan"),
         "message_p99_ms": float(np.percentile(lat, 99) * 1000) if lat.size else float("nan"),
+        "client_cpu_us_per_step": 1e6 * sum(r.cpu_s for r in results) / answered if answered else float("nan"),
         **extra,
     }
 
@@ -187,6 +307,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--per-message", type=int, default=64, help="sessions (one step each) per message")
     ap.add_argument("--client-procs", type=int, default=1)
+    ap.add_argument(
+        "--depth", type=int, default=DEPTH, help="messages in flight per stream (a gateway pipelines); see DEPTH"
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_batch.json")
@@ -202,7 +325,9 @@ def main() -> None:
     try:
         address = f"127.0.0.1:{port}"
         ids = open_sessions(address, n)
-        point = stream_batch_point(address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid)
+        point = stream_batch_point(
+            address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, a.depth
+        )
     finally:
         stop(proc)  # type: ignore[arg-type]
     ort = ort_ceiling(folder, a.per_message, 1, min(a.seconds, 5.0))
@@ -220,7 +345,7 @@ def main() -> None:
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["model"], "|", result["machine"])
     print(f"{'':<34}{'steps/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    label = f"StreamBatch {point['streams']} x {a.per_message}/message"
+    label = f"StreamBatch {point['streams']} x {a.per_message}/message, depth {a.depth}"
     print(
         f"{label:<34}{point['session_steps_per_s']:>12.0f}{point['message_p50_ms']:>9.2f}"
         f"{point['message_p99_ms']:>9.2f}{point['errors']:>8}"
@@ -231,6 +356,7 @@ def main() -> None:
             f"server: {point['server_cpu_us_per_step']:.1f} us of CPU per step answered (onnxruntime in process: "
             f"{1e6 / ort['items_per_s']:.1f} us of wall time per step, 2 threads)"
         )
+    print(f"client: {point['client_cpu_us_per_step']:.1f} us of CPU per step answered")
     print(f"ratio {result['ratio_to_onnxruntime']:.2f}; wrote {a.out}")
 
 
