@@ -77,13 +77,13 @@ def test_what_is_not_uniform_is_left_to_protobuf() -> None:
     for what, data in cases.items():
         assert Uniform.parse(data) is None, what
     # a non-minimal varint (1 written in two bytes) is still read as protobuf reads it
-    data = bytearray(_message([a], [1], one))
-    at = data.index(b"\x10\x01")
-    data[at : at + 2] = b"\x10\x81\x00"
-    data[1] += 1  # the record is one byte longer
-    u = Uniform.parse(bytes(data))
+    longer = bytearray(_message([a], [1], one))
+    at = longer.index(b"\x10\x01")
+    longer[at : at + 2] = b"\x10\x81\x00"
+    longer[1] += 1  # the record is one byte longer
+    u = Uniform.parse(bytes(longer))
     assert u is not None and u.seqs.tolist() == [1]
-    assert pb.ObserveBatchRequest.FromString(bytes(data)).steps[0].sequence == 1
+    assert pb.ObserveBatchRequest.FromString(bytes(longer)).steps[0].sequence == 1
 
 
 @settings(max_examples=300, deadline=None)
