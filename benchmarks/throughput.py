@@ -1,11 +1,31 @@
 """Side by side in one run (issue 9): a bare grpc.aio echo (the ceiling), Triton through PyTriton serving
 the same ONNX graph, and gatecast; unary calls at several concurrencies and one-row streaming.
 
-One client drives every server: it sends pre-serialized request bytes through grpc's generic callables
-(no protobuf on the client's hot path, so neither side's protobuf version matters) from `--client-procs`
-processes of asyncio coroutines, each a closed loop (send, wait for the answer, send again). The server
-and the client share this machine's cores: figures are comparable within one run, as ratios to the echo
-measured in that run.
+The same client drives every server, and the server and the client share this machine's cores: figures
+are comparable within one run, as ratios to the echo measured in that run. Each point reports what the
+client spent beside what the server spent (CPU time per answer, warm-up included), so that a reader sees
+how much of the machine the client took.
+
+Two clients, both sending pre-serialized request bytes (no protobuf on the client's hot path, so neither
+side's protobuf version matters), both checking every answer:
+
+- `--client h2load` (the default for the unary points): nghttp2's HTTP/2 load generator, in C (Debian's
+  nghttp2-client, installed when missing), POSTs one gRPC-framed request (the 5-byte prefix, then the
+  bytes) on `--connections` connections with the concurrency split into streams per connection, closed
+  loops, for the warm-up and then for the measured seconds (two runs). Two connections by default: what
+  the Python client's two processes open (grpc's channels in one process share one connection). It costs
+  about 60 us of CPU per call where the Python client costs about 400 (measured against the echo at
+  concurrency 128), so at concurrency 128 it leaves the servers about one core more of this two-core
+  machine. h2load does not read gRPC's status (an error is HTTP 200 with grpc-status in the trailers), so
+  answers are checked by size: one grpc call with the same bytes before the point gives the answer's
+  size, and a run counts as good only the requests whose data bytes add up to exactly one such answer each
+  (an error carries no message); a point with any request short of it reports those as errors and drops
+  its latencies. It sends one request (the first window) every time, where the Python client rotates over
+  64: the model's cost does not depend on the values.
+- `--client python` (benchmarks/bytes_client.py): grpc's generic callables from `--client-procs`
+  processes of asyncio coroutines, each a closed loop; grpc.aio's own work is most of its cost (about 370
+  us per unary call). It also drives the one-row streaming points, which h2load cannot (a stream's
+  messages need rising sequence numbers and a read between writes).
 
 - echo: benchmarks/echo_server.py answers each call (each stream message) with as many bytes as gatecast
   answers the same request;
@@ -30,6 +50,7 @@ import os
 import pickle
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -44,8 +65,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.bytes_client import Load, observe_bytes
+from benchmarks.bytes_client import Counts, Load, observe_bytes
 from benchmarks.load import free_port, start_server
+from deploy.packages import ensure_installed
+from gatecast.errors import UserError
 from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
@@ -101,7 +124,8 @@ def bench_repo(cache: Path = CACHE) -> Path:
 
 
 def drive(loads: list[Load]) -> dict[str, Any]:
-    """Runs one Load per client process, all measuring the same window; throughput and latency."""
+    """Runs one Load per client process, all measuring the same window; throughput, latency, and the
+    client's CPU per answer (what the client processes spent over the whole run, warm-up included)."""
     start_at = time.time() + CLIENT_START_S
     procs = []
     for load in loads:
@@ -113,19 +137,22 @@ def drive(loads: list[Load]) -> dict[str, Any]:
         p.stdin.write(pickle.dumps(load))
         p.stdin.close()
         procs.append(p)
-    timeout = CLIENT_START_S + max(ld.warmup + ld.seconds for ld in loads) + 120
-    results = []
-    for p in procs:
+    timeout = CLIENT_START_S + max(ld.warmup + ld.seconds for ld in loads) + 180
+    results: list[Counts] = []
+    for p, load in zip(procs, loads, strict=True):
         assert p.stdout is not None
         out = p.stdout.read()
-        results.append(pickle.loads(out) if p.wait(timeout) == 0 else (0, 1, []))
+        results.append(Counts(*pickle.loads(out)) if p.wait(timeout) == 0 else Counts(0, max(1, load.concurrency), []))
     seconds = loads[0].seconds
-    lat = np.asarray([x for r in results for x in r[2]])
+    lat = np.asarray([x for r in results for x in r.latencies])
+    answered = sum(r.answered_all for r in results)
     return {
-        "per_s": sum(r[0] for r in results) / seconds,
-        "errors": sum(r[1] for r in results),
+        "per_s": sum(r.answered for r in results) / seconds,
+        "errors": sum(r.errors for r in results),
         "p50_ms": float(np.percentile(lat, 50) * 1000) if lat.size else float("nan"),
         "p99_ms": float(np.percentile(lat, 99) * 1000) if lat.size else float("nan"),
+        "answered": answered,
+        "client_cpu_us": sum(r.cpu_s for r in results) / answered * 1e6 if answered else float("nan"),
     }
 
 
@@ -161,7 +188,7 @@ def measured(server_pid: int, loads: list[Load]) -> dict[str, Any]:
     before = tree_cpu_s(server_pid)
     r = drive(loads)
     cpu = tree_cpu_s(server_pid) - before
-    answered = r["per_s"] * (loads[0].seconds + loads[0].warmup)  # the warm-up's rate taken as the same
+    answered = r.pop("answered")
     r["server_cpu_us"] = cpu / answered * 1e6 if answered else float("nan")
     return r
 
@@ -190,6 +217,97 @@ def stream_point(pid: int, address: str, method: str, ids: list[str], rows: byte
         first += n
         loads.append(Load(address, method, [], n, a.seconds, a.warmup, a.channels, mine, rows))
     return {"streams": a.streams, "sessions": len(ids), **measured(pid, loads)}
+
+
+H2LOAD_RE = {
+    "requests": re.compile(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored"
+    ),
+    "data": re.compile(r"traffic: .*? \((\d+)\) data"),
+}
+
+
+@dataclass
+class H2Run:
+    """One h2load run's counts: requests done, answers whose bytes were as expected, what failed."""
+
+    done: int
+    good: int
+    errors: int
+    latencies_s: list[float]
+
+
+def h2load_run(h2load: str, url: str, body: Path, answer_len: int, conns: int, streams: int, seconds: float) -> H2Run:
+    """`h2load` posting `body` (one gRPC-framed request) for `seconds` over `conns` connections of `streams`
+    streams each. gRPC answers an error with HTTP 200 and the status in the trailers, which h2load does not
+    read: an answer is counted good by its size instead. Every good answer carries exactly one message of
+    `answer_len` bytes (5 bytes of gRPC framing before it); an error carries none. So the data received is
+    good * (5 + answer_len) and any request short of it is an error."""
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
+        cmd = [h2load, "-c", str(conns), "-m", str(streams), "-D", f"{round(seconds * 1000)}ms", "-d", str(body)]
+        cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", log.name, url]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+        lines = Path(log.name).read_text().splitlines()
+    req, data = H2LOAD_RE["requests"].search(done.stdout), H2LOAD_RE["data"].search(done.stdout)
+    if done.returncode != 0 or req is None or data is None:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
+    n_done, ok_http = int(req.group(3)), int(req.group(4))
+    per = 5 + answer_len
+    good = min(ok_http, int(data.group(1)) // per)
+    if int(data.group(1)) != good * per:  # some answer of another size: none of them can be trusted
+        good = 0
+    # the log: start time (us since the epoch), HTTP status, duration (us); one line a request done
+    lat = [int(f[2]) / 1e6 for f in (ln.split() for ln in lines) if len(f) == 3 and f[1] == "200"]
+    return H2Run(n_done, good, n_done - good, lat if good == n_done else [])
+
+
+def h2load_point(
+    h2load: str, pid: int, address: str, method: str, payload: bytes, concurrency: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    """One unary point driven by h2load: a warm-up run, then the measured run, each checked (see
+    `h2load_run`); the answer's expected size is what one grpc call with the same bytes answered now."""
+    with grpc.insecure_channel(address) as ch:
+        answer_len = len(ch.unary_unary(method)(payload, timeout=60))
+    conns = max(1, min(a.connections, concurrency))
+    streams = -(-concurrency // conns)
+    with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
+        body = Path(tmp) / "request.grpc"
+        body.write_bytes(b"\0" + len(payload).to_bytes(4, "big") + payload)
+        url = f"http://{address}{method}"
+        usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = tree_cpu_s(pid)
+        warm = h2load_run(h2load, url, body, answer_len, conns, streams, a.warmup) if a.warmup > 0 else None
+        run = h2load_run(h2load, url, body, answer_len, conns, streams, a.seconds)
+        server_cpu = tree_cpu_s(pid) - cpu0
+        usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
+    answered = run.good + (warm.good if warm else 0)
+    lat = np.asarray(run.latencies_s)
+    return {
+        "concurrency": conns * streams,
+        "per_s": run.good / a.seconds,
+        "errors": run.errors + (warm.errors if warm else 0),
+        "p50_ms": float(np.percentile(lat, 50) * 1000) if lat.size else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99) * 1000) if lat.size else float("nan"),
+        "client_cpu_us": client_cpu / answered * 1e6 if answered else float("nan"),
+        "server_cpu_us": server_cpu / answered * 1e6 if answered else float("nan"),
+        "connections": conns,
+    }
+
+
+PYTHON_CLIENT = "python: benchmarks/bytes_client.py, grpc.aio closed loops"
+
+
+def unary_client(a: argparse.Namespace) -> tuple[str | None, str]:
+    """h2load's path when `--client h2load` (installed when missing), and the client's description."""
+    if a.client == "python":
+        return None, f"{PYTHON_CLIENT}, {a.client_procs} processes"
+    try:
+        path = ensure_installed("h2load", "nghttp2-client")
+    except UserError as e:
+        print(f"  h2load unavailable ({e}): the Python client drives the unary points", flush=True)
+        return None, f"{PYTHON_CLIENT}, {a.client_procs} processes (h2load unavailable: {e})"
+    return path, f"h2load: one process, {a.connections} connections at most, the rest as streams per connection"
 
 
 # --- the servers ---------------------------------------------------------------------------------------
@@ -288,6 +406,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ]
     row = pb.Matrix(rows=1, cols=1, values=[float(values[0, 0])]).SerializeToString()
     env = {"GATECAST_MAX_SESSIONS": str(a.sessions + 10), "GATECAST_MAX_QUEUE_SIZE": str(a.sessions + 1024)}
+    h2load, client = unary_client(a)
     result: dict[str, Any] = {
         "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, window {ctx}, horizon {m.horizon}, {m.input_form})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; client ({a.client_procs} processes) and server "
@@ -295,6 +414,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "seconds_per_point": a.seconds,
         "warmup_s": a.warmup,
         "concurrency": a.concurrency,
+        "client": {"unary": client, "stream": PYTHON_CLIENT},
         "servers": {},
     }
     servers: dict[str, Any] = result["servers"]
@@ -324,7 +444,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             servers[p.name] = {"unary": []}
         for c in a.concurrency:  # point by point, so that every server meets the same background load
             for p in peers:
-                servers[p.name]["unary"].append(unary_point(p.pid, p.address, p.method, p.payloads, c, a))
+                if h2load:
+                    point = h2load_point(h2load, p.pid, p.address, p.method, p.payloads[0], c, a)
+                else:
+                    point = unary_point(p.pid, p.address, p.method, p.payloads, c, a)
+                servers[p.name]["unary"].append(point)
                 _progress(p.name, servers[p.name]["unary"][-1])
         for p in peers:
             if p.stream:
@@ -413,8 +537,10 @@ def _progress(name: str, row: dict[str, Any]) -> None:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['model']} | {result['machine']}")
-    print(f"\nunary, one series per request ({result['seconds_per_point']} s per point)")
-    print(f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}{'cpu us':>8}{'errors':>8}")
+    clients = result.get("client", {})
+    print(f"\nunary, one series per request ({result['seconds_per_point']} s per point; {clients.get('unary', '')})")
+    head = f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"
+    print(f"{head}{'srv us':>8}{'cli us':>8}{'errors':>8}")
     for name, s in result["servers"].items():
         if "unavailable" in s:
             print(f"{name:>10}  unavailable: {s['unavailable'].splitlines()[0][:200]}")
@@ -422,18 +548,20 @@ def print_table(result: dict[str, Any]) -> None:
             share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
             print(
                 f"{name:>10}{r['concurrency']:>7}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                f"{share:>9}{r['server_cpu_us']:>8.0f}{r['errors']:>8}"
+                f"{share:>9}{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}{r['errors']:>8}"
             )
-    print("\nstreaming, one row per message")
+    print(f"\nstreaming, one row per message ({clients.get('stream', '')})")
     head = f"{'server':>10}{'streams':>9}{'sessions':>9}{'steps/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"
-    print(f"{head}{'cpu us':>8}")
+    print(f"{head}{'srv us':>8}{'cli us':>8}{'errors':>8}")
     for name, s in result["servers"].items():
         if r := s.get("stream"):
             share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
             print(
                 f"{name:>10}{r['streams']:>9}{r['sessions']:>9}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}"
-                f"{r['p99_ms']:>9.2f}{share:>9}{r['server_cpu_us']:>8.0f}"
+                f"{r['p99_ms']:>9.2f}{share:>9}{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}"
+                f"{r['errors']:>8}"
             )
+    print("srv us, cli us: CPU time per answer (per step) of the server and of the client, warm-up included")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -444,6 +572,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring, per point")
+    ap.add_argument(
+        "--client",
+        choices=["h2load", "python"],
+        default="h2load",
+        help="what drives the unary points (streaming always uses the Python client); see the docstring",
+    )
+    ap.add_argument("--connections", type=int, default=2, help="h2load: connections (concurrency split over them)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (coroutines split over them)")
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per client process")
     ap.add_argument("--streams", type=int, default=16, help="streams (bidirectional calls)")

@@ -1,16 +1,24 @@
 """The benchmark clients' wire helpers (benchmarks/bytes_client.py, benchmarks/stream_batch.py) against
-protobuf's own encoding: a client that miscounts errors would report figures for answers that were never
-good."""
+protobuf's own encoding, and h2load's answer check (benchmarks/throughput.py) against a real gRPC server:
+a client that miscounts errors would report figures for answers that were never good."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.bytes_client import observe_bytes, stream_error
 from benchmarks.stream_batch import BatchSteps, batch_bytes, batch_counts
+from benchmarks.throughput import h2load_run
+from deploy.packages import ensure_installed
 from gatecast.v1 import forecaster_pb2 as pb
 
+ROOT = Path(__file__).resolve().parent.parent
 ROW = pb.Matrix(rows=1, cols=1, values=[1.5])
 FORECAST = pb.Matrix(rows=24, cols=1, values=np.arange(24, dtype=np.float32).tolist())
 IDS = [f"{i:032x}" for i in range(64)]
@@ -60,3 +68,34 @@ def test_stream_answer_error_is_read_from_the_bytes() -> None:
     assert stream_error(_error(IDS[0], 300).SerializeToString())
     assert stream_error(pb.StreamResponse(session_id=IDS[0], sequence=1).SerializeToString())  # no result
     assert stream_error(ok[:10])  # cut short
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[tuple[str, int]]:
+    """benchmarks/echo_server.py answering every unary call with 113 bytes; (address, answer size)."""
+    answer = bytes(range(113))
+    cmd = [sys.executable, "-m", "benchmarks.echo_server", f"--unary-hex={answer.hex()}", "--bidi-hex=00"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        yield f"127.0.0.1:{int(line.rsplit(' ', 1)[1])}", len(answer)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_h2load_counts_answers_by_their_size(echo: tuple[str, int], tmp_path: Path) -> None:
+    h2load = ensure_installed("h2load", "nghttp2-client")
+    address, size = echo
+    body = tmp_path / "request.grpc"
+    body.write_bytes(b"\0\0\0\0\x03abc")
+    good = h2load_run(h2load, f"http://{address}/bench.Echo/Unary", body, size, 2, 4, 0.5)
+    assert good.done > 0 and good.good == good.done and good.errors == 0
+    assert len(good.latencies_s) == good.done and min(good.latencies_s) > 0
+    # an unknown method: HTTP 200 with grpc-status 12 in the trailers, no message; each one an error
+    bad = h2load_run(h2load, f"http://{address}/bench.Echo/Nope", body, size, 2, 4, 0.5)
+    assert bad.done > 0 and bad.good == 0 and bad.errors == bad.done and bad.latencies_s == []
+    # answers of another size than expected are not counted good either
+    other = h2load_run(h2load, f"http://{address}/bench.Echo/Unary", body, size + 1, 1, 1, 0.5)
+    assert other.done > 0 and other.good == 0 and other.errors == other.done
