@@ -88,11 +88,6 @@ class WorkItem:
     def block(self) -> bool:
         return self.x.ndim == 3
 
-    def slots(self) -> list[int]:
-        if self.slot is None:
-            return []
-        return self.slot.tolist() if isinstance(self.slot, np.ndarray) else [self.slot]
-
     @property
     def remaining(self) -> int:
         """Time steps left (per session, for a block)."""
@@ -312,14 +307,16 @@ class Batcher:
                         break
                     if batch and (rows + cost > self.max_batch_rows or items + it.n > self.max_batch_size):
                         break
-                    mine = it.slots()
-                    if any(s in slots for s in mine):
-                        break
+                    # a block's sessions were claimed (their turns held) together: none is in another item
+                    if not it.block:
+                        if it.slot in slots:
+                            break
+                        if it.slot is not None:
+                            slots.add(it.slot)  # type: ignore[arg-type]
                     flow.items.popleft()
                     self._unready(it, chunk)
                     it.chunk = chunk
                     flow.running += 1
-                    slots.update(mine)
                     batch.append(it)
                     rows += cost
                     items += it.n

@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
-from .wire import BatchWire, Uniform, answers
+from .wire import BatchWire, Known, Uniform, answers
 
 log = logging.getLogger(__name__)
 
@@ -538,6 +538,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         deadline: float | None,
         waiting: dict[asyncio.Future[None], Session],
         outer: _Call,
+        known: Known | None = None,
     ) -> tuple[asyncio.Future[bytes], int]:
         """Begins every step of a batch, in request order (steps of one session apply in that order); the
         future resolves to the answer (its wire form) once each step has its result; with it, the number of
@@ -548,9 +549,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         error, a busy session, a session's later steps in the message) goes the way of a single Observe,
         after the claims, in request order. Metrics count each message once (OK) and each step's error.
         A uniform message (service.wire) is read and answered as arrays; any other is decoded by protobuf."""
-        u = wire.uniform()
+        u = wire.uniform(known)
         if u is not None:
-            return self._begin_uniform(rpc, u, wire, owner, deadline, waiting, outer)
+            return self._begin_uniform(rpc, u, wire, owner, deadline, waiting, outer, known)
         try:
             req = wire.message()
         except Exception as e:  # protobuf DecodeError, invalid UTF-8 in a string field, ...
@@ -605,23 +606,38 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         deadline: float | None,
         waiting: dict[asyncio.Future[None], Session],
         outer: _Call,
+        known: Known | None = None,
     ) -> tuple[asyncio.Future[bytes], int]:
-        """`_begin_batch` for a uniform message: sessions found, checked and claimed as arrays."""
+        """`_begin_batch` for a uniform message: sessions found, checked and claimed as arrays. With `known`
+        (a stream's), sessions named by the previous message too are checked where they were, not looked up."""
         n = len(u.seqs)
         self._check_steps(n)
         answer = _Answer(self, rpc, n, outer)
         table = self.sessions
-        codes = table.locate_words(u.words)
+        if (
+            known is not None
+            and known.codes is not None
+            and known.words is u.words
+            and table.still_live(known.codes, u.words)
+        ):
+            codes = known.codes
+        else:
+            codes = table.locate_words(u.words)
+            if known is not None and known.words is u.words:
+                known.codes = codes
         ok = (codes >= 0) & (u.seqs != 0) & np.isfinite(u.x).all(axis=(1, 2))
-        if n > 1:  # a session's later steps in the message go the single way, after its first is claimed
+        ordered = np.sort(codes)
+        if n > 1 and (ordered[1:] == ordered[:-1]).any():
+            # a session's later steps in the message go the single way, after its first is claimed
             first = np.zeros(n, np.bool_)
             first[np.unique(codes, return_index=True)[1]] = True
             ok &= first
         fast = np.flatnonzero(ok)
-        slow = np.flatnonzero(~ok).tolist()
+        slow = np.flatnonzero(~ok).tolist() if len(fast) < n else []
         numbers = codes[fast] >> 32
-        for number in np.unique(numbers).tolist():
-            idx = fast[numbers == number]
+        one = fast.size and numbers.min() == numbers.max()  # one model version: no grouping
+        for number in [int(numbers[0])] if one else np.unique(numbers).tolist():
+            idx = fast if one else fast[numbers == number]
             mv = table.version(number)
             if mv.runtime.manifest.n_features != u.layout.cols:
                 slow += idx.tolist()  # the single way says what is wrong
@@ -944,6 +960,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         deadline = _deadline(context)
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
         loop = asyncio.get_running_loop()
+        known = Known()  # the sessions the previous message named
 
         def refused(error: Exception, call: _Call) -> asyncio.Future[bytes]:
             code, message = self._status("StreamBatch", call, error)
@@ -959,7 +976,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                     call = _Call()
                     refusal: Exception | None = None
                     try:
-                        fut, n = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call)
+                        fut, n = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call, known)
                     except Exception as e:
                         refusal, n = e, 1
                         fut = refused(refusal, call)

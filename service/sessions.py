@@ -725,6 +725,19 @@ class SessionTable:
             found[i] = self._find(words[i].tobytes())[1]
         return found
 
+    def still_live(self, codes: np.ndarray, words: np.ndarray) -> bool:
+        """Whether every code (from an earlier `locate_words` of these ids) is still that live session: a
+        stream that names the same sessions message after message checks them instead of probing again."""
+        numbers = codes >> 32
+        number = int(numbers[0]) if codes.size else 0
+        if not codes.size or codes.min() < 0 or (numbers != number).any() or (mv := self._mvs.get(number)) is None:
+            return False  # a session not found, or several versions: looked up again
+        slots = codes & SLOT_MASK
+        cols = mv.pool.columns
+        if slots.max() >= len(cols["flags"]):
+            return False
+        return bool(((cols["flags"][slots] & LIVE_MASK) == USED).all() and (cols["id"][slots] == words).all())
+
     def version(self, number: int) -> ModelVersion:
         return self._mvs[number]
 

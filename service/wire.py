@@ -41,23 +41,26 @@ def _varint_len(data: bytes, at: int) -> int:
 
 
 class Layout(NamedTuple):
-    """Where a record's variable parts sit; the rest of its bytes are `fixed`."""
+    """Where a record's variable parts sit."""
 
     stride: int
     seq: slice
     values: slice
     cols: int
-    fixed: np.ndarray  # positions that every record must share with the first
+    # the bits every record must share with the first: all of the fixed bytes, and each sequence byte's
+    # continuation bit (so every sequence is a varint exactly this wide); none of the id's or values'
+    same: np.ndarray
 
 
 @lru_cache(maxsize=256)
 def _layout(stride: int, k: int, cols: int) -> Layout:
     seq = slice(_SEQ_AT, _SEQ_AT + k)
     values = slice(stride - 4 * cols, stride)
-    variable = np.zeros(stride, np.bool_)
-    for part in (_ID, seq, values):
-        variable[part] = True
-    return Layout(stride, seq, values, cols, np.flatnonzero(~variable))
+    same = np.full(stride, 0xFF, np.uint8)
+    same[_ID] = 0
+    same[seq] = 0x80
+    same[values] = 0
+    return Layout(stride, seq, values, cols, same)
 
 
 def _first_record(data: bytes) -> Layout | None:
@@ -82,6 +85,19 @@ def _first_record(data: bytes) -> Layout | None:
     return _layout(stride, k, cols)
 
 
+class Known:
+    """What a stream's previous uniform message named: its ids (as characters and as words) and where those
+    sessions were. A gateway names the same sessions message after message; their ids are then not decoded
+    again, and their codes are checked (`SessionTable.still_live`) instead of looked up."""
+
+    __slots__ = ("codes", "ids", "words")
+
+    def __init__(self) -> None:
+        self.ids = b""
+        self.words: np.ndarray | None = None
+        self.codes: np.ndarray | None = None
+
+
 class Uniform(NamedTuple):
     """Every step of a uniform batch message, as arrays."""
 
@@ -92,25 +108,32 @@ class Uniform(NamedTuple):
     x: np.ndarray  # [n, 1, cols] float32
 
     @staticmethod
-    def parse(data: bytes) -> Uniform | None:
+    def parse(data: bytes, known: Known | None = None) -> Uniform | None:
         layout = _first_record(data)
         if layout is None or len(data) % layout.stride:
             return None
         records = np.frombuffer(data, np.uint8).reshape(-1, layout.stride)
-        if not (records[:, layout.fixed] == records[0, layout.fixed]).all():
-            return None
+        if ((records ^ records[0]) & layout.same).any():
+            return None  # a record unlike the first (whose every byte `_first_record` checked)
+        chars = np.ascontiguousarray(records[:, _ID])
+        if known is not None and known.words is not None and chars.tobytes() == known.ids:
+            words = known.words  # the same ids as the stream's previous message
+        else:
+            digits = _HEX[chars]
+            if (digits == 255).any():
+                return None  # not a well-formed id: protobuf's way answers that step with its error
+            words = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view("<u8")
+            if known is not None:
+                known.ids, known.words, known.codes = chars.tobytes(), words, None
         seq = records[:, layout.seq]
-        if (seq[:, -1] & 0x80).any() or not (seq[:, :-1] & 0x80).all():
-            return None  # a sequence whose varint is not exactly this wide
-        digits = _HEX[records[:, _ID]]
-        if (digits == 255).any():
-            return None  # not a well-formed id: protobuf's way answers that step with its error
-        raw = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])
-        seqs = np.zeros(len(records), np.uint64)
-        for j in range(seq.shape[1]):
-            seqs |= (seq[:, j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        if seq.shape[1] == 1:
+            seqs = seq[:, 0].astype(np.uint64)
+        else:
+            seqs = np.zeros(len(records), np.uint64)
+            for j in range(seq.shape[1]):
+                seqs |= (seq[:, j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
         x = np.ascontiguousarray(records[:, layout.values]).view("<f4").astype(np.float32, copy=False)
-        return Uniform(records, layout, raw.view("<u8"), seqs, x.reshape(len(records), 1, layout.cols))
+        return Uniform(records, layout, words, seqs, x.reshape(len(records), 1, layout.cols))
 
 
 class BatchWire:
@@ -123,8 +146,8 @@ class BatchWire:
         self.data = data
         self._message: pb.ObserveBatchRequest | None = None
 
-    def uniform(self) -> Uniform | None:
-        return Uniform.parse(self.data)
+    def uniform(self, known: Known | None = None) -> Uniform | None:
+        return Uniform.parse(self.data, known)
 
     def message(self) -> pb.ObserveBatchRequest:
         """The protobuf message; raises what protobuf raises for bytes that are not one."""
