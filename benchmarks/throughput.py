@@ -261,13 +261,20 @@ def h2load_run(h2load: str, url: str, body: Path, answer_len: int, conns: int, s
     return H2Run(n_done, good, n_done - good, lat if good == n_done else [])
 
 
+NAN = float("nan")
+FAILED = {"per_s": 0.0, "p50_ms": NAN, "p99_ms": NAN, "client_cpu_us": NAN, "server_cpu_us": NAN}  # no figures
+
+
 def h2load_point(
     h2load: str, pid: int, address: str, method: str, payload: bytes, concurrency: int, a: argparse.Namespace
 ) -> dict[str, Any]:
     """One unary point driven by h2load: a warm-up run, then the measured run, each checked (see
     `h2load_run`); the answer's expected size is what one grpc call with the same bytes answered now."""
-    with grpc.insecure_channel(address) as ch:
-        answer_len = len(ch.unary_unary(method)(payload, timeout=60))
+    try:
+        with grpc.insecure_channel(address) as ch:
+            answer_len = len(ch.unary_unary(method)(payload, timeout=60))
+    except grpc.RpcError as e:  # the server is gone or refuses this request: a point with no figures
+        return {"concurrency": concurrency, **FAILED, "errors": 1, "failed": f"{e.code()}: {e.details()}"}
     conns = max(1, min(a.connections, concurrency))
     streams = -(-concurrency // conns)
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
@@ -276,8 +283,11 @@ def h2load_point(
         url = f"http://{address}{method}"
         usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu0 = tree_cpu_s(pid)
-        warm = h2load_run(h2load, url, body, answer_len, conns, streams, a.warmup) if a.warmup > 0 else None
-        run = h2load_run(h2load, url, body, answer_len, conns, streams, a.seconds)
+        try:
+            warm = h2load_run(h2load, url, body, answer_len, conns, streams, a.warmup) if a.warmup > 0 else None
+            run = h2load_run(h2load, url, body, answer_len, conns, streams, a.seconds)
+        except RuntimeError as e:
+            return {"concurrency": concurrency, **FAILED, "errors": 1, "failed": str(e)[-500:]}
         server_cpu = tree_cpu_s(pid) - cpu0
         usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime

@@ -4,6 +4,8 @@ a client that miscounts errors would report figures for answers that were never 
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 
 from benchmarks.bytes_client import observe_bytes, stream_error
+from benchmarks.load import free_port
 from benchmarks.stream_batch import BatchSteps, batch_bytes, batch_counts
-from benchmarks.throughput import h2load_run
+from benchmarks.throughput import h2load_point, h2load_run
 from deploy.packages import ensure_installed
 from gatecast.v1 import forecaster_pb2 as pb
 
@@ -99,3 +102,11 @@ def test_h2load_counts_answers_by_their_size(echo: tuple[str, int], tmp_path: Pa
     # answers of another size than expected are not counted good either
     other = h2load_run(h2load, f"http://{address}/bench.Echo/Unary", body, size + 1, 1, 1, 0.5)
     assert other.done > 0 and other.good == 0 and other.errors == other.done
+
+
+def test_h2load_point_of_a_server_that_is_gone_has_no_figures() -> None:
+    h2load = ensure_installed("h2load", "nghttp2-client")
+    a = argparse.Namespace(connections=2, warmup=0.2, seconds=0.5)
+    point = h2load_point(h2load, os.getpid(), f"127.0.0.1:{free_port()}", "/bench.Echo/Unary", b"abc", 8, a)
+    assert point["errors"] == 1 and point["per_s"] == 0 and "UNAVAILABLE" in point["failed"]
+    assert np.isnan(point["p99_ms"])
