@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,6 +60,18 @@ class Output(NamedTuple):
 
     y: np.ndarray
     q: np.ndarray | None = None
+
+
+Results = list[Output | BaseException | None]  # a batch's, item by item (None: the item has rows left)
+
+
+def _resolve(done: asyncio.Future[Results], result: Results | BaseException) -> None:
+    if done.done():
+        return
+    if isinstance(result, BaseException):
+        done.set_exception(result)
+    else:
+        done.set_result(result)
 
 
 @dataclass(eq=False)
@@ -124,9 +137,13 @@ class Batcher:
         self._ready_items = 0
         self._wake = asyncio.Event()  # the queue got its first item
         self._full = asyncio.Event()  # the queue holds a full batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{runtime.manifest.name}")
+        # the worker: one thread that runs batches handed over a queue and resolves each batch's future on
+        # the event loop (what run_in_executor does, without its two futures and their chaining per run)
+        self._jobs: queue.SimpleQueue[tuple[list[WorkItem], asyncio.Future[Results]] | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Future[list[Output | BaseException | None]] | None = None
+        self._inflight: asyncio.Future[Results] | None = None
         self._closing = False
         labels = (runtime.manifest.name, str(runtime.manifest.version))
         self._m_wait = metrics.queue_wait.labels(*labels)
@@ -141,7 +158,24 @@ class Batcher:
         return self._rows
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.runtime.path}")
+        self._loop_ref = loop = asyncio.get_running_loop()
+        self._worker = threading.Thread(target=self._work, name=f"run-{self.runtime.manifest.name}", daemon=True)
+        self._worker.start()
+        self._task = loop.create_task(self._loop(), name=f"batcher-{self.runtime.path}")
+
+    def _work(self) -> None:
+        """The worker thread: runs each batch handed to it; its result goes back to the event loop."""
+        assert self._loop_ref is not None
+        while (job := self._jobs.get()) is not None:
+            batch, done = job
+            try:
+                result: Results | BaseException = self._execute(batch)
+            except BaseException as e:  # _execute answers its own failures; this is the last resort
+                result = e
+            try:
+                self._loop_ref.call_soon_threadsafe(_resolve, done, result)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                return
 
     def submit(
         self,
@@ -358,7 +392,7 @@ class Batcher:
 
     async def _dispatch_next(self) -> None:
         await self._collect()
-        if self._inflight is not None:
+        if self._inflight is not None and not self._inflight.done():
             # the batch is taken only once the worker is free: what arrived meanwhile (a small request
             # behind a big one's next pieces) rides in the very next run, not one run later
             await asyncio.wait([self._inflight])
@@ -373,7 +407,8 @@ class Batcher:
                     self._m_wait.observe(now - it.enqueued)
             self._m_batch.observe(sum(it.n for it in batch))
             self._m_rows.observe(sum(it.chunk * it.n for it in batch))
-            inflight = asyncio.get_running_loop().run_in_executor(self._executor, self._execute, batch)
+            inflight: asyncio.Future[Results] = asyncio.get_running_loop().create_future()
+            self._jobs.put((batch, inflight))
         except BaseException as e:  # the items left the queue: they must still be answered
             self._fail(batch, e if isinstance(e, Exception) else Unavailable("the batcher stopped"))
             raise
@@ -509,4 +544,6 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True)
+        if self._worker is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._worker.join)

@@ -165,19 +165,19 @@ def test_a_commit_that_raises_still_answers_every_item(taylor_repo: Path, monkey
 
 
 def test_a_dispatch_that_fails_after_taking_items_answers_them(taylor_repo: Path) -> None:
-    """The worker refuses the batch (as a shut-down executor does) after its items left the queue."""
+    """Handing the batch to the worker fails (as a shut-down executor would) after its items left the queue."""
     with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ForecasterStub(ch)
         mv = version(srv)
         sid = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
-        real = mv.batcher._executor
+        real = mv.batcher._jobs
 
         class Refusing:
-            def submit(self, *a: object, **k: object) -> None:
-                mv.batcher._executor = real  # once
+            def put(self, *a: object, **k: object) -> None:
+                mv.batcher._jobs = real  # once
                 raise RuntimeError("cannot schedule new futures after shutdown")
 
-        mv.batcher._executor = Refusing()  # type: ignore[assignment]
+        mv.batcher._jobs = Refusing()  # type: ignore[assignment]
         row = matrix(np.array([[30000.0]]))
         with pytest.raises(grpc.RpcError) as failed:
             stub.Observe(pb.ObserveRequest(session_id=sid, sequence=1, rows=row), timeout=10)
