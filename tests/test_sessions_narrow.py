@@ -241,3 +241,13 @@ def test_a_sequence_past_the_4_byte_column_is_kept_exactly_and_goes_the_single_s
     assert again.slot == slot and again.last_seq == 0
     again.last_seq = 2**32 - 1
     assert again.last_seq == 2**32 - 1
+
+
+def test_the_heap_is_tuned_and_trimmed_on_glibc() -> None:
+    import platform
+
+    from gatecast.service.pool import trim_heap, tune_heap
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tune_heap() is glibc and tune_heap() is glibc  # once; a second call changes nothing
+    trim_heap()  # nothing to check but that it runs (a no-op elsewhere)
