@@ -91,7 +91,7 @@ class _Capture:
         self.name, self.handlers = name, handlers
 
 
-def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: ForecasterServicer, server: Any) -> None:
     """What `add_ForecasterServicer_to_server` does, with request deserializers that never raise."""
     capture = _Capture()
     pb_grpc.add_ForecasterServicer_to_server(servicer, capture)  # type: ignore[arg-type]
@@ -109,7 +109,6 @@ def add_to_server(servicer: ForecasterServicer, server: grpc.aio.Server) -> None
             handler = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
         handlers[method] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
-    server.add_registered_method_handlers(capture.name, handlers)
 
 
 class TolerantDecoding(grpc.aio.ServerInterceptor):
@@ -951,8 +950,13 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
         sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
         reads on while fewer than `max_stream_inflight` steps are unanswered
-        (a message refused whole counts one; any other, its steps)."""
-        queue: asyncio.Queue[tuple[asyncio.Future[bytes], int, _Call | None] | None] = asyncio.Queue()
+        (a message refused whole counts one; any other, its steps).
+
+        A gateway pipelines: it sends the next message for the same sessions before the answer to the
+        previous one. Such a uniform message begins when the previous message's steps have finished (its
+        turns are let go), as one block again, instead of every step waiting for its session's turn on its
+        own; a message that names other sessions begins at once."""
+        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()  # [answer, steps, call or None once counted]
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
@@ -961,6 +965,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
         loop = asyncio.get_running_loop()
         known = Known()  # the sessions the previous message named
+        gone = False  # the call has ended (answered, cancelled or failed)
 
         def refused(error: Exception, call: _Call) -> asyncio.Future[bytes]:
             code, message = self._status("StreamBatch", call, error)
@@ -969,19 +974,49 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             fut.set_result(answer.SerializeToString())
             return fut
 
+        def begin(req: BatchWire, entry: list[Any]) -> asyncio.Future[bytes]:
+            """Begins a message's steps; a refusal is answered (and counted) at once."""
+            try:
+                fut, _ = self._begin_batch("StreamBatch", req, owner, deadline, waiting, entry[2], known)
+            except Exception as e:
+                fut = refused(e, entry[2])
+                entry[2] = None  # counted already
+            return fut
+
+        def after(previous: asyncio.Future[bytes], req: BatchWire, entry: list[Any]) -> asyncio.Future[bytes]:
+            """A pipelined message: begun once the previous one has its answer (its turns let go)."""
+            fut: asyncio.Future[bytes] = loop.create_future()
+
+            def copy(inner: asyncio.Future[bytes]) -> None:
+                if not fut.done():
+                    fut.set_result(inner.result())
+
+            def go(_: asyncio.Future[bytes]) -> None:
+                if gone:  # the stream has ended: nobody to answer, nothing to apply
+                    fut.cancel()
+                    return
+                begin(req, entry).add_done_callback(copy)
+
+            previous.add_done_callback(go)
+            return fut
+
         async def read() -> None:
             nonlocal unsent
+            last: asyncio.Future[bytes] | None = None  # the previous message's answer
+            last_words = None  # and the ids it named
             try:
                 async for req in request_iterator:
-                    call = _Call()
-                    refusal: Exception | None = None
-                    try:
-                        fut, n = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call, known)
-                    except Exception as e:
-                        refusal, n = e, 1
-                        fut = refused(refusal, call)
-                    unsent += n
-                    queue.put_nowait((fut, n, None if refusal else call))  # a refusal is counted already
+                    entry: list[Any] = [None, 1, _Call()]
+                    u = req.uniform(known)
+                    if u is not None:
+                        entry[1] = len(u.seqs)
+                        if last is not None and not last.done() and u.words is last_words:
+                            entry[0] = after(last, req, entry)  # the same sessions, still stepping
+                    if entry[0] is None:
+                        entry[0] = begin(req, entry)
+                    last, last_words = entry[0], None if u is None else u.words
+                    unsent += entry[1]
+                    queue.put_nowait(entry)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
@@ -994,14 +1029,15 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         try:
             while (item := await queue.get()) is not None:
                 fut, n, call = item
-                response = await fut
-                if call is not None:
+                response = await fut  # a refusal made by a pipelined message's begin is counted already
+                if item[2] is not None:
                     self._count("StreamBatch", call, grpc.StatusCode.OK)
                 yield response
                 unsent -= n
                 if unsent < limit:
                     room.set()
         finally:
+            gone = True
             reader.cancel()
             _give_up(waiting)  # the stream is gone: give up its places in line
 

@@ -65,7 +65,7 @@ def _layout(stride: int, k: int, cols: int) -> Layout:
 
 def _first_record(data: bytes) -> Layout | None:
     """The layout of the first record when it is exactly: results tag, one-byte length, session_id (32
-    characters), sequence, rows = a Matrix of one row with cols (1 to 127) and packed values, nothing else."""
+    characters), sequence, rows = a Matrix of one row with cols (1 to 31) and packed values, nothing else."""
     if len(data) < 2 or data[0] != 0x0A or data[1] & 0x80:
         return None
     stride = 2 + data[1]
@@ -77,10 +77,9 @@ def _first_record(data: bytes) -> Layout | None:
         return None
     m = data[at + 1]  # the Matrix's length (one byte)
     cols = data[at + 5]
-    if m & 0x80 or at + 2 + m != stride or not 0 < cols < 0x80:
+    if m & 0x80 or at + 2 + m != stride or not 0 < 4 * cols < 0x80:  # the values' length in one byte too
         return None
-    head = bytes((0x08, 0x01, 0x10, cols, 0x1A, 4 * cols))
-    if 4 * cols >= 0x80 or data[at + 2 : at + 8] != head or m != 6 + 4 * cols:
+    if data[at + 2 : at + 8] != bytes((0x08, 0x01, 0x10, cols, 0x1A, 4 * cols)) or m != 6 + 4 * cols:
         return None
     return _layout(stride, k, cols)
 
@@ -140,14 +139,19 @@ class BatchWire:
     """An ObserveBatchRequest as received: its bytes, read as `Uniform` or decoded by protobuf on demand
     (the batch RPCs' request deserializer, which never raises)."""
 
-    __slots__ = ("_message", "data")
+    __slots__ = ("_message", "_read", "_uniform", "data")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self._message: pb.ObserveBatchRequest | None = None
+        self._read = False
+        self._uniform: Uniform | None = None
 
     def uniform(self, known: Known | None = None) -> Uniform | None:
-        return Uniform.parse(self.data, known)
+        """The message as a `Uniform`, or None (read once)."""
+        if not self._read:
+            self._uniform, self._read = Uniform.parse(self.data, known), True
+        return self._uniform
 
     def message(self) -> pb.ObserveBatchRequest:
         """The protobuf message; raises what protobuf raises for bytes that are not one."""

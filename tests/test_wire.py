@@ -74,6 +74,9 @@ def test_what_is_not_uniform_is_left_to_protobuf() -> None:
         "a second record cut short": _message([a, b], [1, 1], np.ones((2, 1), np.float32))[:-1],
         "empty": b"",
     }
+    bad_cols = bytearray(_message([a], [1], one))
+    bad_cols[-7] = 64  # the Matrix's cols byte: 4 * 64 values' bytes would not fit the length byte (found by fuzzing)
+    cases["a column count whose values cannot fit"] = bytes(bad_cols)
     for what, data in cases.items():
         assert Uniform.parse(data) is None, what
     # a non-minimal varint (1 written in two bytes) is still read as protobuf reads it
