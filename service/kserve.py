@@ -239,7 +239,7 @@ class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
         return await self._call("ModelInfer", context, handle)
 
 
-def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: KServeServicer, server: Any) -> None:
     """Malformed request bytes are refused with INVALID_ARGUMENT by the server's TolerantDecoding
     interceptor, as for health and reflection."""
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
