@@ -243,7 +243,7 @@ def main() -> None:
         "model": f"{manifest.name} v{manifest.version} ({manifest.cell} {manifest.layers}x{manifest.hidden_size}, "
         f"context {ctx}, horizon {manifest.horizon}, input {manifest.input_form})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU provider; client and server share the cores",
-        "server_settings": f"defaults (max_batch_size 64, max_queue_delay_ms 0, intra_op_threads 1), {env}",
+        "server_settings": f"defaults (max_batch_size 512, max_queue_delay_ms 0, intra_op_threads 1), {env}",
         "seconds_per_point": args.seconds,
         "forecast": forecast,
         "sessions": sessions,

@@ -38,7 +38,12 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads; 0: onnxruntime's choice")
     allow_spinning: bool = Field(False, description="onnxruntime thread spin-wait (burns an idle core)")
     # batching
-    max_batch_size: int = Field(64, ge=1, description="requests in one model run; a batch closes when full")
+    max_batch_size: int = Field(
+        512,
+        ge=1,
+        description="items in one model run (a Forecast series, a session step); a batch closes when full "
+        "(max_batch_rows bounds it too: 21 windows of 96 rows)",
+    )
     max_queue_delay_ms: float = Field(
         0.0,
         ge=0,
