@@ -67,6 +67,18 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    n = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
 def observe_head(session_id: str) -> bytes:
     """An ObserveRequest's bytes up to its sequence's value: session_id (field 1), then field 2's tag."""
     sid = session_id.encode()
@@ -99,14 +111,7 @@ def stream_error(reply: bytes) -> bool:
                     pos += 1
                 pos += 1
             elif tag & 7 == 2:  # length-delimited
-                n = shift = 0
-                while True:
-                    b = reply[pos]
-                    pos += 1
-                    n |= (b & 0x7F) << shift
-                    shift += 7
-                    if not b & 0x80:
-                        break
+                n, pos = read_varint(reply, pos)
                 pos += n
             else:
                 return True

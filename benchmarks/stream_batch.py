@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.bytes_client import observe_head, rows_field, stream_error, varint
+from benchmarks.bytes_client import observe_head, read_varint, rows_field, stream_error, varint
 from benchmarks.load import ort_ceiling, start_server
 from benchmarks.throughput import MODEL, bench_repo, split, stop, tree_cpu_s
 from gatecast.manifest import Manifest
@@ -134,17 +134,6 @@ class BatchSteps:
         return self._prefix[k, size]
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
-
-
 def batch_counts(reply: bytes) -> tuple[int, int]:
     """(forecasts, errors) in an ObserveBatchResponse, read from its wire form: a result (field 1) with a
     forecast (field 3) counts one forecast; one with an error (field 4), or neither, one error; a message
@@ -155,11 +144,11 @@ def batch_counts(reply: bytes) -> tuple[int, int]:
             tag = reply[pos]
             pos += 1
             if tag & 7 == 0:
-                _, pos = _read_varint(reply, pos)
+                _, pos = read_varint(reply, pos)
                 continue
             if tag & 7 != 2:
                 return ok, bad + 1
-            n, pos = _read_varint(reply, pos)
+            n, pos = read_varint(reply, pos)
             if pos + n > len(reply):
                 return ok, bad + 1
             body, pos = reply[pos : pos + n], pos + n

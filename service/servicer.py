@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -275,6 +276,16 @@ class _Answer:
             self.put(i, r.SerializeToString())
 
         return reply
+
+
+def _put_steps(answer: _Answer, idx: list[int], ids: list[str], seq_list: list[int], out: Output) -> None:
+    """A block's answers for steps idx of a message decoded by protobuf, each in its wire form."""
+    ys = _wire_matrices(b"\x1a", out.y)  # every result: session_id (1), sequence (2), forecast (3)
+    if out.q is not None:  # and quantile_forecast (5)
+        qs = _wire_matrices(b"\x2a", out.q.reshape(*out.q.shape[:2], -1))
+        ys = [y + q for y, q in zip(ys, qs, strict=True)]
+    heads = [b"\x0a\x20" + ids[i].encode() + b"\x10" for i in idx]
+    answer.put_many(idx, [h + _uint(s) + y for h, s, y in zip(heads, seq_list, ys, strict=True)])
 
 
 def _fill(response: Any, out: Output) -> None:
@@ -590,7 +601,10 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             size = mv.batcher.max_batch_size
             for s in range(0, len(members), size):
                 k = members[s : s + size]
-                self._start_block(mv, [shaped[j] for j in k], ids, x[k], slots[k], seqs[k], answer, deadline)
+                block = [shaped[j] for j in k.tolist()]
+                seq_list = seqs[k].tolist()
+                deliver = partial(_put_steps, answer, block, ids, seq_list)
+                self._start_block(mv, block, ids.__getitem__, x[k], slots[k], seq_list, answer, deadline, deliver)
         for i in sorted(slow):
             call = _Call()
             self._begin(steps[i], call, owner, deadline, answer.reply(i, ids[i], seq_of[i], call), waiting)
@@ -664,57 +678,30 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         answer: _Answer,
         deadline: float | None,
     ) -> None:
-        """Claimed steps (turns held) of a uniform message as one batcher item: one model run, each
-        session's step recorded in one write per column, the answers written as one array."""
-        x = u.x[members]
-        seq_list = u.seqs[members].tolist()
-        digests = rows_digests(x)
+        def session_id(i: int) -> str:
+            return bytes(u.records[i, 4:36]).decode()
 
-        def commit(out: Output) -> None:
-            self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
-
-        def fail_all(error: BaseException) -> None:
-            for k, i in enumerate(members.tolist()):
-                call = _Call()
-                call.model = mv.name
-                session_id = u.records[i, 4:36].tobytes().decode()
-                answer.reply(i, session_id, seq_list[k], call)(None, error)
-
-        def finish(fut: asyncio.Future[Output]) -> None:
-            self.sessions.release_block(mv, slots)
-            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
-            if error is not None:
-                fail_all(error)
-                return
-            answer.outer.model = answer.outer.model or mv.name
-            out = fut.result()
+        def deliver(out: Output) -> None:
             answer.put_block(members, *answers(u, members, out.y, out.q))
 
-        try:
-            fut = mv.batcher.submit_block(x, slots, deadline, commit)
-            if self.sessions.store is not None:
-                fut = self.sessions.stored(fut, [u.records[i, 4:36].tobytes().decode() for i in members.tolist()])
-        except Exception as e:
-            self.sessions.release_block(mv, slots)
-            fail_all(e)
-            return
-        fut.add_done_callback(finish)
+        seq_list = u.seqs[members].tolist()
+        self._start_block(mv, members.tolist(), session_id, u.x[members], slots, seq_list, answer, deadline, deliver)
 
     def _start_block(
         self,
         mv: ModelVersion,
         idx: list[int],
-        ids: list[str],
+        session_id: Callable[[int], str],
         x: np.ndarray,
         slots: np.ndarray,
-        seqs: np.ndarray,
+        seq_list: list[int],
         answer: _Answer,
         deadline: float | None,
+        deliver: Callable[[Output], None],
     ) -> None:
-        """Claimed steps (turns held) as one batcher item: one model run, each session's step recorded in
-        one write per column, each step's answer written straight in its wire form."""
+        """Claimed steps idx of a message (turns held) as one batcher item: one model run, each session's
+        step recorded in one write per column; `deliver` puts the block's answers into `answer`."""
         digests = rows_digests(x)
-        seq_list = seqs.tolist()
 
         def commit(out: Output) -> None:
             self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
@@ -723,7 +710,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             for k, i in enumerate(idx):
                 call = _Call()
                 call.model = mv.name
-                answer.reply(i, ids[i], seq_list[k], call)(None, error)
+                answer.reply(i, session_id(i), seq_list[k], call)(None, error)
 
         def finish(fut: asyncio.Future[Output]) -> None:
             self.sessions.release_block(mv, slots)
@@ -732,17 +719,12 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 fail_all(error)
                 return
             answer.outer.model = answer.outer.model or mv.name
-            out = fut.result()
-            ys = _wire_matrices(b"\x1a", out.y)  # every result: session_id (1), sequence (2), forecast (3)
-            if out.q is not None:  # and quantile_forecast (5)
-                qs = _wire_matrices(b"\x2a", out.q.reshape(*out.q.shape[:2], -1))
-                ys = [y + q for y, q in zip(ys, qs, strict=True)]
-            heads = [b"\x0a\x20" + ids[i].encode() + b"\x10" for i in idx]
-            seqs_wire = [_uint(s) for s in seq_list]
-            answer.put_many(idx, [h + s + y for h, s, y in zip(heads, seqs_wire, ys, strict=True)])
+            deliver(fut.result())
 
         try:
-            fut = self.sessions.stored(mv.batcher.submit_block(x, slots, deadline, commit), [ids[i] for i in idx])
+            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+            if self.sessions.store is not None:
+                fut = self.sessions.stored(fut, [session_id(i) for i in idx])
         except Exception as e:
             self.sessions.release_block(mv, slots)
             fail_all(e)

@@ -22,6 +22,8 @@ import numpy as np
 
 from gatecast.v1 import forecaster_pb2 as pb
 
+from .convert import _head, _varint
+
 _HEX = np.full(256, 255, np.uint8)  # an id character's value, 255 for anything but lowercase hex
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
 _HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
@@ -160,18 +162,9 @@ class BatchWire:
         return self._message
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _matrix_field(tag: int, rows: int, cols: int) -> bytes:
     """A Matrix field up to its values (tag, length, rows, cols, the packed values' tag and length)."""
-    head = b"\x08" + _varint(rows) + b"\x10" + _varint(cols) + b"\x1a" + _varint(4 * rows * cols)
+    head = _head(rows, cols, rows * cols)
     return bytes((tag,)) + _varint(len(head) + 4 * rows * cols) + head
 
 
