@@ -129,6 +129,13 @@ class Metrics:
             ["rpc"],
             registry=registry,
         )
+        self.batch_steps = Counter(
+            "gatecast_batch_steps",
+            "Steps of ObserveBatch/StreamBatch messages by how they ran: path=block (claimed with the message's "
+            "other steps, one model run) or path=single (a retry, an error, a busy session: one at a time)",
+            ["rpc", "path"],
+            registry=registry,
+        )
         self.queue_rejected = Counter(
             "gatecast_queue_rejected",
             "Work items refused because the batch queue was full",
@@ -163,6 +170,9 @@ class Metrics:
 
         for rpc in RPCS:
             self.malformed.labels(rpc)
+        for rpc in ("ObserveBatch", "StreamBatch"):
+            for path in ("block", "single"):
+                self.batch_steps.labels(rpc, path)
         for op in ("write", "read", "close", "ping"):
             self.store_errors.labels(op)
         for outcome in ("written", "stale", "fenced", "closed"):

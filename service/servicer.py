@@ -396,6 +396,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self.settings = settings
         self.repo = repo
         self.sessions = sessions
+        self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
@@ -532,6 +533,16 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             waiting[ticket] = session
             ticket.add_done_callback(granted)
 
+    def _count_steps(self, rpc: str, block: int, single: int) -> None:
+        counters = self._step_counters.get(rpc)
+        if counters is None:
+            m = self.metrics.batch_steps
+            counters = self._step_counters[rpc] = (m.labels(rpc, "block"), m.labels(rpc, "single"))
+        if block:
+            counters[0].inc(block)
+        if single:
+            counters[1].inc(single)
+
     def _check_steps(self, n: int) -> None:
         if n == 0:
             raise InvalidArgument("no steps given; expected one or more ObserveRequest in `steps`")
@@ -605,6 +616,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 seq_list = seqs[k].tolist()
                 deliver = partial(_put_steps, answer, block, ids, seq_list)
                 self._start_block(mv, block, ids.__getitem__, x[k], slots[k], seq_list, answer, deadline, deliver)
+        self._count_steps(rpc, n - len(slow), len(slow))
         for i in sorted(slow):
             call = _Call()
             self._begin(steps[i], call, owner, deadline, answer.reply(i, ids[i], seq_of[i], call), waiting)
@@ -662,6 +674,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             size = mv.batcher.max_batch_size
             for s in range(0, len(members), size):
                 self._start_uniform_block(mv, u, members[s : s + size], slots[s : s + size], answer, deadline)
+        self._count_steps(rpc, n - len(slow), len(slow))
         if slow:
             steps = wire.message().steps  # bytes a uniform read accepted always decode
             for i in sorted(slow):

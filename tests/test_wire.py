@@ -160,7 +160,13 @@ def _one_row(sid: str, t: int, k: int) -> pb.ObserveRequest:
     return pb.ObserveRequest(session_id=sid, sequence=t, rows=matrix(VALUES[2000 + 41 * k + t : 2001 + 41 * k + t]))
 
 
-def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.ForecasterStub) -> None:
+def _steps_by_path(srv: RunningServer, rpc: str) -> tuple[float, float]:
+    m = srv.app.metrics.batch_steps
+    return m.labels(rpc, "block")._value.get(), m.labels(rpc, "single")._value.get()
+
+
+def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.ForecasterStub, srv: RunningServer) -> None:
+    """The client sends every message at once (pipelined): each still runs as one block, after the one before."""
     n, rounds = 12, 5
     batched = [_open(stub, 200 * k) for k in range(n)]
     single = [_open(stub, 200 * k) for k in range(n)]
@@ -168,7 +174,9 @@ def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.Foreca
         pb.ObserveBatchRequest(steps=[_one_row(batched[k], t, k) for k in range(n)]) for t in range(1, rounds + 1)
     ]
     assert all(Uniform.parse(m.SerializeToString()) is not None for m in messages)  # this test is about that path
+    block, one_by_one = _steps_by_path(srv, "StreamBatch")
     replies = list(stub.StreamBatch(iter(messages), timeout=60))
+    assert _steps_by_path(srv, "StreamBatch") == (block + n * rounds, one_by_one)  # no step went the single way
     for t, reply in enumerate(replies, start=1):
         assert [(r.session_id, r.sequence) for r in reply.results] == [(s, t) for s in batched]
         for k, r in enumerate(reply.results):
