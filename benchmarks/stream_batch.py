@@ -15,7 +15,7 @@ field by field and each step without a forecast counts as an error. The run repo
 step beside the server's. The server and the client share this machine's cores: compare the ratio, not
 the absolute figure, across machines.
 
-    python -m benchmarks.stream_batch                     # 8 streams x 64 sessions per message, 10 s
+    python -m benchmarks.stream_batch                     # 8 streams x 64 sessions per message, depths 1 2 4, 10 s each
     python -m benchmarks.stream_batch --seconds 3 --streams 4 --depth 1
 """
 
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STREAM_BATCH = "/gatecast.v1.Forecaster/StreamBatch"
 OPEN = "/gatecast.v1.Forecaster/OpenSession"
 DEPTH = 2  # messages in flight per stream: one being answered while the next is already there to read
+DEPTHS = [1, 2, 4]  # the points `main` measures: closed loop, and two pipelines a gateway might keep
 
 
 async def call_many(channel: grpc.aio.Channel, method: str, payloads: list[bytes], concurrency: int) -> list[bytes]:
@@ -297,7 +298,11 @@ def main() -> None:
     ap.add_argument("--per-message", type=int, default=64, help="sessions (one step each) per message")
     ap.add_argument("--client-procs", type=int, default=1)
     ap.add_argument(
-        "--depth", type=int, default=DEPTH, help="messages in flight per stream (a gateway pipelines); see DEPTH"
+        "--depth",
+        type=int,
+        nargs="+",
+        default=DEPTHS,
+        help="messages in flight per stream (a gateway pipelines), one point each; see DEPTHS",
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -308,15 +313,19 @@ def main() -> None:
     folder = repo / MODEL / "1"
     m = Manifest.read(folder)
     n = a.streams * a.per_message
-    env = {"GATECAST_MAX_SESSIONS": str(n + 10), "GATECAST_MAX_QUEUE_SIZE": str(n + 1024)}
+    env = {"GATECAST_MAX_SESSIONS": str(n * len(a.depth) + 10), "GATECAST_MAX_QUEUE_SIZE": str(n + 1024)}
     row = pb.Matrix(rows=1, cols=1, values=[float(m.scaler.mean[0])]).SerializeToString()
     proc, port = start_server(repo, env)
+    points = []
     try:
         address = f"127.0.0.1:{port}"
-        ids = open_sessions(address, n)
-        point = stream_batch_point(
-            address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, a.depth
-        )
+        for depth in a.depth:  # fresh sessions for each point (their next sequence is 1)
+            ids = open_sessions(address, n)
+            points.append(
+                stream_batch_point(
+                    address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, depth
+                )
+            )
     finally:
         stop(proc)  # type: ignore[arg-type]
     ort = ort_ceiling(folder, a.per_message, 1, min(a.seconds, 5.0))
@@ -324,29 +333,29 @@ def main() -> None:
         "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, horizon {m.horizon})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; client ({a.client_procs} process(es)) and server "
         "share them",
+        "load_average_before": os.getloadavg()[0],
         "server_settings": f"defaults, {env}",
         "seconds": a.seconds,
-        "stream_batch": point,
+        "stream_batch": points,
         "onnxruntime_in_process": ort,
-        "ratio_to_onnxruntime": point["session_steps_per_s"] / ort["items_per_s"],
+        "ratio_to_onnxruntime": [p["session_steps_per_s"] / ort["items_per_s"] for p in points],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["model"], "|", result["machine"])
-    print(f"{'':<34}{'steps/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    label = f"StreamBatch {point['streams']} x {a.per_message}/message, depth {a.depth}"
     print(
-        f"{label:<34}{point['session_steps_per_s']:>12.0f}{point['message_p50_ms']:>9.2f}"
-        f"{point['message_p99_ms']:>9.2f}{point['errors']:>8}"
+        f"{'':<36}{'steps/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'server us':>11}{'client us':>11}{'of ort':>8}"
     )
-    print(f"{'onnxruntime in process, batch ' + str(a.per_message):<34}{ort['items_per_s']:>12.0f}")
-    if "server_cpu_us_per_step" in point:
+    for point, ratio in zip(points, result["ratio_to_onnxruntime"], strict=True):
+        label = f"StreamBatch {point['streams']} x {a.per_message}/message, depth {point['depth']}"
         print(
-            f"server: {point['server_cpu_us_per_step']:.1f} us of CPU per step answered (onnxruntime in process: "
-            f"{1e6 / ort['items_per_s']:.1f} us of wall time per step, 2 threads)"
+            f"{label:<36}{point['session_steps_per_s']:>10.0f}{point['message_p50_ms']:>9.2f}"
+            f"{point['message_p99_ms']:>9.2f}{point['errors']:>8}{point.get('server_cpu_us_per_step', 0.0):>11.1f}"
+            f"{point['client_cpu_us_per_step']:>11.1f}{ratio:>8.2f}"
         )
-    print(f"client: {point['client_cpu_us_per_step']:.1f} us of CPU per step answered")
-    print(f"ratio {result['ratio_to_onnxruntime']:.2f}; wrote {a.out}")
+    print(f"{'onnxruntime in process, batch ' + str(a.per_message):<36}{ort['items_per_s']:>10.0f}")
+    print("server us / client us: CPU per step answered (all threads); of ort: steps/s over onnxruntime's")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
