@@ -462,16 +462,19 @@ class Batcher:
                         for it in items
                     ]
                 )
-                states = self.runtime.zero_states(at[-1])
                 fresh = [k for k, it in enumerate(items) if it.pos == 0 and it.slot is not None]
-                if fresh:
-                    cols, slots = self._rows_and_slots(items, fresh, at)
-                    for s, g in zip(states, self.pool.gather(slots), strict=True):
-                        s[:, cols, :] = g
-                for k, it in enumerate(items):
-                    if it.state is not None:
-                        for s, g in zip(states, it.state, strict=True):
-                            s[:, at[k] : at[k] + 1, :] = g
+                if len(fresh) == len(items):  # every row starts from its pool slot (session steps): read as is
+                    states = self.pool.gather(self._rows_and_slots(items, fresh, at)[1])
+                else:
+                    states = self.runtime.zero_states(at[-1])
+                    if fresh:
+                        cols, slots = self._rows_and_slots(items, fresh, at)
+                        for s, g in zip(states, self.pool.gather(slots), strict=True):
+                            s[:, cols, :] = g
+                    for k, it in enumerate(items):
+                        if it.state is not None:
+                            for s, g in zip(states, it.state, strict=True):
+                                s[:, at[k] : at[k] + 1, :] = g
                 t0 = time.monotonic()
                 y, new_states, q = self.runtime.run(x, states)
                 self._m_run.observe(time.monotonic() - t0)
