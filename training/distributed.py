@@ -81,6 +81,11 @@ class Group:
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
+            # every rank tears the group down together: a rank that destroyed it while another (the lead,
+            # still exporting) held its connections was once aborted at exit ("terminate called without an
+            # active exception", SIGABRT) on a loaded 2-core machine
+            if self.world > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
     def wrap(self, model: nn.Module) -> nn.Module:
