@@ -5,7 +5,9 @@ uniform message is answered as a single Observe would answer it, errors included
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +242,39 @@ def test_a_uniform_message_with_the_wrong_feature_count_names_it(stub: pb_grpc.F
     assert reply.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "1 feature" in reply.results[0].error.message
     assert stub.Observe(_one_row(a, 1, 0)).sequence == 1  # nothing was applied
+
+
+def test_a_cancelled_pipelined_stream_leaves_every_session_consistent(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    """Uniform messages sent ahead (so later ones wait for the one before) and the client goes away after
+    three answers: every message ran whole or not at all, so all sessions applied the same prefix, and each
+    continues exactly like a twin that applied the same steps."""
+    n, rounds = 8, 60
+    batched = [_open(stub, 250 * k) for k in range(n)]
+    single = [_open(stub, 250 * k) for k in range(n)]
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            messages = (
+                pb.ObserveBatchRequest(steps=[_one_row(batched[k], t, k) for k in range(n)]) for t in range(1, rounds)
+            )
+            call = pb_grpc.ForecasterStub(ch).StreamBatch(iter(messages))
+            for _ in range(3):
+                await call.read()
+            call.cancel()
+
+    asyncio.run(run())
+    time.sleep(0.5)  # steps already started finish and commit
+
+    async def sequences() -> list[int]:
+        return [srv.app.sessions.get(s).last_seq for s in batched]
+
+    applied = srv.call(sequences())
+    assert len(set(applied)) == 1 and 3 <= applied[0] < rounds - 1, applied  # whole messages, not all of them
+    for k, (sid, twin) in enumerate(zip(batched, single, strict=True)):
+        for t in range(1, applied[k] + 1):
+            stub.Observe(_one_row(twin, t, k))
+        nxt = applied[k] + 1
+        mine, theirs = stub.Observe(_one_row(sid, nxt, k)).forecast, stub.Observe(_one_row(twin, nxt, k)).forecast
+        np.testing.assert_allclose(array(mine), array(theirs), rtol=1e-6, atol=1e-6)
