@@ -950,8 +950,10 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         A gateway pipelines: it sends the next message for the same sessions before the answer to the
         previous one. Such a uniform message begins when the previous message's steps have finished (its
         turns are let go), as one block again, instead of every step waiting for its session's turn on its
-        own; a message that names other sessions begins at once."""
-        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()  # [answer, steps, call or None once counted]
+        own. Any message read while an earlier one still waits to begin waits behind it too, so no message
+        overtakes one read before it; a message that names other sessions than the one before begins at once."""
+        # each message: [answer, steps, call (None once counted), begun]
+        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
@@ -983,13 +985,18 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             fut: asyncio.Future[bytes] = loop.create_future()
 
             def copy(inner: asyncio.Future[bytes]) -> None:
-                if not fut.done():
+                if fut.done():
+                    return
+                if inner.cancelled():
+                    fut.cancel()
+                else:
                     fut.set_result(inner.result())
 
             def go(_: asyncio.Future[bytes]) -> None:
                 if gone:  # the stream has ended: nobody to answer, nothing to apply
                     fut.cancel()
                     return
+                entry[3] = True
                 begin(req, entry).add_done_callback(copy)
 
             previous.add_done_callback(go)
@@ -997,19 +1004,21 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
 
         async def read() -> None:
             nonlocal unsent
-            last: asyncio.Future[bytes] | None = None  # the previous message's answer
+            last: list[Any] | None = None  # the previous message's entry
             last_words = None  # and the ids it named
             try:
                 async for req in request_iterator:
-                    entry: list[Any] = [None, 1, _Call()]
+                    entry: list[Any] = [None, 1, _Call(), False]
                     u = req.uniform(known)
                     if u is not None:
                         entry[1] = len(u.seqs)
-                        if last is not None and not last.done() and u.words is last_words:
-                            entry[0] = after(last, req, entry)  # the same sessions, still stepping
+                    if last is not None and not last[0].done():
+                        same = u is not None and u.words is last_words  # the same sessions, still stepping
+                        if same or not last[3]:  # or the one before has not begun: keep the order
+                            entry[0] = after(last[0], req, entry)
                     if entry[0] is None:
-                        entry[0] = begin(req, entry)
-                    last, last_words = entry[0], None if u is None else u.words
+                        entry[0], entry[3] = begin(req, entry), True
+                    last, last_words = entry, None if u is None else u.words
                     unsent += entry[1]
                     queue.put_nowait(entry)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
@@ -1023,7 +1032,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await queue.get()) is not None:
-                fut, n, call = item
+                fut, n, call, _ = item
                 response = await fut  # a refusal made by a pipelined message's begin is counted already
                 if item[2] is not None:
                     self._count("StreamBatch", call, grpc.StatusCode.OK)

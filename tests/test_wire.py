@@ -278,3 +278,20 @@ def test_a_cancelled_pipelined_stream_leaves_every_session_consistent(
         nxt = applied[k] + 1
         mine, theirs = stub.Observe(_one_row(sid, nxt, k)).forecast, stub.Observe(_one_row(twin, nxt, k)).forecast
         np.testing.assert_allclose(array(mine), array(theirs), rtol=1e-6, atol=1e-6)
+
+
+def test_a_pipelined_message_never_overtakes_one_read_before_it(stub: pb_grpc.ForecasterStub) -> None:
+    """m2 names m1's sessions and waits for m1; m3 names those and one more: it must wait behind m2 rather
+    than start at once (its steps for a and b would then reach the sessions before m2's and be refused)."""
+    a, b, x = (_open(stub, 300 * k) for k in range(3))
+    twins = [_open(stub, 300 * k) for k in range(3)]
+    plan = [[(a, 1, 0), (b, 1, 1)], [(a, 2, 0), (b, 2, 1)], [(a, 3, 0), (b, 3, 1), (x, 1, 2)], [(x, 2, 2)]]
+    messages = [pb.ObserveBatchRequest(steps=[_one_row(s, t, k) for s, t, k in m]) for m in plan]
+    replies = list(stub.StreamBatch(iter(messages), timeout=60))
+    got = [[(r.session_id, r.sequence, r.WhichOneof("result")) for r in reply.results] for reply in replies]
+    assert got == [[(s, t, "forecast") for s, t, _ in m] for m in plan], got
+    last = {s: r.forecast for reply in replies for r in reply.results for s in [r.session_id]}
+    for (sid, twin), k, steps in zip(((a, twins[0]), (b, twins[1]), (x, twins[2])), range(3), (3, 3, 2), strict=True):
+        for t in range(1, steps + 1):
+            alone = stub.Observe(_one_row(twin, t, k)).forecast
+        np.testing.assert_allclose(array(last[sid]), array(alone), rtol=1e-6, atol=1e-6)
