@@ -945,7 +945,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         """ObserveBatch on a stream, one answer per message in message order. A message's steps take their
         sessions' turns when it is read, so steps apply in arrival order across messages too. The stream
         reads on while fewer than `max_stream_inflight` steps are unanswered
-        (a message refused whole counts one; any other, its steps).
+        (a message refused whole as it is read counts one; any other, its steps).
 
         A gateway pipelines: it sends the next message for the same sessions before the answer to the
         previous one. Such a uniform message begins when the previous message's steps have finished (its
@@ -1018,6 +1018,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                             entry[0] = after(last[0], req, entry)
                     if entry[0] is None:
                         entry[0], entry[3] = begin(req, entry), True
+                        if entry[2] is None:  # refused whole (answered already): counts one
+                            entry[1] = 1
                     last, last_words = entry, None if u is None else u.words
                     unsent += entry[1]
                     queue.put_nowait(entry)

@@ -71,7 +71,9 @@ def _first_record(data: bytes) -> Layout | None:
     if len(data) < 2 or data[0] != 0x0A or data[1] & 0x80:
         return None
     stride = 2 + data[1]
-    if len(data) < stride or data[2] != 0x0A or data[3] != 0x20 or data[36] != 0x10:
+    if stride <= _SEQ_AT or len(data) < stride:  # too short for an id and a sequence (an empty step: b"\n\0")
+        return None
+    if data[2] != 0x0A or data[3] != 0x20 or data[36] != 0x10:
         return None
     k = _varint_len(data, _SEQ_AT)
     at = _SEQ_AT + k
@@ -127,6 +129,8 @@ class Uniform(NamedTuple):
             if known is not None:
                 known.ids, known.words, known.codes = chars.tobytes(), words, None
         seq = records[:, layout.seq]
+        if seq.shape[1] > 1 and not seq[:, -1].all():
+            return None  # a sequence written longer than it needs: the answer would not be protobuf's bytes
         if seq.shape[1] == 1:
             seqs = seq[:, 0].astype(np.uint64)
         else:

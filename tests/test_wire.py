@@ -81,14 +81,20 @@ def test_what_is_not_uniform_is_left_to_protobuf() -> None:
     cases["a column count whose values cannot fit"] = bytes(bad_cols)
     for what, data in cases.items():
         assert Uniform.parse(data) is None, what
-    # a non-minimal varint (1 written in two bytes) is still read as protobuf reads it
+    # a non-minimal varint (1 written in two bytes) decodes, but protobuf would answer it with one byte:
+    # left to protobuf, so that a uniform answer is always protobuf's bytes (found in review)
     longer = bytearray(_message([a], [1], one))
     at = longer.index(b"\x10\x01")
     longer[at : at + 2] = b"\x10\x81\x00"
     longer[1] += 1  # the record is one byte longer
-    u = Uniform.parse(bytes(longer))
-    assert u is not None and u.seqs.tolist() == [1]
     assert pb.ObserveBatchRequest.FromString(bytes(longer)).steps[0].sequence == 1
+    assert Uniform.parse(bytes(longer)) is None
+    # steps too short for an id and a sequence, which protobuf decodes (an IndexError before: found in review)
+    cases["an empty step"] = b"\x0a\x00"
+    cases["a step with only its id"] = b"\x0a\x22\x0a\x20" + a.encode()
+    for what in ("an empty step", "a step with only its id"):
+        assert len(pb.ObserveBatchRequest.FromString(cases[what]).steps) == 1, what  # valid protobuf
+        assert Uniform.parse(cases[what]) is None, what
 
 
 @settings(max_examples=300, deadline=None)
@@ -102,7 +108,14 @@ def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataOb
     raw = bytearray(_message(ids, [seq] * n, np.arange(n, dtype=np.float32).reshape(n, 1)))
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(raw) - 1))
-        raw[at] = data.draw(st.integers(0, 255))
+        edit = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+        if edit == "replace":
+            raw[at] = data.draw(st.integers(0, 255))
+        elif edit == "insert":
+            raw.insert(at, data.draw(st.integers(0, 255)))
+        elif len(raw) > 1:
+            del raw[at]
+    raw = raw[: data.draw(st.integers(0, len(raw)))]  # and cut anywhere
     u = Uniform.parse(bytes(raw))
     if u is None:
         return
@@ -112,6 +125,18 @@ def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataOb
     assert [w.tobytes().hex() for w in u.words] == got_ids
     assert u.seqs.tolist() == got_seqs
     np.testing.assert_array_equal(u.x[:, 0, :].view(np.uint32), got_values.view(np.uint32))
+    # and its answers are protobuf's bytes for those ids and sequences
+    y = np.arange(len(got_ids) * 3, dtype=np.float32).reshape(-1, 3, 1)
+    records, _ = answers(u, np.arange(len(got_ids)), y, None)
+    expected = pb.ObserveBatchResponse(
+        results=[
+            pb.StreamResponse(
+                session_id=i, sequence=q, forecast=pb.Matrix(rows=3, cols=1, values=y[k].ravel().tolist())
+            )
+            for k, (i, q) in enumerate(zip(got_ids, got_seqs, strict=True))
+        ]
+    )
+    assert records == expected.SerializeToString()
 
 
 @pytest.mark.parametrize("quantiles", [False, True])
@@ -295,3 +320,22 @@ def test_a_pipelined_message_never_overtakes_one_read_before_it(stub: pb_grpc.Fo
         for t in range(1, steps + 1):
             alone = stub.Observe(_one_row(twin, t, k)).forecast
         np.testing.assert_allclose(array(last[sid]), array(alone), rtol=1e-6, atol=1e-6)
+
+
+def test_a_step_too_short_for_the_fast_read_gets_its_own_error(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    """An empty step decodes (protobuf) and is that step's INVALID_ARGUMENT: on ObserveBatch, and on a
+    stream that goes on to the next message (it ended the stream before: found in review)."""
+    a = _open(stub, 0)
+    raw = {"request_serializer": lambda b: b, "response_deserializer": pb.ObserveBatchResponse.FromString}
+    with grpc.insecure_channel(srv.address) as ch:
+        reply = ch.unary_unary("/gatecast.v1.Forecaster/ObserveBatch", **raw)(b"\x0a\x00", timeout=10)
+        assert reply.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        good = [pb.ObserveBatchRequest(steps=[_one_row(a, t, 0)]).SerializeToString() for t in (1, 2)]
+        replies = list(
+            ch.stream_stream("/gatecast.v1.Forecaster/StreamBatch", **raw)(
+                iter([good[0], b"\x0a\x00", good[1]]), timeout=10
+            )
+        )
+    assert [r.results[0].WhichOneof("result") for r in replies] == ["forecast", "error", "forecast"]
