@@ -239,11 +239,13 @@ def main() -> None:
     ceiling = [ort_ceiling(folder, b, ctx, min(args.seconds, 3)) for b in (1, 8, 64, 256)]
     ceiling += [ort_ceiling(folder, b, 1, min(args.seconds, 3)) for b in (1, 64, 256)]
 
+    defaults = Settings()
     result = {
         "model": f"{manifest.name} v{manifest.version} ({manifest.cell} {manifest.layers}x{manifest.hidden_size}, "
         f"context {ctx}, horizon {manifest.horizon}, input {manifest.input_form})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU provider; client and server share the cores",
-        "server_settings": f"defaults (max_batch_size 512, max_queue_delay_ms 0, intra_op_threads 1), {env}",
+        "server_settings": f"defaults (max_batch_size {defaults.max_batch_size}, max_queue_delay_ms "
+        f"{defaults.max_queue_delay_ms:g}, intra_op_threads {defaults.intra_op_threads}), {env}",
         "seconds_per_point": args.seconds,
         "forecast": forecast,
         "sessions": sessions,

@@ -26,13 +26,13 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .auth import caller_identity
 from .batcher import Output
-from .convert import _SESSION_ID, _head, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
+from .convert import _SESSION_ID, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
-from .wire import BatchWire, Known, Uniform, answers
+from .wire import BatchWire, Known, Uniform, answers, matrix_field
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,10 @@ def _give_up(waiting: dict[asyncio.Future[None], Session]) -> None:
 _STRING_1 = b"\x0a"  # the tag of a length-delimited field 1 (StreamResponse.session_id, ObserveBatchResponse.results)
 
 
-def _wire_matrices(tag: bytes, a: np.ndarray) -> list[bytes]:
+def _wire_matrices(tag: int, a: np.ndarray) -> list[bytes]:
     """Each a[k] ([rows, cols]) as a Matrix field's wire form (its tag, length and message)."""
     n, rows, cols = a.shape
-    head = _head(rows, cols, rows * cols)
-    field = tag + _varint(len(head) + 4 * rows * cols) + head
+    field = matrix_field(tag, rows, cols)
     raw, size = np.ascontiguousarray(a, "<f4").tobytes(), 4 * rows * cols
     return [field + raw[k : k + size] for k in range(0, n * size, size)]
 
@@ -280,9 +279,9 @@ class _Answer:
 
 def _put_steps(answer: _Answer, idx: list[int], ids: list[str], seq_list: list[int], out: Output) -> None:
     """A block's answers for steps idx of a message decoded by protobuf, each in its wire form."""
-    ys = _wire_matrices(b"\x1a", out.y)  # every result: session_id (1), sequence (2), forecast (3)
+    ys = _wire_matrices(0x1A, out.y)  # every result: session_id (1), sequence (2), forecast (3)
     if out.q is not None:  # and quantile_forecast (5)
-        qs = _wire_matrices(b"\x2a", out.q.reshape(*out.q.shape[:2], -1))
+        qs = _wire_matrices(0x2A, out.q.reshape(*out.q.shape[:2], -1))
         ys = [y + q for y, q in zip(ys, qs, strict=True)]
     heads = [b"\x0a\x20" + ids[i].encode() + b"\x10" for i in idx]
     answer.put_many(idx, [h + _uint(s) + y for h, s, y in zip(heads, seq_list, ys, strict=True)])
@@ -294,6 +293,19 @@ def _fill(response: Any, out: Output) -> None:
     response.forecast.CopyFrom(to_matrix(out.y))
     if out.q is not None:
         response.quantile_forecast.CopyFrom(to_quantile_matrix(out.q))
+
+
+class _Message:
+    """A StreamBatch message in flight: its answer, the steps it counts toward max_stream_inflight, its call
+    for the metrics (None once counted) and whether its steps have begun."""
+
+    __slots__ = ("answer", "begun", "call", "steps")
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[bytes] | None = None
+        self.steps = 1
+        self.call: _Call | None = _Call()
+        self.begun = False
 
 
 class _Call:
@@ -952,8 +964,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         turns are let go), as one block again, instead of every step waiting for its session's turn on its
         own. Any message read while an earlier one still waits to begin waits behind it too, so no message
         overtakes one read before it; a message that names other sessions than the one before begins at once."""
-        # each message: [answer, steps, call (None once counted), begun]
-        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[_Message | None] = asyncio.Queue()
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
@@ -971,16 +982,19 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             fut.set_result(answer.SerializeToString())
             return fut
 
-        def begin(req: BatchWire, entry: list[Any]) -> asyncio.Future[bytes]:
+        def begin(req: BatchWire, msg: _Message) -> asyncio.Future[bytes]:
             """Begins a message's steps; a refusal is answered (and counted) at once."""
+            call = msg.call
+            assert call is not None
+            msg.begun = True
             try:
-                fut, _ = self._begin_batch("StreamBatch", req, owner, deadline, waiting, entry[2], known)
+                fut, _ = self._begin_batch("StreamBatch", req, owner, deadline, waiting, call, known)
             except Exception as e:
-                fut = refused(e, entry[2])
-                entry[2] = None  # counted already
+                fut = refused(e, call)
+                msg.call = None  # counted already
             return fut
 
-        def after(previous: asyncio.Future[bytes], req: BatchWire, entry: list[Any]) -> asyncio.Future[bytes]:
+        def after(previous: asyncio.Future[bytes], req: BatchWire, msg: _Message) -> asyncio.Future[bytes]:
             """A pipelined message: begun once the previous one has its answer (its turns let go)."""
             fut: asyncio.Future[bytes] = loop.create_future()
 
@@ -996,33 +1010,32 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 if gone:  # the stream has ended: nobody to answer, nothing to apply
                     fut.cancel()
                     return
-                entry[3] = True
-                begin(req, entry).add_done_callback(copy)
+                begin(req, msg).add_done_callback(copy)
 
             previous.add_done_callback(go)
             return fut
 
         async def read() -> None:
             nonlocal unsent
-            last: list[Any] | None = None  # the previous message's entry
+            last: _Message | None = None  # the previous message
             last_words = None  # and the ids it named
             try:
                 async for req in request_iterator:
-                    entry: list[Any] = [None, 1, _Call(), False]
+                    msg = _Message()
                     u = req.uniform(known)
                     if u is not None:
-                        entry[1] = len(u.seqs)
-                    if last is not None and not last[0].done():
+                        msg.steps = len(u.seqs)
+                    if last is not None and last.answer is not None and not last.answer.done():
                         same = u is not None and u.words is last_words  # the same sessions, still stepping
-                        if same or not last[3]:  # or the one before has not begun: keep the order
-                            entry[0] = after(last[0], req, entry)
-                    if entry[0] is None:
-                        entry[0], entry[3] = begin(req, entry), True
-                        if entry[2] is None:  # refused whole (answered already): counts one
-                            entry[1] = 1
-                    last, last_words = entry, None if u is None else u.words
-                    unsent += entry[1]
-                    queue.put_nowait(entry)
+                        if same or not last.begun:  # or the one before has not begun: keep the order
+                            msg.answer = after(last.answer, req, msg)
+                    if msg.answer is None:
+                        msg.answer = begin(req, msg)
+                        if msg.call is None:  # refused whole (answered already): counts one
+                            msg.steps = 1
+                    last, last_words = msg, None if u is None else u.words
+                    unsent += msg.steps
+                    queue.put_nowait(msg)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
@@ -1033,13 +1046,13 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await queue.get()) is not None:
-                fut, n, call, _ = item
-                response = await fut  # a refusal made by a pipelined message's begin is counted already
-                if item[2] is not None:
-                    self._count("StreamBatch", call, grpc.StatusCode.OK)
+            while (msg := await queue.get()) is not None:
+                assert msg.answer is not None
+                response = await msg.answer
+                if msg.call is not None:  # a refusal is counted already (also one made by a pipelined begin)
+                    self._count("StreamBatch", msg.call, grpc.StatusCode.OK)
                 yield response
-                unsent -= n
+                unsent -= msg.steps
                 if unsent < limit:
                     room.set()
         finally:

@@ -166,7 +166,7 @@ class BatchWire:
         return self._message
 
 
-def _matrix_field(tag: int, rows: int, cols: int) -> bytes:
+def matrix_field(tag: int, rows: int, cols: int) -> bytes:
     """A Matrix field up to its values (tag, length, rows, cols, the packed values' tag and length)."""
     head = _head(rows, cols, rows * cols)
     return bytes((tag,)) + _varint(len(head) + 4 * rows * cols) + head
@@ -176,12 +176,12 @@ def _matrix_field(tag: int, rows: int, cols: int) -> bytes:
 def _answer_template(k: int, y_shape: tuple[int, int], q_shape: tuple[int, int] | None) -> tuple[bytes, int, int, int]:
     """An answer record (results tag and length, then a StreamResponse) with zeroed variable parts; where
     the StreamResponse begins, and where the forecast's and the quantile forecast's values begin."""
-    body = b"\x0a\x20" + bytes(32) + b"\x10" + bytes(k) + _matrix_field(0x1A, *y_shape)
+    body = b"\x0a\x20" + bytes(32) + b"\x10" + bytes(k) + matrix_field(0x1A, *y_shape)
     y_at = len(body)
     body += bytes(4 * y_shape[0] * y_shape[1])
     q_at = 0
     if q_shape is not None:
-        body += _matrix_field(0x2A, *q_shape)
+        body += matrix_field(0x2A, *q_shape)
         q_at = len(body)
         body += bytes(4 * q_shape[0] * q_shape[1])
     prefix = b"\x0a" + _varint(len(body))

@@ -60,6 +60,28 @@ def _close(a: np.ndarray, b: np.ndarray) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def cancel_after_answers(address: str, messages: Iterator[pb.ObserveBatchRequest], answers: int) -> None:
+    """A StreamBatch that sends `messages` as fast as flow control lets it and goes away after `answers`
+    answers; returns once the server has had time to finish (and commit) the steps it had started."""
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = pb_grpc.ForecasterStub(ch).StreamBatch(messages)
+            for _ in range(answers):
+                await call.read()
+            call.cancel()
+
+    asyncio.run(run())
+    time.sleep(0.5)
+
+
+def last_sequences(srv: RunningServer, session_ids: list[str]) -> list[int]:
+    async def read() -> list[int]:
+        return [srv.app.sessions.get(s).last_seq for s in session_ids]
+
+    return srv.call(read())  # type: ignore[no-any-return]
+
+
 def test_observe_batch_answers_equal_single_observes(stub: pb_grpc.ForecasterStub) -> None:
     n = 6
     batched, single = _twins(stub, n)
@@ -166,23 +188,9 @@ def test_a_cancelled_stream_batch_leaves_every_session_consistent(
     sequence number says how many, and it continues exactly like a twin that applied the same steps."""
     n, rounds = 8, 60
     batched, single = _twins(stub, n)
-
-    async def run() -> None:
-        async with grpc.aio.insecure_channel(srv.address) as ch:
-            steps = ([_step(batched[k], t, k) for k in range(n)] for t in range(1, rounds))
-            messages = (pb.ObserveBatchRequest(steps=s) for s in steps)
-            call = pb_grpc.ForecasterStub(ch).StreamBatch(iter(messages))
-            for _ in range(3):
-                await call.read()
-            call.cancel()
-
-    asyncio.run(run())
-    time.sleep(0.5)  # steps already started finish and commit
-
-    async def sequences() -> list[int]:
-        return [srv.app.sessions.get(s).last_seq for s in batched]
-
-    applied = srv.call(sequences())
+    steps = ([_step(batched[k], t, k) for k in range(n)] for t in range(1, rounds))
+    cancel_after_answers(srv.address, (pb.ObserveBatchRequest(steps=s) for s in steps), 3)
+    applied = last_sequences(srv, batched)
     assert all(3 <= k < rounds for k in applied), applied
     for k, (sid, twin) in enumerate(zip(batched, single, strict=True)):
         for t in range(1, applied[k] + 1):

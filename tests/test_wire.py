@@ -5,9 +5,7 @@ uniform message is answered as a single Observe would answer it, errors included
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from gatecast.service.wire import Uniform, answers
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, array, matrix, taylor_values
+from tests.test_observe_batch import cancel_after_answers, last_sequences
 from tests.test_reliability_engine import serve, taylor_repo
 
 __all__ = ["taylor_repo"]  # the module fixture, shared
@@ -187,9 +186,11 @@ def _one_row(sid: str, t: int, k: int) -> pb.ObserveRequest:
     return pb.ObserveRequest(session_id=sid, sequence=t, rows=matrix(VALUES[2000 + 41 * k + t : 2001 + 41 * k + t]))
 
 
-def _steps_by_path(srv: RunningServer, rpc: str) -> tuple[float, float]:
-    m = srv.app.metrics.batch_steps
-    return m.labels(rpc, "block")._value.get(), m.labels(rpc, "single")._value.get()
+def _steps_by_path(srv: RunningServer, rpc: str) -> tuple[float | None, float | None]:
+    def value(path: str) -> float | None:
+        return srv.app.metrics.registry.get_sample_value("gatecast_batch_steps_total", {"rpc": rpc, "path": path})
+
+    return value("block"), value("single")
 
 
 def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.ForecasterStub, srv: RunningServer) -> None:
@@ -203,6 +204,7 @@ def test_uniform_stream_batch_answers_equal_single_observes(stub: pb_grpc.Foreca
     assert all(Uniform.parse(m.SerializeToString()) is not None for m in messages)  # this test is about that path
     block, one_by_one = _steps_by_path(srv, "StreamBatch")
     replies = list(stub.StreamBatch(iter(messages), timeout=60))
+    assert block is not None and one_by_one is not None  # exported from the start
     assert _steps_by_path(srv, "StreamBatch") == (block + n * rounds, one_by_one)  # no step went the single way
     for t, reply in enumerate(replies, start=1):
         assert [(r.session_id, r.sequence) for r in reply.results] == [(s, t) for s in batched]
@@ -278,24 +280,9 @@ def test_a_cancelled_pipelined_stream_leaves_every_session_consistent(
     n, rounds = 8, 60
     batched = [_open(stub, 250 * k) for k in range(n)]
     single = [_open(stub, 250 * k) for k in range(n)]
-
-    async def run() -> None:
-        async with grpc.aio.insecure_channel(srv.address) as ch:
-            messages = (
-                pb.ObserveBatchRequest(steps=[_one_row(batched[k], t, k) for k in range(n)]) for t in range(1, rounds)
-            )
-            call = pb_grpc.ForecasterStub(ch).StreamBatch(iter(messages))
-            for _ in range(3):
-                await call.read()
-            call.cancel()
-
-    asyncio.run(run())
-    time.sleep(0.5)  # steps already started finish and commit
-
-    async def sequences() -> list[int]:
-        return [srv.app.sessions.get(s).last_seq for s in batched]
-
-    applied = srv.call(sequences())
+    messages = (pb.ObserveBatchRequest(steps=[_one_row(batched[k], t, k) for k in range(n)]) for t in range(1, rounds))
+    cancel_after_answers(srv.address, messages, 3)
+    applied = last_sequences(srv, batched)
     assert len(set(applied)) == 1 and 3 <= applied[0] < rounds - 1, applied  # whole messages, not all of them
     for k, (sid, twin) in enumerate(zip(batched, single, strict=True)):
         for t in range(1, applied[k] + 1):
