@@ -18,7 +18,7 @@ import gc
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,7 +37,9 @@ from .servicer import ForecasterServicer, TolerantDecoding, add_to_server
 from .sessions import SessionTable
 from .settings import Settings
 from .snapshot import Snapshotter
-from .store import SessionStore
+
+if TYPE_CHECKING:
+    from .store import SessionStore  # imported when a store is configured: redis costs 9 MiB of every server
 
 log = logging.getLogger(__name__)
 GC_YOUNG = 20_000
@@ -274,7 +276,11 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     repo = Repository(settings, metrics)
     sessions = SessionTable(metrics, settings.session_idle_s, settings.max_sessions_per_identity)
-    store = SessionStore(settings, sessions, repo, metrics) if settings.session_store_url is not None else None
+    store: SessionStore | None = None
+    if settings.session_store_url is not None:
+        from .store import SessionStore
+
+        store = SessionStore(settings, sessions, repo, metrics)
     credentials = server_credentials(settings)  # files checked before anything is bound
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_tokens_file is not None:

@@ -183,6 +183,13 @@ def test_service_never_imports_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+def test_server_without_a_store_never_imports_redis() -> None:
+    """redis (and the cryptography it pulls in) is 9 MiB of every server's memory: only a configured
+    session store imports it."""
+    code = "import sys, gatecast.service.main, gatecast.service.server; sys.exit('redis' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     from gatecast.codegen import generate
 
