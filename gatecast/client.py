@@ -5,6 +5,8 @@
         frame = client.forecast(history, "taylor")        # history: a frame with a time index
         with client.session("taylor", history=history) as session:
             frame = session.observe(new_rows)
+        a, b = client.session("taylor").open(), client.session("taylor").open()
+        frames = client.observe_many([(a, rows_a), (b, rows_b)])  # one ObserveBatch call
 
 Forecasts come back as pandas frames indexed by the forecast timestamps: the input's last timestamp plus
 1..horizon model steps (the model's step when it has one, else the input index's frequency; an integer index
@@ -20,6 +22,7 @@ needed (`pip install 'gatecast[client]'`); the server is not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Sequence
@@ -139,6 +142,15 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
 def _error(target: str, e: grpc.RpcError) -> ClientError:
     code = e.code()  # type: ignore[attr-defined]
     return ClientError(f"{target}: {code.name}: {e.details()}", code)  # type: ignore[attr-defined]
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _step_error(target: str, session: str, sequence: int, error: pb.StreamError) -> ClientError:
+    """A batch step's own error (the other steps of its call were answered)."""
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    return ClientError(f"{target}: session {session} step {sequence}: {code.name}: {error.message}", code)
 
 
 # --- what goes out and what comes back -----------------------------------------------------------------
@@ -330,6 +342,29 @@ class Client(_ClientBase):
         """A streaming session, opened on entering `with` (or at its first step) and closed on leaving it."""
         return Session(self, model, version, history)
 
+    def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
+        """New rows for many sessions of this client in one ObserveBatch call (what a gateway sends): in
+        order, each session's forecast after its rows, or its step's own error as a ClientError (a bad step
+        never fails the others). Each session numbers its step and resends an unanswered one first, as
+        `observe` does. Raises ClientError when the call fails as a whole (each step then stands as
+        `observe` would leave it). Sessions not yet open are opened first."""
+        for session, _ in steps:
+            if session.client is not self:
+                raise ClientError(f"session {session.id} belongs to another client")
+            session.open()
+        many = _ObserveMany(self._conf.target, steps)
+        for final in (False, True):
+            request = many.request(final)
+            if request is None:
+                continue
+            try:
+                reply = self._call("ObserveBatch", request)
+            except ClientError as e:
+                many.failed(e)
+                raise
+            many.answered(reply, final)
+        return many.out()
+
     def close(self) -> None:
         self.channel.close()
 
@@ -394,9 +429,63 @@ class _SessionState(Generic[S]):
         elif error.code in OUTCOME_UNKNOWN:
             self._pending = (seq, x)
 
-    def _answer(self, reply: pb.ObserveResponse | pb.OpenSessionResponse) -> pd.DataFrame:
+    def _answer(self, reply: pb.ObserveResponse | pb.OpenSessionResponse | pb.StreamResponse) -> pd.DataFrame:
         assert self.info is not None
         return _frame(self.info, reply.forecast, reply.quantile_forecast, self._last_index, self._offset)
+
+
+class _ObserveMany:
+    """What `observe_many` keeps between its (at most two) ObserveBatch calls, for both clients. A session
+    whose last step's outcome is unknown has that step resent first, in a call of its own (as `observe`
+    does); a resend refused for good stands as the answer to that session's new rows, which are not sent.
+    Then every other session's new rows go in one call, each numbered by its session."""
+
+    def __init__(self, target: str, steps: Sequence[tuple[_SessionState[Any], Any]]) -> None:
+        self.target = target
+        seen: set[int] = set()
+        for session, _ in steps:
+            if id(session) in seen:
+                raise ClientError(
+                    f"session {session.id} appears twice in one observe_many; send its rows together "
+                    "(one array of rows x features) or in the next call"
+                )
+            seen.add(id(session))
+        self.steps = [(session, session._step(rows)[0]) for session, rows in steps]
+        self.results: list[pd.DataFrame | ClientError | None] = [None] * len(steps)
+        self._items: list[tuple[int, _SessionState[Any], int, np.ndarray]] = []
+
+    def request(self, final: bool) -> pb.ObserveBatchRequest | None:
+        """The resends (`final` False) or the new rows (True) as one message; None when there are none."""
+        if final:
+            self._items = [(k, s, s.next_sequence, x) for k, (s, x) in enumerate(self.steps) if self.results[k] is None]
+        else:
+            self._items = [(k, s, *s._pending) for k, (s, _) in enumerate(self.steps) if s._pending is not None]
+        if not self._items:
+            return None
+        return pb.ObserveBatchRequest(steps=[s._request(seq, x) for _, s, seq, x in self._items])
+
+    def failed(self, error: ClientError) -> None:
+        """The call failed as a whole: each step's outcome is what the call's status says."""
+        for _, s, seq, x in self._items:
+            s._sent(seq, x, error)
+
+    def answered(self, reply: pb.ObserveBatchResponse, final: bool) -> None:
+        if len(reply.results) != len(self._items):
+            raise ClientError(f"{self.target}: {len(reply.results)} results for {len(self._items)} steps")
+        for (k, s, seq, x), r in zip(self._items, reply.results, strict=True):
+            if r.WhichOneof("result") == "forecast":
+                s._sent(seq, x, None)
+                if final:
+                    self.results[k] = s._answer(r)
+            else:
+                error = _step_error(self.target, s.id, seq, r.error)
+                s._sent(seq, x, error)
+                self.results[k] = error
+
+    def out(self) -> list[pd.DataFrame | ClientError]:
+        done = [r for r in self.results if r is not None]
+        assert len(done) == len(self.results), "every step is answered once both calls are"
+        return done
 
 
 class Session(_SessionState[Client]):
@@ -494,6 +583,25 @@ class AsyncClient(_ClientBase):
 
     def session(self, model: str, version: int = 0, *, history: Any = None) -> AsyncSession:
         return AsyncSession(self, model, version, history)
+
+    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]]) -> list[pd.DataFrame | ClientError]:
+        """`Client.observe_many`; sessions not yet open are opened concurrently."""
+        for session, _ in steps:
+            if session.client is not self:
+                raise ClientError(f"session {session.id} belongs to another client")
+        await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
+        many = _ObserveMany(self._conf.target, steps)
+        for final in (False, True):
+            request = many.request(final)
+            if request is None:
+                continue
+            try:
+                reply = await self._call("ObserveBatch", request)
+            except ClientError as e:
+                many.failed(e)
+                raise
+            many.answered(reply, final)
+        return many.out()
 
     async def close(self) -> None:
         await self.channel.close()

@@ -215,6 +215,9 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
     def CloseSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._forward("CloseSession", request, context)
 
+    def ObserveBatch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._forward("ObserveBatch", request, context)
+
     def GetModel(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._forward("GetModel", request, context)
 
@@ -270,12 +273,77 @@ def test_a_lost_observe_answer_is_retried_with_the_same_sequence_and_applied_onc
     np.testing.assert_allclose(late.to_numpy(), after_all, rtol=1e-5)  # every row applied exactly once
 
 
+def test_observe_many_answers_each_session_as_its_own_observe_would(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    frames = [taylor.iloc[i : i + 8] for i in range(0, 24, 8)]  # three sessions, two calls of 2 then 3 rows
+    firsts, seconds = [f.iloc[:2] for f in frames], [f.iloc[2:5] for f in frames]
+    want = [_reference(raw, "taylor", [a.to_numpy(), b.to_numpy()]) for a, b in zip(firsts, seconds, strict=True)]
+    with Client(server.address) as client:
+        sessions = [client.session("taylor") for _ in frames]  # opened by the first call
+        got = [client.observe_many(list(zip(sessions, rows, strict=True))) for rows in (firsts, seconds)]
+        assert [s.next_sequence for s in sessions] == [3, 3, 3]
+        for s in sessions:
+            s.close()
+    for k, rows in enumerate(seconds):
+        first, second = got[0][k], got[1][k]
+        assert isinstance(first, pd.DataFrame) and isinstance(second, pd.DataFrame)
+        np.testing.assert_array_equal(first.to_numpy(), want[k][0])
+        np.testing.assert_array_equal(second.to_numpy(), want[k][1])
+        assert second.index[0] == rows.index[-1] + pd.Timedelta("30min")  # timed after its own rows
+
+
+def test_observe_many_gives_a_bad_step_its_own_error_and_answers_the_rest(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    rows = taylor.iloc[:2].to_numpy()
+    with Client(server.address) as client:
+        live, gone = client.session("taylor").open(), client.session("taylor").open()
+        raw.CloseSession(pb.CloseSessionRequest(session_id=gone.id))  # closed behind the client's back
+        ok, lost = client.observe_many([(live, rows), (gone, rows)])
+        assert isinstance(ok, pd.DataFrame) and live.next_sequence == 2
+        assert isinstance(lost, ClientError) and lost.code == grpc.StatusCode.NOT_FOUND
+        assert gone.id in str(lost) and gone.next_sequence == 1
+        with pytest.raises(ClientError, match="appears twice"):
+            client.observe_many([(live, rows), (live, rows)])
+        assert live.next_sequence == 2  # refused before anything was sent
+        with Client(server.address) as other, pytest.raises(ClientError, match="another client"):
+            other.observe_many([(live, rows)])
+        live.close()
+    np.testing.assert_array_equal(ok.to_numpy(), _reference(raw, "taylor", [rows])[0])
+
+
+def test_a_lost_observe_many_answer_is_resent_with_the_same_numbers_and_applied_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    a_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
+    b_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(10, 16, 2)]
+    with Client(proxy.address, retry=FAST) as client:
+        a, b = client.session("taylor").open(), client.session("taylor").open()
+        client.observe_many([(a, a_rows[0]), (b, b_rows[0])])
+        # applied by the server, every answer lost past the policy's attempts: both steps stand unanswered
+        proxy.faults["ObserveBatch"] = [("after", grpc.StatusCode.UNAVAILABLE)] * FAST.max_attempts
+        with pytest.raises(ClientError, match="UNAVAILABLE"):
+            client.observe_many([(a, a_rows[1]), (b, b_rows[1])])
+        assert (a.next_sequence, b.next_sequence) == (2, 2)
+        last = client.observe_many([(a, a_rows[2]), (b, b_rows[2])])  # resends 2 first, then sends 3
+        ids = a.id, b.id
+        a.close()
+        b.close()
+    sent = [[(step.session_id, step.sequence) for step in r.steps] for r in proxy.seen["ObserveBatch"]]
+    assert sent == [[(i, n) for i in ids] for n in [1] + [2] * 5 + [3]]
+    for frame, rows in zip(last, (a_rows, b_rows), strict=True):
+        (want,) = _reference(raw, "taylor", [np.concatenate(rows)])  # every row applied exactly once
+        assert isinstance(frame, pd.DataFrame)
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
 def test_the_service_config_retries_every_unary_method_and_no_stream() -> None:
     config = json.loads(service_config(Retry()))
     (method,) = config["methodConfig"]
     names = {n["method"] for n in method["name"]}
     assert {"Forecast", "OpenSession", "Observe", "CloseSession", "GetModel", "ListModels"} <= names
-    assert "Stream" not in names
+    assert "Stream" not in names and "StreamBatch" not in names and "ObserveBatch" in names
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert method["retryPolicy"]["maxAttempts"] == 5
 
@@ -286,20 +354,27 @@ def test_the_service_config_retries_every_unary_method_and_no_stream() -> None:
 def test_the_async_client_answers_as_the_blocking_one(server: RunningServer, taylor: pd.DataFrame) -> None:
     steps = [taylor.iloc[i : i + 3] for i in range(0, 9, 3)]
 
-    async def run() -> tuple[pd.DataFrame, list[pd.DataFrame], int]:
+    async def run() -> tuple[pd.DataFrame, list[pd.DataFrame], int, list[Any]]:
         async with AsyncClient(server.address) as client:
             out = await client.forecast(taylor, "taylor")
             async with client.session("taylor") as session:
                 got = [await session.observe(s) for s in steps]
                 closed = await session.close()
-            return out, got, closed
+            pair = [client.session("taylor"), client.session("taylor")]  # opened by observe_many
+            many = [await client.observe_many([(p, s) for p in pair]) for s in steps]
+            for p in pair:
+                await p.close()
+            return out, got, closed, many
 
-    out, got, closed = asyncio.run(run())
+    out, got, closed, many = asyncio.run(run())
     with Client(server.address) as client:
         pd.testing.assert_frame_equal(out, client.forecast(taylor, "taylor"))
         with client.session("taylor") as session:
-            for g, s in zip(got, steps, strict=True):
-                pd.testing.assert_frame_equal(g, session.observe(s))
+            for g, s, both in zip(got, steps, many, strict=True):
+                want = session.observe(s)
+                pd.testing.assert_frame_equal(g, want)
+                for frame in both:
+                    pd.testing.assert_frame_equal(frame, want)
     assert closed == 9  # rows applied
 
 
