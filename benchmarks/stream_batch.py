@@ -15,7 +15,7 @@ field by field and each step without a forecast counts as an error. The run repo
 step beside the server's. The server and the client share this machine's cores: compare the ratio, not
 the absolute figure, across machines.
 
-    python -m benchmarks.stream_batch                     # 8 streams x 64 sessions per message, depths 1 2 4, 10 s each
+    python -m benchmarks.stream_batch              # 8 and 32 streams x 64 sessions/message, depths 1 2 4, 10 s each
     python -m benchmarks.stream_batch --seconds 3 --streams 4 --depth 1
 """
 
@@ -47,6 +47,9 @@ STREAM_BATCH = "/gatecast.v1.Forecaster/StreamBatch"
 OPEN = "/gatecast.v1.Forecaster/OpenSession"
 DEPTH = 2  # messages in flight per stream: one being answered while the next is already there to read
 DEPTHS = [1, 2, 4]  # the points `main` measures: closed loop, and two pipelines a gateway might keep
+# 8 streams leave the server waiting on the clients' round trips (a stream's next message for the same
+# sessions waits for the last one's answer); 32 keep it busy: the rate where the server itself is the limit
+STREAMS = [8, 32]
 
 
 async def call_many(channel: grpc.aio.Channel, method: str, payloads: list[bytes], concurrency: int) -> list[bytes]:
@@ -294,7 +297,13 @@ def stream_batch_point(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument(
+        "--streams",
+        type=int,
+        nargs="+",
+        default=STREAMS,
+        help="streams (a gateway's connections), one set of points each; see STREAMS",
+    )
     ap.add_argument("--per-message", type=int, default=64, help="sessions (one step each) per message")
     ap.add_argument("--client-procs", type=int, default=1)
     ap.add_argument(
@@ -312,20 +321,22 @@ def main() -> None:
     repo = bench_repo()
     folder = repo / MODEL / "1"
     m = Manifest.read(folder)
-    n = a.streams * a.per_message
-    env = {"GATECAST_MAX_SESSIONS": str(n * len(a.depth) + 10), "GATECAST_MAX_QUEUE_SIZE": str(n + 1024)}
+    n = max(a.streams) * a.per_message
+    total = sum(a.streams) * a.per_message * len(a.depth)  # fresh sessions for every point, none closed
+    env = {"GATECAST_MAX_SESSIONS": str(total + 10), "GATECAST_MAX_QUEUE_SIZE": str(n + 1024)}
     row = pb.Matrix(rows=1, cols=1, values=[float(m.scaler.mean[0])]).SerializeToString()
     proc, port = start_server(repo, env)
     points = []
     try:
         address = f"127.0.0.1:{port}"
-        for depth in a.depth:  # fresh sessions for each point (their next sequence is 1)
-            ids = open_sessions(address, n)
-            points.append(
-                stream_batch_point(
-                    address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, depth
+        for streams in a.streams:
+            for depth in a.depth:  # fresh sessions for each point (their next sequence is 1)
+                ids = open_sessions(address, streams * a.per_message)
+                points.append(
+                    stream_batch_point(
+                        address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, depth
+                    )
                 )
-            )
     finally:
         stop(proc)  # type: ignore[arg-type]
     ort = ort_ceiling(folder, a.per_message, 1, min(a.seconds, 5.0))
