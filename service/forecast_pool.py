@@ -237,6 +237,7 @@ class _Worker:
         self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self.ready: dict[ModelVersion, int] = {}  # versions it has loaded, with their key
         self.asked: dict[int, ModelVersion] = {}  # key -> version, loads sent and not yet confirmed
+        self.failed: set[int] = set()  # keys it could not load: not asked again (their Forecasts stay here)
         self.closing = False
         self.gone: asyncio.Future[None] = self.loop.create_future()  # resolves when the channel has closed
         self.channel = Channel(ours, self._frame, self._lost)
@@ -264,6 +265,7 @@ class _Worker:
             self.ready[mv] = key
             log.info("forecast worker %d (pid %d) serves %s v%d", self.index, self.proc.pid, mv.name, mv.version)
         elif not ok:
+            self.failed.add(key)
             log.warning(
                 "forecast worker %d could not load %s v%d (its Forecasts run in the main process): %s",
                 self.index,
@@ -335,6 +337,7 @@ class ForecastPool:
             for w in self.workers:
                 w.ready.pop(mv, None)
                 w.asked.pop(key, None)
+                w.failed.discard(key)
                 if w.alive:
                     w.channel.send(UNLOAD, 0, key, NO_DEADLINE)
         for w in self.workers:
@@ -344,7 +347,7 @@ class ForecastPool:
 
     def _ask(self, w: _Worker) -> None:
         for mv, key in self._keys.items():
-            if mv in w.ready or key in w.asked:
+            if mv in w.ready or key in w.asked or key in w.failed:
                 continue
             w.asked[key] = mv
             m = mv.runtime.manifest
@@ -352,8 +355,8 @@ class ForecastPool:
             w.channel.send(LOAD, 0, key, NO_DEADLINE, json.dumps(spec).encode())
 
     def _check_ready(self) -> None:
-        ready = [w for w in self.workers if w.alive and not w.asked]
-        self.metrics.forecast_workers.set(len(ready))
+        ready = [w for w in self.workers if w.alive and not w.asked]  # every load answered
+        self.metrics.forecast_workers.set(sum(w.alive for w in self.workers))
         if len(ready) == self.size:
             self._ready.set()
         else:
@@ -424,7 +427,11 @@ class ForecastPool:
         task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, w: _Worker, delay: float) -> None:
-        code = await asyncio.to_thread(w.proc.wait)
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(w.proc.wait), STOP_WAIT_S)
+        except TimeoutError:  # its output ended but it lives on: it cannot be used any more
+            w.proc.kill()
+            code = await asyncio.to_thread(w.proc.wait)
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         log.error(
             "forecast worker %d (pid %d) ended (%s); Forecasts run in the main process until another one is up "

@@ -145,7 +145,7 @@ class Metrics:
         )
         self.forecast_workers = Gauge(
             "gatecast_forecast_workers",
-            "Forecast worker processes up and holding every version served (GATECAST_FORECAST_WORKERS)",
+            "Forecast worker processes running (GATECAST_FORECAST_WORKERS); fewer while one is restarted",
             registry=registry,
         )
         self.forecast_worker_restarts = Counter(
