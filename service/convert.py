@@ -91,3 +91,19 @@ def check_session_id(session_id: str) -> str:
             f"session_id {quote(session_id)} is malformed; expected the 32 hex characters OpenSession returned"
         )
     return session_id
+
+
+class Malformed:
+    """A request whose bytes did not decode."""
+
+    __slots__ = ("error", "type_name")
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def problem(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name} message ({quote(self.error, 120)}); "
+            "check the client's generated code against proto/gatecast/v1"
+        )

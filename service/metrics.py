@@ -136,6 +136,24 @@ class Metrics:
             ["rpc", "path"],
             registry=registry,
         )
+        self.forecast_path = Counter(
+            "gatecast_forecast_path",
+            "Forecast requests by where they ran: path=worker (a forecast worker process) or path=process (the "
+            "main process: no worker up, or none holding the version, or the request not readable without decoding)",
+            ["path"],
+            registry=registry,
+        )
+        self.forecast_workers = Gauge(
+            "gatecast_forecast_workers",
+            "Forecast worker processes running (GATECAST_FORECAST_WORKERS); fewer while one is restarted",
+            registry=registry,
+        )
+        self.forecast_worker_restarts = Counter(
+            "gatecast_forecast_worker_restarts",
+            "Forecast worker processes that ended while serving (answering UNAVAILABLE what they held) and were "
+            "started again",
+            registry=registry,
+        )
         self.queue_rejected = Counter(
             "gatecast_queue_rejected",
             "Work items refused because the batch queue was full",
@@ -173,6 +191,8 @@ class Metrics:
         for rpc in ("ObserveBatch", "StreamBatch"):
             for path in ("block", "single"):
                 self.batch_steps.labels(rpc, path)
+        for path in ("worker", "process"):
+            self.forecast_path.labels(path)
         for op in ("write", "read", "close", "ping"):
             self.store_errors.labels(op)
         for outcome in ("written", "stale", "fenced", "closed"):

@@ -31,6 +31,7 @@ from gatecast.v1 import forecaster_pb2
 
 from . import kserve
 from .auth import BearerTokens, TokenFile, metrics_tls, server_credentials
+from .forecast_pool import ForecastPool
 from .metrics import Metrics
 from .repository import Repository, check_repo
 from .servicer import ForecasterServicer, TolerantDecoding, add_to_server
@@ -90,6 +91,7 @@ class App:
     health: HealthServicer
     snapshots: Snapshotter | None = None
     store: SessionStore | None = None  # issue 12: sessions in Redis too, for another replica to take over
+    forecasts: ForecastPool | None = None  # processes that answer unary Forecast requests
     metrics_port: int | None = None
     _metrics_http: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -134,6 +136,8 @@ class App:
                 raise StartupError(f"{where} cannot be written: {e.strerror or e}") from e
         if self.store is not None:
             await self.store.start()
+        if self.forecasts is not None:  # Forecasts run here until a worker holds their version
+            self.forecasts.start(self.repo.versions())
         await self.server.start()
         settle_heap()
         await self._update_health()
@@ -170,6 +174,8 @@ class App:
             await self.repo.refresh()
         except OSError as e:
             log.error("cannot scan the model repository %s: %s; serving what is loaded", self.settings.repo, e)
+        if self.forecasts is not None:
+            self.forecasts.follow(self.repo.versions())
         await self._update_health()
 
     async def _sweep(self) -> None:
@@ -195,6 +201,8 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self._cancel_tasks()
         await self.server.stop(grace)
+        if self.forecasts is not None:  # every Forecast call has ended: the workers have nothing left
+            await self.forecasts.close()
         await self.repo.close()
         for _ in range(3):  # let the drained steps' done callbacks release their sessions
             await asyncio.sleep(0)
@@ -226,6 +234,8 @@ class App:
         """After a failed start: nothing is saved (the snapshot on disk stays as it was)."""
         await self._cancel_tasks()
         await self.server.stop(0)
+        if self.forecasts is not None:
+            await self.forecasts.close()
         await self.repo.close()
         if self.store is not None:
             await self.store.close()
@@ -296,7 +306,10 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
         interceptors=[*interceptors, TolerantDecoding()],  # TolerantDecoding: malformed health/reflection requests
     )
     generic = GenericOnly(server)
-    add_to_server(ForecasterServicer(settings, repo, sessions, metrics), generic)  # malformed: INVALID_ARGUMENT
+    workers = settings.forecast_worker_count()
+    forecasts = ForecastPool(settings, metrics, workers) if workers else None
+    servicer = ForecasterServicer(settings, repo, sessions, metrics, forecasts)
+    add_to_server(servicer, generic)  # malformed: INVALID_ARGUMENT
     kserve.add_to_server(kserve.KServeServicer(settings, repo, metrics), generic)  # KServe v2, same batchers
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, generic)
@@ -330,4 +343,4 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
             settings.host,
         )
     snapshots = Snapshotter(settings.snapshot_path, sessions, repo) if settings.snapshot_path is not None else None
-    return App(settings, server, port, repo, sessions, metrics, health, snapshots, store=store)
+    return App(settings, server, port, repo, sessions, metrics, health, snapshots, store=store, forecasts=forecasts)

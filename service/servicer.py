@@ -26,9 +26,20 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .auth import caller_identity
 from .batcher import Output
-from .convert import _SESSION_ID, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
+from .convert import (
+    _SESSION_ID,
+    Malformed,
+    _varint,
+    check_session_id,
+    quote,
+    to_array,
+    to_matrix,
+    to_quantile_matrix,
+)
 from .errors import InvalidArgument, NotFound, ServiceError
+from .forecast_pool import ForecastPool, Undecodable
 from .metrics import Metrics
+from .oneshot import forecast_head, forecast_inputs, forecast_response
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
@@ -38,22 +49,6 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_NAME = 64  # the manifest's limit: a longer name cannot be loaded
 MAX_MESSAGE = 1024  # an error message is never longer than this
-
-
-class Malformed:
-    """A request whose bytes did not decode."""
-
-    __slots__ = ("error", "type_name")
-
-    def __init__(self, type_name: str, error: str) -> None:
-        self.type_name = type_name
-        self.error = error
-
-    def problem(self) -> InvalidArgument:
-        return InvalidArgument(
-            f"the request is not a valid {self.type_name} message ({quote(self.error, 120)}); "
-            "check the client's generated code against proto/gatecast/v1"
-        )
 
 
 def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
@@ -67,6 +62,7 @@ def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes
 
 
 _WIRE_ANSWERS = {"ObserveBatch", "StreamBatch"}  # their handlers may answer with the message's wire form
+_decode_forecast = _tolerant(pb.ForecastRequest.FromString, pb.ForecastRequest.DESCRIPTOR.full_name)
 
 
 def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -102,7 +98,11 @@ def add_to_server(servicer: ForecasterServicer, server: Any) -> None:
         input_type = service.methods_by_name[method].input_type.full_name
         decode = handler.request_deserializer
         assert decode is not None
-        if method in _WIRE_ANSWERS:  # read by service.wire (decoded by protobuf only when not uniform)
+        if method == "Forecast":  # bytes in (a forecast worker reads them), bytes or a message out
+            handler = handler._replace(  # type: ignore[attr-defined]
+                request_deserializer=None, response_serializer=_passing_bytes(handler.response_serializer)
+            )
+        elif method in _WIRE_ANSWERS:  # read by service.wire (decoded by protobuf only when not uniform)
             handler = handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=BatchWire, response_serializer=_passing_bytes(handler.response_serializer)
             )
@@ -403,12 +403,21 @@ class Front:
 
 
 class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
-    def __init__(self, settings: Settings, repo: Repository, sessions: SessionTable, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repo: Repository,
+        sessions: SessionTable,
+        metrics: Metrics,
+        forecasts: ForecastPool | None = None,
+    ) -> None:
         super().__init__(metrics)
         self.settings = settings
         self.repo = repo
         self.sessions = sessions
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
+        self.forecasts = forecasts  # the forecast workers; None: every Forecast runs in this process
+        self._in_process = metrics.forecast_path.labels("process")
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
@@ -758,29 +767,41 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
 
     # --- RPCs -----------------------------------------------------------------------------------------
 
-    async def Forecast(self, request: pb.ForecastRequest, context: grpc.aio.ServicerContext) -> pb.ForecastResponse:
-        async def handle(call: _Call) -> pb.ForecastResponse:
-            mv = self._resolve(request.model, request.version)
-            call.model = mv.name  # only loaded models become label values: clients cannot grow the metrics
-            if not request.series:
-                raise InvalidArgument("no series given; expected one or more histories (rows x features)")
-            if len(request.series) > self.settings.max_series:
-                raise InvalidArgument(
-                    f"{len(request.series)} series in one request; at most {self.settings.max_series} are accepted"
-                )
-            mv.batcher.check_request_rows(sum(s.rows for s in request.series))  # before converting anything
-            n_f = mv.runtime.manifest.n_features
-            xs = [to_array(s, n_f, f"series[{i}]", self.settings.max_rows) for i, s in enumerate(request.series)]
-            outs = await mv.batcher.forecast(xs, _deadline(context))
-            m = mv.runtime.manifest
-            response = pb.ForecastResponse(
-                model=mv.name, version=mv.version, forecasts=[to_matrix(o.y) for o in outs], quantiles=m.quantiles
-            )
-            if m.onnx.quantile_output:
-                response.quantile_forecasts.extend(to_quantile_matrix(o.q) for o in outs if o.q is not None)
-            return response
+    async def Forecast(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | pb.ForecastResponse:
+        """Read as bytes (see `add_to_server`): a request for a model a forecast worker holds goes to it as it
+        is (service.forecast_pool), anything else is decoded and answered here."""
+        return await self._call("Forecast", context, partial(self._forecast, request, context))  # type: ignore[no-any-return]
 
-        return await self._call("Forecast", context, handle, request)  # type: ignore[no-any-return]
+    async def _forecast(
+        self, data: bytes, context: grpc.aio.ServicerContext, call: _Call
+    ) -> bytes | pb.ForecastResponse:
+        pool = self.forecasts
+        if pool is not None and (head := forecast_head(data)) is not None:
+            try:
+                mv = self._resolve(*head)
+            except NotFound:  # answered below, after the bytes are known to decode (a malformed request says so)
+                mv = None
+            if mv is not None:
+                call.model = mv.name  # only loaded models become label values: clients cannot grow the metrics
+                try:
+                    answer = await pool.forecast(mv, data, _deadline(context))
+                except Undecodable:  # a series the worker could not decode: what `_call` does for Malformed
+                    call.model = ""
+                    self.metrics.malformed.labels("Forecast").inc()
+                    raise
+                if answer is not None:
+                    return answer
+        self._in_process.inc()
+        request = _decode_forecast(data)
+        if isinstance(request, Malformed):
+            self.metrics.malformed.labels("Forecast").inc()
+            call.model = ""
+            raise request.problem()
+        mv = self._resolve(request.model, request.version)
+        call.model = mv.name
+        xs = forecast_inputs(request, mv.runtime.manifest, mv.batcher, self.settings)
+        outs = await mv.batcher.forecast(xs, _deadline(context))
+        return forecast_response(mv.runtime.manifest, outs)
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         description="a batch closes when its oldest request has waited this long; 0: once the worker is free "
         "(what arrived during a run forms the next batch)",
     )
+    forecast_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="processes beside the main one that run unary Forecast requests (sessions stay in the main "
+        "process); 0: Forecast runs in the main process; unset: 1 on a machine with 2 or more cores, else 0",
+    )
     max_queue_size: int = Field(
         4096, ge=1, description="requests queued per model version (a Forecast counts one) before RESOURCE_EXHAUSTED"
     )
@@ -116,6 +123,13 @@ class Settings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         300.0, ge=0, le=86_400, description="calls still running when max_connection_age_s ends get this long"
     )
+
+    def forecast_worker_count(self) -> int:
+        """forecast_workers, or its default for this machine's cores (those this process may run on)."""
+        if self.forecast_workers is not None:
+            return self.forecast_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 1 if cores >= 2 else 0
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -93,6 +93,7 @@ def server_settings(repo: Path, **kw: object) -> Settings:
         max_queue_delay_ms=2.0,
         repo_poll_s=0.2,
         session_sweep_s=0.2,
+        forecast_workers=0,  # Forecast in this process; tests/test_forecast_workers.py runs the workers
     )
     base.update(kw)
     return load_settings(None, **base)

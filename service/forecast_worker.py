@@ -1,0 +1,247 @@
+"""A forecast worker process (service.forecast_pool): `python -m gatecast.service.forecast_worker FD`.
+
+It reads frames from the main process on socket FD: the settings first, then versions to load or drop and
+Forecast requests as their bytes. Each request is decoded and checked by the same code as in the main
+process (service.oneshot), batched with the others in a Batcher of its version, and answered with the
+ForecastResponse's bytes or the status and message of its refusal. The end of its input (the main
+process is stopping, or gone) makes it finish what it holds, answer it, and exit.
+
+It ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a service manager signals the whole process group, and
+the main process, which drains on those, decides when its workers stop (by closing their input)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import signal
+import socket
+import struct
+import sys
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+from gatecast.v1 import forecaster_pb2 as pb
+
+from .batcher import Batcher, Output
+from .convert import Malformed
+from .errors import ServiceError, Unavailable
+from .forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, HELLO, LOAD, LOADED, UNDECODABLE, UNLOAD, Channel
+from .metrics import Metrics
+from .oneshot import forecast_inputs, forecast_response
+from .pool import StatePool
+from .runtime import ModelRuntime
+from .settings import Settings
+
+log = logging.getLogger("gatecast.service.forecast_worker")
+
+METRICS_EVERY_S = 0.5
+_REQUEST = pb.ForecastRequest.DESCRIPTOR.full_name
+_INTERNAL = 13  # grpc.StatusCode.INTERNAL
+
+
+class _Record:
+    """Stands in for a metric's labelled child: keeps what the batcher records until it is sent."""
+
+    __slots__ = ("count", "values")
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.count = 0
+
+    def labels(self, *_: str) -> _Record:
+        return self
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+
+    def inc(self, n: int = 1) -> None:
+        self.count += n
+
+    def set(self, value: float) -> None:
+        pass  # the queued rows gauge stays the main process's own
+
+
+class _BatchMetrics:
+    """The metrics a Batcher writes, recorded for the main process (forecast_pool.ForecastPool._batches)."""
+
+    def __init__(self) -> None:
+        self.queue_wait, self.model_run, self.batch_size, self.batch_rows = (_Record() for _ in range(4))
+        self.queue_rejected, self.queued_rows = _Record(), _Record()
+
+    def take(self) -> bytes | None:
+        hists = (self.queue_wait, self.model_run, self.batch_size, self.batch_rows)
+        if not any(h.values for h in hists) and not self.queue_rejected.count:
+            return None
+        counts = [len(h.values) for h in hists] + [self.queue_rejected.count]
+        values = [v for h in hists for v in h.values]
+        for h in hists:
+            h.values = []
+        self.queue_rejected.count = 0
+        return struct.pack(f"<5I{len(values)}d", *counts, *values)
+
+
+@dataclass(eq=False)
+class _Model:
+    runtime: ModelRuntime
+    batcher: Batcher
+    metrics: _BatchMetrics
+    requests: dict[int, list[asyncio.Future[Output]]] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.settings: Settings | None = None
+        self.models: dict[int, _Model] = {}
+        self.inflight: dict[int, list[asyncio.Future[Output]]] = {}  # request id -> its series' futures
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ended: asyncio.Event | None = None
+
+    async def serve(self) -> int:
+        self.ended = asyncio.Event()
+        self.channel = Channel(self.sock, self._frame, self.ended.set)
+        self._spawn(self._send_metrics())
+        await self.ended.wait()  # the main process closed our input (or went away)
+        for model in list(self.models.values()):
+            await model.batcher.close()  # what is queued runs and is answered
+        await asyncio.sleep(0)  # the last answers' callbacks
+        self._metrics_once()
+        await self.channel.drain()
+        self.channel.close()
+        return 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _frame(self, kind: int, ident: int, arg: int, deadline: float, payload: bytes) -> None:
+        if kind == FORECAST:
+            self._forecast(ident, arg, None if deadline < 0 else deadline, payload)
+        elif kind == CANCEL:
+            for fut in self.inflight.pop(ident, ()):
+                fut.cancel()  # the batcher drops a cancelled item before it runs
+        elif kind == HELLO:
+            self.settings = Settings.model_validate_json(payload)
+        elif kind == LOAD:
+            self._spawn(self._load(arg, json.loads(payload)))
+        elif kind == UNLOAD:
+            model = self.models.pop(arg, None)
+            if model is not None:
+                self._spawn(model.batcher.close())
+
+    async def _load(self, key: int, spec: dict[str, Any]) -> None:
+        assert self.settings is not None
+        s = self.settings
+        try:
+            runtime = await asyncio.to_thread(ModelRuntime.load, Path(spec["folder"]), s)
+            m = runtime.manifest
+            if (m.name, m.version, m.onnx.sha256) != (spec["name"], spec["version"], spec["sha256"]):
+                raise RuntimeError(
+                    f"{spec['folder']} holds {m.name} v{m.version} with graph sha256 {m.onnx.sha256[:12]}, not "
+                    f"the graph the main process serves ({spec['sha256'][:12]})"
+                )
+        except Exception as e:
+            self.channel.send(LOADED, 0, key, payload=str(e).encode())
+            return
+        metrics = _BatchMetrics()
+        pool = StatePool(m.states, 1, 1)  # one-shot forecasts start from zero states: no session slots
+        batcher = Batcher(
+            runtime, pool, cast(Metrics, metrics), s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size
+        )
+        batcher.start()
+        self.models[key] = _Model(runtime, batcher, metrics)
+        self.channel.send(LOADED, 1, key)
+
+    def _forecast(self, ident: int, key: int, deadline: float | None, data: bytes) -> None:
+        model = self.models.get(key)
+        if model is None:  # dropped while the request was on its way
+            self._refuse(ident, Unavailable("the model version was unloaded while the request was queued; retry"))
+            return
+        try:
+            request = pb.ForecastRequest.FromString(data)
+        except Exception as e:
+            message = Malformed(_REQUEST, str(e) or type(e).__name__).problem().message
+            self.channel.send(ANSWER, ident, UNDECODABLE, payload=message.encode())
+            return
+        assert self.settings is not None
+        try:
+            xs = forecast_inputs(request, model.runtime.manifest, model.batcher, self.settings)
+            futures = model.batcher.submit_many(xs, None, deadline)
+        except Exception as e:
+            self._refuse(ident, e)
+            return
+        self.inflight[ident] = futures
+        if len(futures) == 1:
+            futures[0].add_done_callback(partial(self._done, ident, model, futures))
+        else:
+            asyncio.gather(*futures).add_done_callback(partial(self._done, ident, model, futures))
+
+    def _done(
+        self, ident: int, model: _Model, futures: list[asyncio.Future[Output]], done: asyncio.Future[Any]
+    ) -> None:
+        if self.inflight.pop(ident, None) is None:  # cancelled by the main process: nobody to answer
+            return
+        if done.cancelled():
+            self._refuse(ident, Unavailable("the forecast was cancelled in the forecast worker; retry"))
+            return
+        error = done.exception()
+        if error is not None:
+            for f in futures:
+                f.cancel()  # the rest of the request is not run
+            self._refuse(ident, error)
+            return
+        try:
+            outs = [f.result() for f in futures]
+            answer = forecast_response(model.runtime.manifest, outs).SerializeToString()
+        except Exception as e:
+            self._refuse(ident, e)
+            return
+        self.channel.send(ANSWER, ident, 0, payload=answer)
+
+    def _refuse(self, ident: int, error: BaseException) -> None:
+        """What the main process's Front._status answers: ours with their code and words, anything else
+        logged with a request id and answered INTERNAL without its text."""
+        if isinstance(error, ServiceError):
+            code, message = error.code.value[0], error.message
+        else:
+            request_id = uuid.uuid4().hex[:12]
+            log.error("Forecast failed (request id %s)", request_id, exc_info=error)
+            code, message = _INTERNAL, f"internal error (request id {request_id})"
+        self.channel.send(ANSWER, ident, code, payload=message.encode())
+
+    async def _send_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_EVERY_S)
+            self._metrics_once()
+
+    def _metrics_once(self) -> None:
+        for key, model in self.models.items():
+            payload = model.metrics.take()
+            if payload is not None:
+                self.channel.send(BATCHES, 0, key, payload=payload)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", stream=sys.stderr
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    # as service.server.settle_heap: start-up's objects out of the collector's sight, fewer young passes
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
+    with contextlib.closing(sock):
+        return asyncio.run(Worker(sock).serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

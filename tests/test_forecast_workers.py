@@ -1,0 +1,301 @@
+"""Forecast workers (service/forecast_pool.py): unary Forecast answered by worker processes.
+
+A server with one worker and a server without, on the same repository and limits: every answer's bytes
+and every refusal's status and words must be the same. Then the failure paths on the server with a
+worker: a worker stopped (SIGSTOP) holds requests, is killed, or is full; a caller's deadline passes while
+its request is in a worker; models follow the repository; SIGTERM drains and reaps the worker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from gatecast.v1 import forecaster_pb2 as pb
+from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, matrix, server_settings, taylor_values
+from tests.test_reliability_api import _quantile_model
+from tests.test_reliability_engine import wait_for
+
+FORECAST = "/gatecast.v1.Forecaster/Forecast"
+LIMITS: dict[str, Any] = {"max_series": 8, "max_rows": 1000, "max_request_rows": 2000, "chunk_rows": 64}
+Answer = tuple[str, Any]  # ("OK", bytes) or (status code name, details)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Path:
+    repo = tmp_path_factory.mktemp("workers")
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    shutil.copytree(model_repo / "tiny_lstm", repo / "tiny_lstm")
+    _quantile_model(repo / "qsum" / "1", [0.1, 0.5, 0.9])
+    return repo
+
+
+@pytest.fixture(scope="module")
+def pair(repo: Path) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """(with one worker, without); the same settings otherwise."""
+    pooled = RunningServer(server_settings(repo, forecast_workers=1, max_queue_size=3, **LIMITS))
+    plain = RunningServer(server_settings(repo, forecast_workers=0, max_queue_size=3, **LIMITS))
+    try:
+        assert ready(pooled)
+        yield pooled, plain
+    finally:
+        pooled.stop()
+        plain.stop()
+
+
+def ready(srv: RunningServer) -> bool:
+    assert srv.app.forecasts is not None
+    return bool(srv.call(srv.app.forecasts.ready(60)))
+
+
+def call(srv: RunningServer, data: bytes, timeout: float | None = 30) -> Answer:
+    with grpc.insecure_channel(srv.address) as ch:
+        try:
+            return "OK", ch.unary_unary(FORECAST)(data, timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code().name, e.details()
+
+
+def path_count(srv: RunningServer, path: str) -> float:
+    return srv.app.metrics.registry.get_sample_value("gatecast_forecast_path_total", {"path": path}) or 0.0
+
+
+def pending(srv: RunningServer) -> int:
+    assert srv.app.forecasts is not None
+
+    async def count() -> int:
+        assert srv.app.forecasts is not None
+        return sum(len(w.pending) for w in srv.app.forecasts.workers)
+
+    return int(srv.call(count()))
+
+
+def worker_pid(srv: RunningServer) -> int:
+    assert srv.app.forecasts is not None
+    return int(srv.app.forecasts.workers[0].proc.pid)
+
+
+def request(model: str, *histories: np.ndarray, version: int = 0) -> bytes:
+    return pb.ForecastRequest(model=model, version=version, series=[matrix(h) for h in histories]).SerializeToString()
+
+
+def test_answers_are_the_same_bytes_with_and_without_workers(pair: tuple[RunningServer, RunningServer]) -> None:
+    pooled, plain = pair
+    values = taylor_values()
+    requests = [
+        request("taylor", values[:432]),
+        request("taylor", values[100:532], values[:50], values[7:300], version=1),  # chunked: 64-row pieces
+        request("tiny_lstm", values[:48], values[48:96]),
+        request("qsum", np.arange(12, dtype=np.float32)[:, None], np.ones((5, 1), np.float32)),  # quantiles
+        request("taylor", values[:20]) + b"\x20\x01",  # an unknown field: decoded in the main process
+        request("taylor", values[:20]) + b"\x10\x80\x80\x80\x80\x10",  # version 2**32: 0 to protobuf
+    ]
+    before = path_count(pooled, "worker")
+    for data in requests:
+        got, want = call(pooled, data), call(plain, data)
+        assert got[0] == "OK" and got == want
+    assert path_count(pooled, "worker") == before + len(requests) - 2  # the worker answered all but the odd two
+
+
+def test_refusals_are_the_same_with_and_without_workers(pair: tuple[RunningServer, RunningServer]) -> None:
+    pooled, plain = pair
+    row = np.ones((3, 1), np.float32)
+    nan = row.copy()
+    nan[1, 0] = np.nan
+    good = pb.ForecastRequest(model="taylor", series=[matrix(row)]).SerializeToString()
+    bad = [
+        pb.ForecastRequest(model="taylor").SerializeToString(),  # no series
+        request("taylor", np.ones((3, 2), np.float32)),  # wrong columns
+        request("taylor", np.ones((1001, 1), np.float32)),  # too many rows in a series
+        request("taylor", *[np.ones((300, 1), np.float32)] * 7),  # too many rows in the request
+        request("taylor", *[row] * 9),  # too many series
+        request("taylor", nan),
+        pb.ForecastRequest(model="taylor", series=[pb.Matrix(rows=3, cols=1, values=[1, 2])]).SerializeToString(),
+        request("nope", row),
+        request("taylor", row, version=7),
+        request("x" * 65, row),
+        good[:-3],  # cut short: malformed (decoded in the main process)
+        b"\x0a\x06taylor\x1a\x01\x08",  # a series cut inside: malformed (decoded by the worker)
+        b"\x0a\x04nope\x1a\x01\x08",  # unknown model and a malformed series: malformed wins, as without workers
+        b"\x0a\x02\xff\xfe" + good[8:],  # a model name that is not UTF-8
+    ]
+    for data in bad:
+        got, want = call(pooled, data), call(plain, data)
+        assert got[0] != "OK" and got == want, data
+
+    def counted(srv: RunningServer) -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["model"], s.labels["code"]): s.value
+            for m in srv.app.metrics.registry.collect()
+            if m.name == "gatecast_requests"
+            for s in m.samples
+            if s.name == "gatecast_requests_total" and s.labels["rpc"] == "Forecast" and s.value
+        }
+
+    assert counted(pooled) == counted(plain)  # the same model label and code for each
+    assert counted(pooled)[("", "INVALID_ARGUMENT")] == 4  # the malformed ones count under no model
+    for srv in pair:
+        assert srv.app.metrics.registry.get_sample_value("gatecast_malformed_messages_total", {"rpc": "Forecast"}) == 4
+
+
+def test_a_worker_killed_mid_flight_answers_unavailable_and_comes_back(
+    pair: tuple[RunningServer, RunningServer],
+) -> None:
+    pooled, plain = pair
+    data = request("taylor", taylor_values()[:432])
+    pid = worker_pid(pooled)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            held = ex.submit(call, pooled, data, None)  # no deadline: only the worker's end can answer it
+            wait_for(lambda: pending(pooled) == 1)
+            os.kill(pid, signal.SIGKILL)
+            code, details = held.result(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # reaped already
+            os.kill(pid, signal.SIGCONT)
+    assert code == "UNAVAILABLE" and "ended while this request was in it" in details
+    assert call(pooled, data) == call(plain, data)  # served in the main process meanwhile, or by the new worker
+    assert ready(pooled) and worker_pid(pooled) != pid
+    restarts = pooled.app.metrics.registry.get_sample_value("gatecast_forecast_worker_restarts_total")
+    assert restarts is not None and restarts >= 1
+    before = path_count(pooled, "worker")
+    assert call(pooled, data) == call(plain, data)
+    assert path_count(pooled, "worker") == before + 1
+
+
+def test_a_full_worker_sends_the_rest_to_the_main_process_and_deadlines_cancel(
+    pair: tuple[RunningServer, RunningServer],
+) -> None:
+    pooled, plain = pair
+    data = request("taylor", taylor_values()[:432])
+    pid = worker_pid(pooled)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            held = [ex.submit(call, pooled, data) for _ in range(3)]  # max_queue_size 3: the worker is full
+            wait_for(lambda: pending(pooled) == 3)
+            before = path_count(pooled, "process")
+            assert call(pooled, data) == call(plain, data)  # answered by the main process while the worker is held
+            assert path_count(pooled, "process") == before + 1
+            for f in held:
+                assert not f.done()
+            os.kill(pid, signal.SIGCONT)
+            answers = [f.result(timeout=30) for f in held]
+        assert all(a == call(plain, data) for a in answers)
+        wait_for(lambda: pending(pooled) == 0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            late = ex.submit(call, pooled, data, 0.5)  # its deadline passes while the worker holds it
+            wait_for(lambda: pending(pooled) == 1)
+            assert late.result(timeout=30)[0] == "DEADLINE_EXCEEDED"
+            wait_for(lambda: pending(pooled) == 0)  # while the worker is still stopped: the call let go of it
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    before = path_count(pooled, "worker")
+    assert call(pooled, data) == call(plain, data)  # the worker dropped the expired request and serves on
+    assert path_count(pooled, "worker") == before + 1
+    assert worker_pid(pooled) == pid
+
+
+def test_workers_follow_the_repository(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    srv = RunningServer(server_settings(repo, forecast_workers=1))
+    try:
+        assert ready(srv)
+        staging = repo / "taylor" / ".staging"
+        shutil.copytree(repo / "taylor" / "1", staging)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        manifest["version"] = 2
+        (staging / "manifest.json").write_text(json.dumps(manifest))
+        os.rename(staging, repo / "taylor" / "2")
+        data = request("taylor", taylor_values()[:432])
+        wait_for(lambda: call(srv, data)[0] == "OK" and pb.ForecastResponse.FromString(call(srv, data)[1]).version == 2)
+        assert ready(srv)  # the worker has loaded version 2 too
+        before = path_count(srv, "worker")
+        reply = pb.ForecastResponse.FromString(call(srv, data)[1])
+        assert reply.version == 2 and path_count(srv, "worker") == before + 1
+        shutil.rmtree(repo / "taylor" / "2")
+        wait_for(lambda: pb.ForecastResponse.FromString(call(srv, data)[1]).version == 1)
+        assert call(srv, request("taylor", taylor_values()[:432], version=2)) == (
+            "NOT_FOUND",
+            "model 'taylor' has no version 2; loaded versions: [1]",
+        )
+    finally:
+        srv.stop()
+
+
+def test_sigterm_finishes_forecasts_held_by_the_worker_and_reaps_it(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    env = {**os.environ, "GATECAST_PROVIDERS": '["CPUExecutionProvider"]', "GATECAST_FORECAST_WORKERS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gatecast.cli", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def logged(pattern: str) -> Callable[[], re.Match[str] | None]:
+        return lambda: next((m for line in list(log) if (m := re.search(pattern, line))), None)
+
+    try:
+        wait_for(lambda: logged(r"listening on [\d.]+:(\d+)")() is not None, 60)
+        wait_for(lambda: logged(r"forecast worker 0 \(pid (\d+)\) serves taylor v1")() is not None, 60)
+        listening = logged(r"listening on [\d.]+:(\d+) \(metrics on (\d+)\)")()
+        assert listening is not None
+        port, metrics_port = int(listening.group(1)), int(listening.group(2))
+
+        def sent_to_worker() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            found = re.search(r'^gatecast_forecast_path_total\{path="worker"\} (\S+)$', text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        pid = int(logged(r"forecast worker 0 \(pid (\d+)\) serves")().group(1))  # type: ignore[union-attr]
+        data = request("taylor", taylor_values()[:432])
+        os.kill(pid, signal.SIGSTOP)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, concurrent.futures.ThreadPoolExecutor(2) as ex:
+            held = [ex.submit(ch.unary_unary(FORECAST), data, timeout=30) for _ in range(2)]
+            wait_for(lambda: sent_to_worker() == 2)  # both are in the stopped worker
+            proc.send_signal(signal.SIGTERM)  # the worker ignores the signal; the main process drains
+            os.kill(pid, signal.SIGTERM)  # as a service manager signalling the whole group would
+            wait_for(lambda: logged(r"SIGTERM received: draining")() is not None)
+            os.kill(pid, signal.SIGCONT)
+            answers = [pb.ForecastResponse.FromString(f.result(timeout=30)) for f in held]
+        assert [a.forecasts[0].rows for a in answers] == [48, 48]
+        assert proc.wait(timeout=30) == 0
+        reader.join(timeout=10)
+        assert logged(rf"forecast worker 0 \(pid {pid}\) stopped \(exit code 0\)")()
+        assert not Path(f"/proc/{pid}").exists()  # reaped by the main process: no zombie left behind
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_worker_never_imports_torch() -> None:
+    code = "import sys, gatecast.service.forecast_worker; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
