@@ -19,6 +19,8 @@ frames written during one pass of the event loop go in one write.
   whose batch queue refuses them RESOURCE_EXHAUSTED when full, as without workers.
 - A caller that goes away (cancel, deadline) cancels its request in the worker; the worker drops what is
   past its deadline, like the main process's batcher.
+- A worker that holds requests and answers none of them for `forecast_worker_stall_s` (hung, or stopped)
+  is killed: a request without a deadline must not wait on it for ever.
 - A worker that exits answers the requests it held UNAVAILABLE (a request that crashed its worker must not
   be retried in the process holding every session) and is started again, after a backoff that doubles
   while workers keep dying young; meanwhile Forecasts run in the main process.
@@ -239,6 +241,7 @@ class _Worker:
         self.asked: dict[int, ModelVersion] = {}  # key -> version, loads sent and not yet confirmed
         self.failed: set[int] = set()  # keys it could not load: not asked again (their Forecasts stay here)
         self.closing = False
+        self.busy_since = self.last_answer = self.started  # for the stall watchdog
         self.gone: asyncio.Future[None] = self.loop.create_future()  # resolves when the channel has closed
         self.channel = Channel(ours, self._frame, self._lost)
         self.channel.send(HELLO, 0, 0, NO_DEADLINE, pool.settings.model_dump_json().encode())
@@ -249,6 +252,7 @@ class _Worker:
 
     def _frame(self, kind: int, ident: int, arg: int, deadline: float, payload: bytes) -> None:
         if kind == ANSWER:
+            self.last_answer = time.monotonic()
             fut = self.pending.pop(ident, None)
             if fut is not None and not fut.done():
                 fut.set_result((arg, payload))
@@ -315,12 +319,35 @@ class ForecastPool:
         self._ready = asyncio.Event()
         self._closed = False
         self._backoff = BACKOFF_FIRST_S
+        self.stall_s = settings.forecast_worker_stall_s
+        self._watchdog: asyncio.Task[None] | None = None
 
     def start(self, versions: list[ModelVersion]) -> None:
         for i in range(self.size):
             self.workers.append(_Worker(self, i))
         self.metrics.forecast_workers.set(0)
         self.follow(versions)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="forecast-worker-watchdog")
+
+    async def _watch(self) -> None:
+        """Kills a worker that holds requests and has answered none for `stall_s`: its requests are answered
+        UNAVAILABLE when its output ends, and another worker is started (`_lost`)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_s / 4))
+            now = time.monotonic()
+            for w in self.workers:
+                quiet = now - max(w.busy_since, w.last_answer)
+                if w.alive and w.pending and not w.closing and quiet > self.stall_s:
+                    log.error(
+                        "forecast worker %d (pid %d) answered none of its %d request(s) for %.1f s "
+                        "(GATECAST_FORECAST_WORKER_STALL_S): killed",
+                        w.index,
+                        w.proc.pid,
+                        len(w.pending),
+                        quiet,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
 
     def follow(self, versions: list[ModelVersion]) -> None:
         """After a repository scan: every worker loads the versions served and drops the others."""
@@ -380,6 +407,8 @@ class ForecastPool:
         w = best
         ident = next(w.ids)
         fut: asyncio.Future[tuple[int, bytes]] = w.loop.create_future()
+        if not w.pending:
+            w.busy_since = time.monotonic()
         w.pending[ident] = fut
         w.channel.send(FORECAST, ident, w.ready[mv], NO_DEADLINE if deadline is None else deadline, data)
         self._to_worker.inc()
@@ -453,6 +482,8 @@ class ForecastPool:
     async def close(self) -> None:
         """Lets each worker finish what it holds and exit (killed after STOP_WAIT_S), and reaps it."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._restarts):
             task.cancel()
         for w in self.workers:

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         description="processes beside the main one that run unary Forecast requests (sessions stay in the main "
         "process); 0: Forecast runs in the main process; unset: 1 on a machine with 2 or more cores, else 0",
     )
+    forecast_worker_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="a forecast worker that holds requests and answers none of them for this long is killed (its "
+        "requests answer UNAVAILABLE) and started again",
+    )
     max_queue_size: int = Field(
         4096, ge=1, description="requests queued per model version (a Forecast counts one) before RESOURCE_EXHAUSTED"
     )

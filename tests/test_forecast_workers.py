@@ -216,6 +216,31 @@ def test_a_full_worker_sends_the_rest_to_the_main_process_and_deadlines_cancel(
     assert worker_pid(pooled) == pid
 
 
+def test_a_worker_that_answers_nothing_is_killed_and_its_calls_answered(tmp_path: Path) -> None:
+    """A hung worker (here: stopped) holding a call without a deadline: the watchdog kills it after
+    forecast_worker_stall_s, the call is answered UNAVAILABLE instead of waiting for ever, a new worker serves."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    srv = RunningServer(server_settings(repo, forecast_workers=1, forecast_worker_stall_s=1.0))
+    try:
+        assert ready(srv)
+        data = request("taylor", taylor_values()[:432])
+        assert call(srv, data)[0] == "OK"
+        pid = worker_pid(srv)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            code, details = call(srv, data, 20)  # far past the stall: the watchdog answers it, not the deadline
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert code == "UNAVAILABLE" and "ended while this request was in it" in details
+        assert ready(srv) and worker_pid(srv) != pid
+        before = path_count(srv, "worker")
+        assert call(srv, data)[0] == "OK" and path_count(srv, "worker") == before + 1
+    finally:
+        srv.stop()
+
+
 def test_workers_follow_the_repository(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(DEFAULT_MODEL, repo / "taylor")
