@@ -131,8 +131,9 @@ class Metrics:
         )
         self.batch_steps = Counter(
             "gatecast_batch_steps",
-            "Steps of ObserveBatch/StreamBatch messages by how they ran: path=block (claimed with the message's "
-            "other steps, one model run) or path=single (a retry, an error, a busy session: one at a time)",
+            "Steps of ObserveBatch/StreamBatch messages and Stream messages by how they ran: path=block (claimed "
+            "with the message's other steps, or a Stream's with the steps every stream read in the same turn of "
+            "the event loop: one model run) or path=single (a retry, an error, a busy session: one at a time)",
             ["rpc", "path"],
             registry=registry,
         )
@@ -170,7 +171,7 @@ class Metrics:
 
         for rpc in RPCS:
             self.malformed.labels(rpc)
-        for rpc in ("ObserveBatch", "StreamBatch"):
+        for rpc in ("ObserveBatch", "StreamBatch", "Stream"):
             for path in ("block", "single"):
                 self.batch_steps.labels(rpc, path)
         for op in ("write", "read", "close", "ping"):

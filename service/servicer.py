@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .settings import Settings
-from .wire import BatchWire, Known, Uniform, answers, matrix_field
+from .wire import BatchWire, Known, Step, Uniform, answers, matrix_field, read_step
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes
 
 
 _WIRE_ANSWERS = {"ObserveBatch", "StreamBatch"}  # their handlers may answer with the message's wire form
+_decode_observe = _tolerant(pb.ObserveRequest.FromString, "gatecast.v1.ObserveRequest")  # a Stream message
 
 
 def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -105,6 +106,10 @@ def add_to_server(servicer: ForecasterServicer, server: Any) -> None:
         if method in _WIRE_ANSWERS:  # read by service.wire (decoded by protobuf only when not uniform)
             handler = handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=BatchWire, response_serializer=_passing_bytes(handler.response_serializer)
+            )
+        elif method == "Stream":  # its bytes (read by wire.read_step, else `_decode_observe`), answers as bytes too
+            handler = handler._replace(  # type: ignore[attr-defined]
+                request_deserializer=None, response_serializer=_passing_bytes(handler.response_serializer)
             )
         else:
             handler = handler._replace(request_deserializer=_tolerant(decode, input_type))  # type: ignore[attr-defined]
@@ -308,6 +313,11 @@ class _Message:
         self.begun = False
 
 
+# a claimed one-row Stream step: slot, sequence, the row's bytes, the answer's head, put, key and place (where
+# its answer goes: `put(key, place, answer)`), when it was read
+_Claimed = tuple[int, int, bytes, bytes, Callable[[bytes, list[Any], Any], None], bytes, list[Any], float]
+
+
 class _Call:
     """Per-request bookkeeping: the model label for metrics is known only once the request is read."""
 
@@ -357,6 +367,21 @@ class Front:
         if hist is None:
             hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
         hist.observe(time.monotonic() - call.start)
+
+    def _count_ok(self, rpc: str, model: str, starts: list[float]) -> None:
+        """`_count` of OK for many calls of one model (each one's start) at once."""
+        key = (rpc, model, "OK")
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(*key)
+        counter.inc(len(starts))
+        lkey = (rpc, model)
+        hist = self._latency.get(lkey)
+        if hist is None:
+            hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
+        now = time.monotonic()
+        for start in starts:
+            hist.observe(now - start)
 
     def _status(self, rpc: str, call: _Call, error: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status for an error, counted: ours carry their code; anything else is logged with a request
@@ -409,6 +434,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self.repo = repo
         self.sessions = sessions
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
+        # one-row Stream steps claimed in this turn of the event loop, by (id(version), deadline): started
+        # as one block per version at the turn's end (`_flush_steps`)
+        self._pending: dict[tuple[int, float | None], tuple[ModelVersion, float | None, list[_Claimed]]] = {}
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
@@ -544,6 +572,83 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         else:
             waiting[ticket] = session
             ticket.add_done_callback(granted)
+
+    def _queue_step(
+        self,
+        mv: ModelVersion,
+        slot: int,
+        step: Step,
+        data: bytes,
+        deadline: float | None,
+        put: Callable[[bytes, list[Any], bytes | pb.StreamResponse], None],
+        key: bytes,
+        place: list[Any],
+    ) -> None:
+        """A claimed one-row Stream step (its turn held), started with the others claimed in this turn."""
+        group = (id(mv), deadline)
+        pending = self._pending.get(group)
+        if pending is None:
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._flush_steps)
+            pending = self._pending[group] = (mv, deadline, [])
+        row = data[len(data) - 4 * step.cols :]
+        pending[2].append((slot, step.seq, row, data[: step.head], put, key, place, time.monotonic()))
+
+    def _flush_steps(self) -> None:
+        """Starts the steps claimed in this turn: a block per version (of at most max_batch_size)."""
+        groups, self._pending = self._pending, {}
+        for mv, deadline, steps in groups.values():
+            size = mv.batcher.max_batch_size
+            for s in range(0, len(steps), size):
+                self._start_steps(mv, deadline, steps[s : s + size] if len(steps) > size else steps)
+
+    def _start_steps(self, mv: ModelVersion, deadline: float | None, steps: list[_Claimed]) -> None:
+        """Claimed one-row Stream steps of one version as one batcher block (one model run, each session's
+        step recorded in one write per column); each answer is its request's head (session_id and sequence,
+        protobuf's bytes) and the forecast's wire form, or its own error."""
+        slots = np.array([s[0] for s in steps], np.int64)
+        seqs = [s[1] for s in steps]
+        self._count_steps("Stream", len(steps), 0)
+
+        def fail(error: BaseException) -> None:
+            for _, seq, _, head, put, key, place, start in steps:
+                call = _Call()
+                call.model, call.start = mv.name, start
+                code, message = self._status("Stream", call, error)
+                response = pb.StreamResponse(session_id=head[2:34].decode(), sequence=seq)
+                response.error.code, response.error.message = code.value[0], message
+                put(key, place, response)
+
+        def finish(fut: asyncio.Future[Output]) -> None:
+            self.sessions.release_block(mv, slots)
+            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
+            if error is not None:
+                fail(error)
+                return
+            out = fut.result()
+            ys = _wire_matrices(0x1A, out.y)  # forecast (3), then quantile_forecast (5)
+            if out.q is not None:
+                qs = _wire_matrices(0x2A, out.q.reshape(*out.q.shape[:2], -1))
+                ys = [y + q for y, q in zip(ys, qs, strict=True)]
+            self._count_ok("Stream", mv.name, [s[7] for s in steps])
+            for (_, _, _, head, put, key, place, _), y in zip(steps, ys, strict=True):
+                put(key, place, head + y)
+
+        try:
+            x = np.frombuffer(b"".join([s[2] for s in steps]), "<f4").reshape(len(steps), 1, -1)
+            digests = rows_digests(x)
+
+            def commit(out: Output) -> None:
+                self.sessions.commit_block(mv, slots, seqs, 1, digests, out)
+
+            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+            if self.sessions.store is not None:
+                fut = self.sessions.stored(fut, [s[3][2:34].decode() for s in steps])
+        except Exception as e:
+            self.sessions.release_block(mv, slots)
+            fail(e)
+            return
+        fut.add_done_callback(finish)
 
     def _count_steps(self, rpc: str, block: int, single: int) -> None:
         counters = self._step_counters.get(rpc)
@@ -842,19 +947,26 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         return await self._call("CloseSession", context, handle, request)  # type: ignore[no-any-return]
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.ObserveRequest | Malformed], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamResponse]:
-        """No task per message: each message takes a ticket for its session's turn, its step starts from
-        the ticket's callback (at once when the session is free), and it is answered from the step's done
-        callback.
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes | pb.StreamResponse]:
+        """No task per message: each message takes its session's turn when it is read, its step starts from
+        a callback, and it is answered from the step's done callback.
+
+        The common message (one row, the next sequence of a free session: `wire.read_step`,
+        `SessionTable.claim_step`) is read from its bytes and its turn claimed at once; the steps claimed in
+        one turn of the event loop, by every stream, start together at its end as one batcher block per
+        model version (`_start_steps`), answered with their wire form. Any other message is decoded by
+        protobuf and takes a ticket for its session's turn (`_begin`): a retry, an error, a session with a
+        step in flight.
 
         Each message gets a place in its session's line (keyed by the session id it names) when it is read;
         an answer, forecast or error, leaves only when every earlier message of that session has been
         answered, so one session's answers come in its message order. At most `max_stream_inflight`
         messages are read and not yet sent: beyond that the stream stops reading, and a client that never
         reads its answers is held back by flow control instead of growing the server's buffers."""
-        out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        lines: dict[str, deque[list[pb.StreamResponse | None]]] = {}  # per session id, in message order
+        ready: deque[bytes | pb.StreamResponse | None] = deque()  # answers to send, None: the end
+        wake: asyncio.Future[None] | None = None  # the sender waits on it while `ready` is empty
+        lines: dict[bytes, deque[list[Any]]] = {}  # per session id, in message order: [answer or None]
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         pending = 0  # read, not yet queued for sending
@@ -864,16 +976,35 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         reading = True
         deadline = _deadline(context)
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
+        loop = asyncio.get_running_loop()
+        table = self.sessions
+
+        def push(item: bytes | pb.StreamResponse | None) -> None:
+            ready.append(item)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        def put(key: bytes, place: list[Any], item: bytes | pb.StreamResponse) -> None:
+            """A message's answer: sent once every earlier message of its session has its own."""
+            nonlocal pending
+            place[0] = item
+            line = lines[key]
+            while line and line[0][0] is not None:
+                push(line.popleft()[0])
+                pending -= 1
+            if not line:
+                del lines[key]
+            if not reading and pending == 0:
+                push(None)
 
         def answer(
-            key: str,
-            place: list[pb.StreamResponse | None],
+            key: bytes,
+            place: list[Any],
             req: pb.ObserveRequest,
             call: _Call,
             result: Output | None,
             error: BaseException | None,
         ) -> None:
-            nonlocal pending
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
             if error is None:
                 assert result is not None
@@ -883,40 +1014,44 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 code, message = self._status("Stream", call, error)
                 response.error.code = code.value[0]
                 response.error.message = message
-            place[0] = response
-            line = lines[key]
-            while line and line[0][0] is not None:
-                out.put_nowait(line.popleft()[0])
-                pending -= 1
-            if not line:
-                del lines[key]
-            if not reading and pending == 0:
-                out.put_nowait(None)
+            put(key, place, response)
 
-        def handle(req: pb.ObserveRequest | Malformed) -> None:
+        def handle(data: bytes) -> None:
             nonlocal pending
             pending += 1
+            place: list[Any] = [None]
+            step = read_step(data)
+            if step is not None:
+                key = data[2:34]
+                line = lines.get(key)
+                if line is None:
+                    lines[key] = deque((place,))
+                else:
+                    line.append(place)
+                claimed = table.claim_step(step.key, step.seq, step.cols, owner)
+                if claimed is not None:
+                    self._queue_step(claimed[0], claimed[1], step, data, deadline, put, key, place)
+                    return
+                req: pb.ObserveRequest | Malformed = pb.ObserveRequest.FromString(data)  # read_step's bytes decode
+            else:
+                req = _decode_observe(data)
+                key = b"" if isinstance(req, Malformed) else req.session_id.encode()
+                lines.setdefault(key, deque()).append(place)
+            self._count_steps("Stream", 0, 1)
             call = _Call()
             if isinstance(req, Malformed):
                 self.metrics.malformed.labels("Stream").inc()
-                key, error = "", req.problem()
-                req = pb.ObserveRequest()
-            else:
-                key, error = req.session_id, None
-            place: list[pb.StreamResponse | None] = [None]
-            lines.setdefault(key, deque()).append(place)
-            if error is not None:
-                answer(key, place, req, call, None, error)
+                answer(key, place, pb.ObserveRequest(), call, None, req.problem())
                 return
-            step = req
-            self._begin(step, call, owner, deadline, lambda r, e: answer(key, place, step, call, r, e), waiting)
+            step_req = req
+            self._begin(step_req, call, owner, deadline, lambda r, e: answer(key, place, step_req, call, r, e), waiting)
 
         async def read() -> None:
             nonlocal reading, unsent
             try:
-                async for req in request_iterator:
+                async for data in request_iterator:
                     unsent += 1
-                    handle(req)
+                    handle(data)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
@@ -925,11 +1060,18 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             finally:
                 reading = False
                 if pending == 0:
-                    out.put_nowait(None)
+                    push(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await out.get()) is not None:
+            while True:
+                if not ready:
+                    wake = loop.create_future()
+                    await wake
+                    continue
+                item = ready.popleft()
+                if item is None:
+                    break
                 yield item
                 unsent -= 1
                 if unsent < limit:

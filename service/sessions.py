@@ -755,6 +755,30 @@ class SessionTable:
         flags[slots[ok]] |= HELD
         return ok
 
+    def claim_step(self, key: bytes, seq: int, cols: int, owner: str | None) -> tuple[ModelVersion, int] | None:
+        """`claim` for one step of one row (`cols` features) of the session with id bytes `key`: its version
+        and slot when the session is live, free, reachable by `owner`, takes `cols` features and `seq` is its
+        next step; its turn is then taken (`release_block` gives it back). None for anything else (a step
+        for the single way, which says what is wrong), with nothing taken."""
+        code = self._find(key)[1]
+        if code < 0:
+            return None
+        mv = self._mvs[code >> 32]
+        slot = code & SLOT_MASK
+        cols_ = mv.pool.columns
+        flags = cols_["flags"]
+        f = int(flags[slot])
+        if f & (LIVE_MASK | HELD) != USED or mv.runtime.manifest.n_features != cols:
+            return None
+        whose = int(cols_["owner"][slot])
+        if whose and whose != (self._owner_numbers.get(owner, 0) if owner is not None else 0):
+            return None
+        last = int(cols_["last_seq"][slot])
+        if seq != last + 1 or last == SEQ_BIG:
+            return None
+        flags[slot] = f | HELD
+        return mv, slot
+
     def release_block(self, mv: ModelVersion, slots: np.ndarray) -> None:
         """Gives the turns `claim` took back: in one write, unless a session has steps waiting for its turn
         or was closed meanwhile (then one at a time)."""
