@@ -28,11 +28,12 @@ from .auth import caller_identity
 from .batcher import Output
 from .convert import _SESSION_ID, _varint, check_session_id, quote, to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument, NotFound, ServiceError
-from .metrics import Metrics
+from .metrics import Metrics, observe_many
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
+from .sessions import Known as KnownId
 from .settings import Settings
-from .wire import BatchWire, Known, Step, Uniform, answers, matrix_field, read_step
+from .wire import BatchWire, Known, Uniform, answers, matrix_field, read_step
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +314,9 @@ class _Message:
         self.begun = False
 
 
-# a claimed one-row Stream step: slot, sequence, the row's bytes, the answer's head, put, key and place (where
-# its answer goes: `put(key, place, answer)`), when it was read
-_Claimed = tuple[int, int, bytes, bytes, Callable[[bytes, list[Any], Any], None], bytes, list[Any], float]
+# a claimed one-row Stream step: slot, sequence, the row's bytes, the answer's head, then where its answer goes
+# (`put(place, answer)`) and when it was read
+_Claimed = tuple[int, int, bytes, bytes, Callable[[list[Any], Any], None], list[Any], float]
 
 
 class _Call:
@@ -380,8 +381,7 @@ class Front:
         if hist is None:
             hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
         now = time.monotonic()
-        for start in starts:
-            hist.observe(now - start)
+        observe_many(hist, [now - start for start in starts])
 
     def _status(self, rpc: str, call: _Call, error: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status for an error, counted: ours carry their code; anything else is logged with a request
@@ -436,7 +436,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
         # one-row Stream steps claimed in this turn of the event loop, by (id(version), deadline): started
         # as one block per version at the turn's end (`_flush_steps`)
-        self._pending: dict[tuple[int, float | None], tuple[ModelVersion, float | None, list[_Claimed]]] = {}
+        self._pending: dict[tuple[ModelVersion, float | None], list[_Claimed]] = {}
+        self._gathering: set[tuple[ModelVersion, float | None]] = set()  # groups waiting for their version's run
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
@@ -573,34 +574,43 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             waiting[ticket] = session
             ticket.add_done_callback(granted)
 
-    def _queue_step(
-        self,
-        mv: ModelVersion,
-        slot: int,
-        step: Step,
-        data: bytes,
-        deadline: float | None,
-        put: Callable[[bytes, list[Any], bytes | pb.StreamResponse], None],
-        key: bytes,
-        place: list[Any],
-    ) -> None:
-        """A claimed one-row Stream step (its turn held), started with the others claimed in this turn."""
-        group = (id(mv), deadline)
-        pending = self._pending.get(group)
-        if pending is None:
-            if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush_steps)
-            pending = self._pending[group] = (mv, deadline, [])
-        row = data[len(data) - 4 * step.cols :]
-        pending[2].append((slot, step.seq, row, data[: step.head], put, key, place, time.monotonic()))
+    def _open_group(self, mv: ModelVersion, deadline: float | None) -> list[_Claimed]:
+        """The list this turn's claimed one-row Stream steps of `mv` (with this deadline) join; a new one is
+        started at the end of the turn (`_flush_steps`)."""
+        if len(self._pending) == len(self._gathering):  # the first group of this turn not gathering already
+            asyncio.get_running_loop().call_soon(self._flush_steps)
+        steps: list[_Claimed] = []
+        self._pending[(mv, deadline)] = steps
+        return steps
 
     def _flush_steps(self) -> None:
-        """Starts the steps claimed in this turn: a block per version (of at most max_batch_size)."""
-        groups, self._pending = self._pending, {}
-        for mv, deadline, steps in groups.values():
-            size = mv.batcher.max_batch_size
-            for s in range(0, len(steps), size):
-                self._start_steps(mv, deadline, steps[s : s + size] if len(steps) > size else steps)
+        """At the end of the turn the steps were claimed in: a version whose batcher is idle starts them now;
+        one that is running a batch gathers them (and what later turns claim) until that run has been
+        delivered, then starts them all, so that they ride in its next run as one block instead of one block
+        per turn (`Batcher.after_run`)."""
+        for group in list(self._pending):
+            if group in self._gathering:
+                continue  # started when its version's run has been delivered
+            try:
+                waits = group[0].batcher.after_run(partial(self._start_group, group))
+            except Exception:  # never leave claimed steps behind: start them now
+                log.exception("Stream: deferring steps failed")
+                waits = False
+            if waits:
+                self._gathering.add(group)
+            else:
+                self._start_group(group)
+
+    def _start_group(self, group: tuple[ModelVersion, float | None]) -> None:
+        """Starts a group's claimed steps: a block per max_batch_size steps."""
+        self._gathering.discard(group)
+        steps = self._pending.pop(group, None)
+        if not steps:
+            return
+        mv, deadline = group
+        size = mv.batcher.max_batch_size
+        for s in range(0, len(steps), size):
+            self._start_steps(mv, deadline, steps[s : s + size] if len(steps) > size else steps)
 
     def _start_steps(self, mv: ModelVersion, deadline: float | None, steps: list[_Claimed]) -> None:
         """Claimed one-row Stream steps of one version as one batcher block (one model run, each session's
@@ -611,13 +621,13 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self._count_steps("Stream", len(steps), 0)
 
         def fail(error: BaseException) -> None:
-            for _, seq, _, head, put, key, place, start in steps:
+            for _, seq, _, head, put, place, start in steps:
                 call = _Call()
                 call.model, call.start = mv.name, start
                 code, message = self._status("Stream", call, error)
                 response = pb.StreamResponse(session_id=head[2:34].decode(), sequence=seq)
                 response.error.code, response.error.message = code.value[0], message
-                put(key, place, response)
+                put(place, response)
 
         def finish(fut: asyncio.Future[Output]) -> None:
             self.sessions.release_block(mv, slots)
@@ -630,9 +640,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             if out.q is not None:
                 qs = _wire_matrices(0x2A, out.q.reshape(*out.q.shape[:2], -1))
                 ys = [y + q for y, q in zip(ys, qs, strict=True)]
-            self._count_ok("Stream", mv.name, [s[7] for s in steps])
-            for (_, _, _, head, put, key, place, _), y in zip(steps, ys, strict=True):
-                put(key, place, head + y)
+            self._count_ok("Stream", mv.name, [s[6] for s in steps])
+            for (_, _, _, head, put, place, _), y in zip(steps, ys, strict=True):
+                put(place, head + y)
 
         try:
             x = np.frombuffer(b"".join([s[2] for s in steps]), "<f4").reshape(len(steps), 1, -1)
@@ -953,11 +963,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         a callback, and it is answered from the step's done callback.
 
         The common message (one row, the next sequence of a free session: `wire.read_step`,
-        `SessionTable.claim_step`) is read from its bytes and its turn claimed at once; the steps claimed in
-        one turn of the event loop, by every stream, start together at its end as one batcher block per
-        model version (`_start_steps`), answered with their wire form. Any other message is decoded by
-        protobuf and takes a ticket for its session's turn (`_begin`): a retry, an error, a session with a
-        step in flight.
+        `SessionTable.claim_step`) is read from its bytes and its turn claimed at once; the steps claimed by
+        every stream while their version's batcher is busy start together, as one batcher block, when its
+        run has been delivered (at the end of the turn when it is idle: `_flush_steps`), and are answered
+        with their wire form. Any other message is decoded by protobuf and takes a ticket for its session's
+        turn (`_begin`): a retry, an error, a session with a step in flight.
 
         Each message gets a place in its session's line (keyed by the session id it names) when it is read;
         an answer, forecast or error, leaves only when every earlier message of that session has been
@@ -966,44 +976,40 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         reads its answers is held back by flow control instead of growing the server's buffers."""
         ready: deque[bytes | pb.StreamResponse | None] = deque()  # answers to send, None: the end
         wake: asyncio.Future[None] | None = None  # the sender waits on it while `ready` is empty
-        lines: dict[bytes, deque[list[Any]]] = {}  # per session id, in message order: [answer or None]
+        lines: dict[bytes, deque[list[Any]]] = {}  # per session id, in message order: [answer or None, id]
+        known: dict[bytes, KnownId] = {}  # where the ids this stream named were found (claim_step)
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         pending = 0  # read, not yet queued for sending
         unsent = 0  # read, not yet sent
-        room = asyncio.Event()
-        room.set()
+        room = asyncio.Event()  # set when the reader, held back, may go on
+        held = False  # the reader waits for room
         reading = True
         deadline = _deadline(context)
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
         loop = asyncio.get_running_loop()
-        table = self.sessions
+        claim = self.sessions.claim_step
+        groups = self._pending
+        now = time.monotonic
 
-        def push(item: bytes | pb.StreamResponse | None) -> None:
-            ready.append(item)
-            if wake is not None and not wake.done():
-                wake.set_result(None)
-
-        def put(key: bytes, place: list[Any], item: bytes | pb.StreamResponse) -> None:
+        def put(place: list[Any], item: bytes | pb.StreamResponse) -> None:
             """A message's answer: sent once every earlier message of its session has its own."""
             nonlocal pending
             place[0] = item
+            key = place[1]
             line = lines[key]
             while line and line[0][0] is not None:
-                push(line.popleft()[0])
+                ready.append(line.popleft()[0])
                 pending -= 1
             if not line:
                 del lines[key]
             if not reading and pending == 0:
-                push(None)
+                ready.append(None)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
 
         def answer(
-            key: bytes,
-            place: list[Any],
-            req: pb.ObserveRequest,
-            call: _Call,
-            result: Output | None,
-            error: BaseException | None,
+            place: list[Any], req: pb.ObserveRequest, call: _Call, result: Output | None, error: BaseException | None
         ) -> None:
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
             if error is None:
@@ -1014,53 +1020,62 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 code, message = self._status("Stream", call, error)
                 response.error.code = code.value[0]
                 response.error.message = message
-            put(key, place, response)
+            put(place, response)
 
         def handle(data: bytes) -> None:
             nonlocal pending
             pending += 1
-            place: list[Any] = [None]
             step = read_step(data)
             if step is not None:
                 key = data[2:34]
+                place: list[Any] = [None, key]
                 line = lines.get(key)
                 if line is None:
                     lines[key] = deque((place,))
                 else:
                     line.append(place)
-                claimed = table.claim_step(step.key, step.seq, step.cols, owner)
+                seq, cols, head = step
+                claimed = claim(key, seq, cols, owner, known)
                 if claimed is not None:
-                    self._queue_step(claimed[0], claimed[1], step, data, deadline, put, key, place)
+                    mv = claimed[0]
+                    steps = groups.get((mv, deadline))
+                    if steps is None:
+                        steps = self._open_group(mv, deadline)
+                    steps.append((claimed[1], seq, data[len(data) - 4 * cols :], data[:head], put, place, now()))
                     return
                 req: pb.ObserveRequest | Malformed = pb.ObserveRequest.FromString(data)  # read_step's bytes decode
             else:
                 req = _decode_observe(data)
                 key = b"" if isinstance(req, Malformed) else req.session_id.encode()
+                place = [None, key]
                 lines.setdefault(key, deque()).append(place)
             self._count_steps("Stream", 0, 1)
             call = _Call()
             if isinstance(req, Malformed):
                 self.metrics.malformed.labels("Stream").inc()
-                answer(key, place, pb.ObserveRequest(), call, None, req.problem())
+                answer(place, pb.ObserveRequest(), call, None, req.problem())
                 return
             step_req = req
-            self._begin(step_req, call, owner, deadline, lambda r, e: answer(key, place, step_req, call, r, e), waiting)
+            self._begin(step_req, call, owner, deadline, lambda r, e: answer(place, step_req, call, r, e), waiting)
 
         async def read() -> None:
-            nonlocal reading, unsent
+            nonlocal reading, unsent, held
             try:
                 async for data in request_iterator:
                     unsent += 1
                     handle(data)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
+                        held = True
                         await room.wait()
             except Exception as e:  # the transport failed under us: say so, then end
                 log.warning("Stream: reading requests failed: %s", e)
             finally:
                 reading = False
                 if pending == 0:
-                    push(None)
+                    ready.append(None)
+                    if wake is not None and not wake.done():
+                        wake.set_result(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -1074,7 +1089,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                     break
                 yield item
                 unsent -= 1
-                if unsent < limit:
+                if held and unsent < limit:
+                    held = False
                     room.set()
         finally:
             reader.cancel()

@@ -47,6 +47,7 @@ from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhaust
 from .metrics import Metrics
 from .pool import USED, trim_heap
 from .repository import ModelVersion
+from .wire import session_key
 
 if TYPE_CHECKING:
     from .store import SessionStore
@@ -74,6 +75,8 @@ SEQ_BIG = 0xFFFFFFFF  # a last_seq column at this value reads big_seqs[code] (ab
 MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner` column's numbers)
 DIGEST_BYTES = 8
 MIN_INDEX = 1024
+KNOWN_IDS = 4096  # ids one stream remembers the slots of (claim_step); beyond, the others are looked up
+Known = tuple[ModelVersion, int, bytes, int]  # where an id was found: version, slot, id bytes, its feature count
 TRIM_CHURN = 65536  # opens, closes and steps after which a sweep trims the C heap (what serving them freed goes back)
 
 
@@ -755,25 +758,43 @@ class SessionTable:
         flags[slots[ok]] |= HELD
         return ok
 
-    def claim_step(self, key: bytes, seq: int, cols: int, owner: str | None) -> tuple[ModelVersion, int] | None:
-        """`claim` for one step of one row (`cols` features) of the session with id bytes `key`: its version
-        and slot when the session is live, free, reachable by `owner`, takes `cols` features and `seq` is its
-        next step; its turn is then taken (`release_block` gives it back). None for anything else (a step
-        for the single way, which says what is wrong), with nothing taken."""
-        code = self._find(key)[1]
-        if code < 0:
-            return None
-        mv = self._mvs[code >> 32]
-        slot = code & SLOT_MASK
-        cols_ = mv.pool.columns
-        flags = cols_["flags"]
+    def claim_step(
+        self, chars: bytes, seq: int, cols: int, owner: str | None, known: dict[bytes, Known]
+    ) -> tuple[ModelVersion, int] | None:
+        """`claim` for one step of one row (`cols` features) of the session whose id is `chars` (32
+        characters): its version and slot when the session is live, free, reachable by `owner`, takes `cols`
+        features and `seq` is its next step; its turn is then taken (`release_block` gives it back). None for
+        anything else (a step for the single way, which says what is wrong), with nothing taken.
+
+        `known` (a stream's) remembers where the ids it named were found: such an id is checked at its slot
+        (the live session there still has that id) instead of looked up again."""
+        hit = known.get(chars)
+        if hit is not None:
+            mv, slot, key, n_features = hit
+            columns = mv.pool.columns
+            flags = columns["flags"]
+            if slot >= len(flags) or columns["id"][slot].tobytes() != key:
+                hit = None
+        if hit is None:
+            key = session_key(chars)  # type: ignore[assignment]
+            if key is None:
+                return None
+            code = self._find(key)[1]
+            if code < 0:
+                return None
+            mv, slot = self._mvs[code >> 32], code & SLOT_MASK
+            n_features = mv.runtime.manifest.n_features
+            if len(known) < KNOWN_IDS:
+                known[chars] = (mv, slot, key, n_features)
+            columns = mv.pool.columns
+            flags = columns["flags"]
         f = int(flags[slot])
-        if f & (LIVE_MASK | HELD) != USED or mv.runtime.manifest.n_features != cols:
+        if f & (LIVE_MASK | HELD) != USED or n_features != cols:
             return None
-        whose = int(cols_["owner"][slot])
+        whose = int(columns["owner"][slot])
         if whose and whose != (self._owner_numbers.get(owner, 0) if owner is not None else 0):
             return None
-        last = int(cols_["last_seq"][slot])
+        last = int(columns["last_seq"][slot])
         if seq != last + 1 or last == SEQ_BIG:
             return None
         flags[slot] = f | HELD

@@ -216,23 +216,14 @@ def answers(u: Uniform, members: np.ndarray, y: np.ndarray, q: np.ndarray | None
 _LOWER_HEX = b"0123456789abcdef"
 
 
-class Step(NamedTuple):
-    """A one-row ObserveRequest read from its bytes: the id's 16 bytes, the sequence, the row's columns,
-    and where the answer's head ends (an answer begins with the request's own session_id and sequence
-    fields, which are protobuf's bytes for them)."""
-
-    key: bytes
-    seq: int
-    cols: int
-    head: int  # data[:head] is the session_id and sequence fields; the row's values are data[-4 * cols:]
-
-
-def read_step(data: bytes) -> Step | None:
-    """The common Stream message, recognised from its bytes: session_id (32 lowercase hex characters),
-    sequence (1 or more, a varint of at most MAX_SEQ_BYTES bytes written no longer than it needs), rows = a
-    Matrix of one row with cols 1 to 30 and packed finite values, in that order and nothing else. Anything
-    else (another field order, several rows, unknown fields, NaN, sequence 0, ...) is None and is decoded
-    by protobuf: whatever this accepts, protobuf decodes to the same values."""
+def read_step(data: bytes) -> tuple[int, int, int] | None:
+    """The common Stream message, recognised from its bytes: session_id (32 characters), sequence (1 or
+    more, a varint of at most MAX_SEQ_BYTES bytes written no longer than it needs), rows = a Matrix of one
+    row with cols 1 to 30 and packed finite values, in that order and nothing else: (sequence, cols, head),
+    where data[:head] is the session_id and sequence fields (an answer's first fields are the same bytes)
+    and the row's values are the last 4 * cols bytes. Anything else (another field order, several rows,
+    unknown fields, NaN, sequence 0, ...) is None and is decoded by protobuf. The id's characters are
+    data[2:34], read by `session_key`: whatever both accept, protobuf decodes to the same values."""
     n = len(data)
     if n < 48 or data[0] != 0x0A or data[1] != 0x20 or data[34] != 0x10:
         return None
@@ -263,7 +254,11 @@ def read_step(data: bytes) -> Step | None:
     for j in range(at + 10, n, 4):  # NaN or infinity: every exponent bit set
         if data[j + 1] & 0x7F == 0x7F and data[j] & 0x80:
             return None
-    chars = data[2:34]
-    if chars.translate(None, _LOWER_HEX):
-        return None  # not a well-formed id: protobuf's way answers it with its error
-    return Step(bytes.fromhex(chars.decode()), seq, cols, at)
+    return seq, cols, at
+
+
+def session_key(chars: bytes) -> bytes | None:
+    """The 16 bytes of a session id written as 32 lowercase hex characters (as handed out), else None."""
+    if len(chars) != 32 or chars.translate(None, _LOWER_HEX):
+        return None
+    return bytes.fromhex(chars.decode())
