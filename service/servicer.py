@@ -1061,9 +1061,10 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         async def read() -> None:
             nonlocal reading, unsent, held
             try:
-                async for data in request_iterator:
+                read_one = context.read
+                while (data := await read_one()) is not grpc.aio.EOF:
                     unsent += 1
-                    handle(data)
+                    handle(data)  # type: ignore[arg-type]
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         held = True
