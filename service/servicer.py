@@ -1043,7 +1043,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                         steps = self._open_group(mv, deadline)
                     steps.append((claimed[1], seq, data[len(data) - 4 * cols :], data[:head], put, place, now()))
                     return
-                req: pb.ObserveRequest | Malformed = pb.ObserveRequest.FromString(data)  # read_step's bytes decode
+                req: pb.ObserveRequest | Malformed = _decode_observe(data)  # an id of other bytes may not be UTF-8
             else:
                 req = _decode_observe(data)
                 key = b"" if isinstance(req, Malformed) else req.session_id.encode()

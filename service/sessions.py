@@ -773,8 +773,8 @@ class SessionTable:
             mv, slot, key, n_features = hit
             columns = mv.pool.columns
             flags = columns["flags"]
-            if slot >= len(flags) or columns["id"][slot].tobytes() != key:
-                hit = None
+            if slot >= len(flags) or flags[slot] & LIVE_MASK != USED or columns["id"][slot].tobytes() != key:
+                hit = None  # no longer the live session with that id: looked up again
         if hit is None:
             key = session_key(chars)  # type: ignore[assignment]
             if key is None:

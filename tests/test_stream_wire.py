@@ -230,6 +230,7 @@ def test_every_message_of_a_pipelined_stream_gets_its_own_answer(
         _observe(gone, 1, _row(1, 2)),  # closed
         _observe("0" * 32, 1, _row(1, 2)),  # never existed
         _observe(a.upper(), 3, _row(3, 0)),  # a malformed id
+        b"\x0a\x20" + b"\xff" * 32 + _observe(a, 3, _row(3, 0))[34:],  # an id that is not UTF-8: no message
         _observe(b, 2, _row(2, 1)),  # fine: b's next step
         _observe(a, 3, _row(3, 0)),  # fine: a's next step
     ]
@@ -253,7 +254,8 @@ def test_every_message_of_a_pipelined_stream_gets_its_own_answer(
     assert kinds("0" * 32) == [(1, g.NOT_FOUND.value[0])]
     assert kinds(a.upper()) == [(3, g.INVALID_ARGUMENT.value[0])]
     undecodable = [r for r in replies if not r.session_id]
-    assert len(undecodable) == 1 and "not a valid gatecast.v1.ObserveRequest" in undecodable[0].error.message
+    assert len(undecodable) == 2
+    assert all("not a valid gatecast.v1.ObserveRequest" in r.error.message for r in undecodable)
     by_a = [r for r in replies if r.session_id == a]
     assert by_a[1].forecast == by_a[2].forecast  # the retry answers what step 2 answered
     assert "already applied with different rows" in by_a[3].error.message
