@@ -76,7 +76,9 @@ MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner`
 DIGEST_BYTES = 8
 MIN_INDEX = 1024
 KNOWN_IDS = 4096  # ids one stream remembers the slots of (claim_step); beyond, the others are looked up
-Known = tuple[ModelVersion, int, bytes, int]  # where an id was found: version, slot, id bytes, its feature count
+# where a stream found an id: version, slot, the id's bytes, the version's feature count, the id as the `id`
+# column's two words
+Known = tuple[ModelVersion, int, bytes, int, int, int]
 TRIM_CHURN = 65536  # opens, closes and steps after which a sweep trims the C heap (what serving them freed goes back)
 
 
@@ -770,10 +772,16 @@ class SessionTable:
         (the live session there still has that id) instead of looked up again."""
         hit = known.get(chars)
         if hit is not None:
-            mv, slot, key, n_features = hit
+            mv, slot, key, n_features, low, high = hit
             columns = mv.pool.columns
             flags = columns["flags"]
-            if slot >= len(flags) or flags[slot] & LIVE_MASK != USED or columns["id"][slot].tobytes() != key:
+            ids = columns["id"]
+            if (
+                slot >= len(flags)
+                or ids.item(slot, 1) != high
+                or ids.item(slot, 0) != low
+                or flags.item(slot) & LIVE_MASK != USED
+            ):
                 hit = None  # no longer the live session with that id: looked up again
         if hit is None:
             key = session_key(chars)  # type: ignore[assignment]
@@ -785,16 +793,17 @@ class SessionTable:
             mv, slot = self._mvs[code >> 32], code & SLOT_MASK
             n_features = mv.runtime.manifest.n_features
             if len(known) < KNOWN_IDS:
-                known[chars] = (mv, slot, key, n_features)
+                low, high = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+                known[chars] = (mv, slot, key, n_features, low, high)
             columns = mv.pool.columns
             flags = columns["flags"]
-        f = int(flags[slot])
+        f = flags.item(slot)
         if f & (LIVE_MASK | HELD) != USED or n_features != cols:
             return None
-        whose = int(columns["owner"][slot])
+        whose = columns["owner"].item(slot)
         if whose and whose != (self._owner_numbers.get(owner, 0) if owner is not None else 0):
             return None
-        last = int(columns["last_seq"][slot])
+        last = columns["last_seq"].item(slot)
         if seq != last + 1 or last == SEQ_BIG:
             return None
         flags[slot] = f | HELD
