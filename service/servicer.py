@@ -434,8 +434,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self.repo = repo
         self.sessions = sessions
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
-        # one-row Stream steps claimed in this turn of the event loop, by (id(version), deadline): started
-        # as one block per version at the turn's end (`_flush_steps`)
+        # claimed one-row Stream steps not yet started, by (version, deadline): started as one block at the
+        # end of the turn they were claimed in, or once the run their version's batcher is busy with has been
+        # delivered (`_flush_steps`, `_gathering`)
         self._pending: dict[tuple[ModelVersion, float | None], list[_Claimed]] = {}
         self._gathering: set[tuple[ModelVersion, float | None]] = set()  # groups waiting for their version's run
 
@@ -968,6 +969,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         run has been delivered (at the end of the turn when it is idle: `_flush_steps`), and are answered
         with their wire form. Any other message is decoded by protobuf and takes a ticket for its session's
         turn (`_begin`): a retry, an error, a session with a step in flight.
+
+        Messages are read with `context.read()` as bytes (the request iterator is not used): one async
+        generator less per message.
 
         Each message gets a place in its session's line (keyed by the session id it names) when it is read;
         an answer, forecast or error, leaves only when every earlier message of that session has been
