@@ -269,6 +269,16 @@ class Batcher:
         self._enqueue(flow, rows, rows, n)
         return fut
 
+    def after_run(self, callback: Callable[[], None]) -> bool:
+        """Calls `callback` on the event loop once the batch now running has been delivered and before the
+        next batch is taken, so that what it submits rides in that batch; False (and no call) when no batch
+        is running. For callers that gather work while the worker is busy and hand it over as one item."""
+        inflight = self._inflight
+        if inflight is None or inflight.done():
+            return False
+        inflight.add_done_callback(lambda _: callback())
+        return True
+
     def check_request_rows(self, rows: int) -> None:
         """Refuses a request bigger than one request may ever be."""
         if rows > self.max_request_rows:

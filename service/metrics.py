@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 from gatecast.inference import grpc_predict_v2_pb2 as kpb
@@ -25,6 +27,25 @@ from .errors import ServiceError
 _LATENCY = (*(round(m * 10.0**e, 6) for e in range(-4, 1) for m in (1.0, 1.6, 2.5, 4.0, 6.3)), 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _ROWS = (1, 8, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+def observe_many(histogram: Any, amounts: list[float]) -> None:
+    """`histogram.observe(a)` for every amount, in one pass: the first bucket each falls in (the first bound
+    at or above it, as `observe` finds it) counted with numpy, each bucket and the sum moved once.
+    prometheus_client's Histogram child keeps such per-bucket counts (cumulated when exported); a child
+    without them is observed one amount at a time."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if len(amounts) < 4 or bounds is None or buckets is None or total is None or len(buckets) != len(bounds):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    histogram._raise_if_not_observable()
+    total.inc(sum(amounts))
+    counts = np.bincount(np.searchsorted(bounds, amounts, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
 
 
 # the methods counted by name: gatecast's own and the KServe v2 front's (service/kserve.py)
@@ -131,8 +152,9 @@ class Metrics:
         )
         self.batch_steps = Counter(
             "gatecast_batch_steps",
-            "Steps of ObserveBatch/StreamBatch messages by how they ran: path=block (claimed with the message's "
-            "other steps, one model run) or path=single (a retry, an error, a busy session: one at a time)",
+            "Steps of ObserveBatch/StreamBatch messages and Stream messages by how they ran: path=block (claimed "
+            "with the message's other steps, or a Stream's with the steps every stream read in the same turn of "
+            "the event loop: one model run) or path=single (a retry, an error, a busy session: one at a time)",
             ["rpc", "path"],
             registry=registry,
         )
@@ -188,7 +210,7 @@ class Metrics:
 
         for rpc in RPCS:
             self.malformed.labels(rpc)
-        for rpc in ("ObserveBatch", "StreamBatch"):
+        for rpc in ("ObserveBatch", "StreamBatch", "Stream"):
             for path in ("block", "single"):
                 self.batch_steps.labels(rpc, path)
         for path in ("worker", "process"):

@@ -38,12 +38,13 @@ from .convert import (
 )
 from .errors import InvalidArgument, NotFound, ServiceError
 from .forecast_pool import ForecastPool, Undecodable
-from .metrics import Metrics
+from .metrics import Metrics, observe_many
 from .oneshot import forecast_head, forecast_inputs, forecast_response
 from .repository import ModelVersion, Repository
 from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
+from .sessions import Known as KnownId
 from .settings import Settings
-from .wire import BatchWire, Known, Uniform, answers, matrix_field
+from .wire import BatchWire, Known, Uniform, answers, matrix_field, read_step
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def _tolerant(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes
 
 _WIRE_ANSWERS = {"ObserveBatch", "StreamBatch"}  # their handlers may answer with the message's wire form
 _decode_forecast = _tolerant(pb.ForecastRequest.FromString, pb.ForecastRequest.DESCRIPTOR.full_name)
+_decode_observe = _tolerant(pb.ObserveRequest.FromString, "gatecast.v1.ObserveRequest")  # a Stream message
 
 
 def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -98,7 +100,9 @@ def add_to_server(servicer: ForecasterServicer, server: Any) -> None:
         input_type = service.methods_by_name[method].input_type.full_name
         decode = handler.request_deserializer
         assert decode is not None
-        if method == "Forecast":  # bytes in (a forecast worker reads them), bytes or a message out
+        if method in ("Forecast", "Stream"):
+            # bytes in: a Forecast as a forecast worker reads it, a Stream message as wire.read_step reads it
+            # (each decoded by protobuf here otherwise); bytes or a message out
             handler = handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=None, response_serializer=_passing_bytes(handler.response_serializer)
             )
@@ -308,6 +312,11 @@ class _Message:
         self.begun = False
 
 
+# a claimed one-row Stream step: slot, sequence, the row's bytes, the answer's head, then where its answer goes
+# (`put(place, answer)`) and when it was read
+_Claimed = tuple[int, int, bytes, bytes, Callable[[list[Any], Any], None], list[Any], float]
+
+
 class _Call:
     """Per-request bookkeeping: the model label for metrics is known only once the request is read."""
 
@@ -357,6 +366,20 @@ class Front:
         if hist is None:
             hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
         hist.observe(time.monotonic() - call.start)
+
+    def _count_ok(self, rpc: str, model: str, starts: list[float]) -> None:
+        """`_count` of OK for many calls of one model (each one's start) at once."""
+        key = (rpc, model, "OK")
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.requests.labels(*key)
+        counter.inc(len(starts))
+        lkey = (rpc, model)
+        hist = self._latency.get(lkey)
+        if hist is None:
+            hist = self._latency[lkey] = self.metrics.latency.labels(*lkey)
+        now = time.monotonic()
+        observe_many(hist, [now - start for start in starts])
 
     def _status(self, rpc: str, call: _Call, error: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status for an error, counted: ours carry their code; anything else is logged with a request
@@ -418,6 +441,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
         self.forecasts = forecasts  # the forecast workers; None: every Forecast runs in this process
         self._in_process = metrics.forecast_path.labels("process")
+        # claimed one-row Stream steps not yet started, by (version, deadline): started as one block at the
+        # end of the turn they were claimed in, or once the run their version's batcher is busy with has been
+        # delivered (`_flush_steps`, `_gathering`)
+        self._pending: dict[tuple[ModelVersion, float | None], list[_Claimed]] = {}
+        self._gathering: set[tuple[ModelVersion, float | None]] = set()  # groups waiting for their version's run
 
     # --- the work, transport-free but for the messages ----------------------------------------------
 
@@ -553,6 +581,92 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         else:
             waiting[ticket] = session
             ticket.add_done_callback(granted)
+
+    def _open_group(self, mv: ModelVersion, deadline: float | None) -> list[_Claimed]:
+        """The list this turn's claimed one-row Stream steps of `mv` (with this deadline) join; a new one is
+        started at the end of the turn (`_flush_steps`)."""
+        if len(self._pending) == len(self._gathering):  # the first group of this turn not gathering already
+            asyncio.get_running_loop().call_soon(self._flush_steps)
+        steps: list[_Claimed] = []
+        self._pending[(mv, deadline)] = steps
+        return steps
+
+    def _flush_steps(self) -> None:
+        """At the end of the turn the steps were claimed in: a version whose batcher is idle starts them now;
+        one that is running a batch gathers them (and what later turns claim) until that run has been
+        delivered, then starts them all, so that they ride in its next run as one block instead of one block
+        per turn (`Batcher.after_run`)."""
+        for group in list(self._pending):
+            if group in self._gathering:
+                continue  # started when its version's run has been delivered
+            try:
+                waits = group[0].batcher.after_run(partial(self._start_group, group))
+            except Exception:  # never leave claimed steps behind: start them now
+                log.exception("Stream: deferring steps failed")
+                waits = False
+            if waits:
+                self._gathering.add(group)
+            else:
+                self._start_group(group)
+
+    def _start_group(self, group: tuple[ModelVersion, float | None]) -> None:
+        """Starts a group's claimed steps: a block per max_batch_size steps."""
+        self._gathering.discard(group)
+        steps = self._pending.pop(group, None)
+        if not steps:
+            return
+        mv, deadline = group
+        size = mv.batcher.max_batch_size
+        for s in range(0, len(steps), size):
+            self._start_steps(mv, deadline, steps[s : s + size] if len(steps) > size else steps)
+
+    def _start_steps(self, mv: ModelVersion, deadline: float | None, steps: list[_Claimed]) -> None:
+        """Claimed one-row Stream steps of one version as one batcher block (one model run, each session's
+        step recorded in one write per column); each answer is its request's head (session_id and sequence,
+        protobuf's bytes) and the forecast's wire form, or its own error."""
+        slots = np.array([s[0] for s in steps], np.int64)
+        seqs = [s[1] for s in steps]
+        self._count_steps("Stream", len(steps), 0)
+
+        def fail(error: BaseException) -> None:
+            for _, seq, _, head, put, place, start in steps:
+                call = _Call()
+                call.model, call.start = mv.name, start
+                code, message = self._status("Stream", call, error)
+                response = pb.StreamResponse(session_id=head[2:34].decode(), sequence=seq)
+                response.error.code, response.error.message = code.value[0], message
+                put(place, response)
+
+        def finish(fut: asyncio.Future[Output]) -> None:
+            self.sessions.release_block(mv, slots)
+            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
+            if error is not None:
+                fail(error)
+                return
+            out = fut.result()
+            ys = _wire_matrices(0x1A, out.y)  # forecast (3), then quantile_forecast (5)
+            if out.q is not None:
+                qs = _wire_matrices(0x2A, out.q.reshape(*out.q.shape[:2], -1))
+                ys = [y + q for y, q in zip(ys, qs, strict=True)]
+            self._count_ok("Stream", mv.name, [s[6] for s in steps])
+            for (_, _, _, head, put, place, _), y in zip(steps, ys, strict=True):
+                put(place, head + y)
+
+        try:
+            x = np.frombuffer(b"".join([s[2] for s in steps]), "<f4").reshape(len(steps), 1, -1)
+            digests = rows_digests(x)
+
+            def commit(out: Output) -> None:
+                self.sessions.commit_block(mv, slots, seqs, 1, digests, out)
+
+            fut = mv.batcher.submit_block(x, slots, deadline, commit)
+            if self.sessions.store is not None:
+                fut = self.sessions.stored(fut, [s[3][2:34].decode() for s in steps])
+        except Exception as e:
+            self.sessions.release_block(mv, slots)
+            fail(e)
+            return
+        fut.add_done_callback(finish)
 
     def _count_steps(self, rpc: str, block: int, single: int) -> None:
         counters = self._step_counters.get(rpc)
@@ -863,38 +977,63 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         return await self._call("CloseSession", context, handle, request)  # type: ignore[no-any-return]
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.ObserveRequest | Malformed], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamResponse]:
-        """No task per message: each message takes a ticket for its session's turn, its step starts from
-        the ticket's callback (at once when the session is free), and it is answered from the step's done
-        callback.
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes | pb.StreamResponse]:
+        """No task per message: each message takes its session's turn when it is read, its step starts from
+        a callback, and it is answered from the step's done callback.
+
+        The common message (one row, the next sequence of a free session: `wire.read_step`,
+        `SessionTable.claim_step`) is read from its bytes and its turn claimed at once; the steps claimed by
+        every stream while their version's batcher is busy start together, as one batcher block, when its
+        run has been delivered (at the end of the turn when it is idle: `_flush_steps`), and are answered
+        with their wire form. Any other message is decoded by protobuf and takes a ticket for its session's
+        turn (`_begin`): a retry, an error, a session with a step in flight.
+
+        Messages are read with `context.read()` as bytes (the request iterator is not used): one async
+        generator less per message.
 
         Each message gets a place in its session's line (keyed by the session id it names) when it is read;
         an answer, forecast or error, leaves only when every earlier message of that session has been
         answered, so one session's answers come in its message order. At most `max_stream_inflight`
         messages are read and not yet sent: beyond that the stream stops reading, and a client that never
         reads its answers is held back by flow control instead of growing the server's buffers."""
-        out: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        lines: dict[str, deque[list[pb.StreamResponse | None]]] = {}  # per session id, in message order
+        ready: deque[bytes | pb.StreamResponse | None] = deque()  # answers to send, None: the end
+        wake: asyncio.Future[None] | None = None  # the sender waits on it while `ready` is empty
+        lines: dict[bytes, deque[list[Any]]] = {}  # per session id, in message order: [answer or None, id]
+        known: dict[bytes, KnownId] = {}  # where the ids this stream named were found (claim_step)
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         pending = 0  # read, not yet queued for sending
         unsent = 0  # read, not yet sent
-        room = asyncio.Event()
-        room.set()
+        room = asyncio.Event()  # set when the reader, held back, may go on
+        held = False  # the reader waits for room
         reading = True
         deadline = _deadline(context)
         owner = caller_identity(context, self.settings)  # one identity for the whole stream
+        loop = asyncio.get_running_loop()
+        claim = self.sessions.claim_step
+        groups = self._pending
+        now = time.monotonic
+
+        def put(place: list[Any], item: bytes | pb.StreamResponse) -> None:
+            """A message's answer: sent once every earlier message of its session has its own."""
+            nonlocal pending
+            place[0] = item
+            key = place[1]
+            line = lines[key]
+            while line and line[0][0] is not None:
+                ready.append(line.popleft()[0])
+                pending -= 1
+            if not line:
+                del lines[key]
+            if not reading and pending == 0:
+                ready.append(None)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
 
         def answer(
-            key: str,
-            place: list[pb.StreamResponse | None],
-            req: pb.ObserveRequest,
-            call: _Call,
-            result: Output | None,
-            error: BaseException | None,
+            place: list[Any], req: pb.ObserveRequest, call: _Call, result: Output | None, error: BaseException | None
         ) -> None:
-            nonlocal pending
             response = pb.StreamResponse(session_id=req.session_id, sequence=req.sequence)
             if error is None:
                 assert result is not None
@@ -904,56 +1043,78 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 code, message = self._status("Stream", call, error)
                 response.error.code = code.value[0]
                 response.error.message = message
-            place[0] = response
-            line = lines[key]
-            while line and line[0][0] is not None:
-                out.put_nowait(line.popleft()[0])
-                pending -= 1
-            if not line:
-                del lines[key]
-            if not reading and pending == 0:
-                out.put_nowait(None)
+            put(place, response)
 
-        def handle(req: pb.ObserveRequest | Malformed) -> None:
+        def handle(data: bytes) -> None:
             nonlocal pending
             pending += 1
+            step = read_step(data)
+            if step is not None:
+                key = data[2:34]
+                place: list[Any] = [None, key]
+                line = lines.get(key)
+                if line is None:
+                    lines[key] = deque((place,))
+                else:
+                    line.append(place)
+                seq, cols, head = step
+                claimed = claim(key, seq, cols, owner, known)
+                if claimed is not None:
+                    mv = claimed[0]
+                    steps = groups.get((mv, deadline))
+                    if steps is None:
+                        steps = self._open_group(mv, deadline)
+                    steps.append((claimed[1], seq, data[len(data) - 4 * cols :], data[:head], put, place, now()))
+                    return
+                req: pb.ObserveRequest | Malformed = _decode_observe(data)  # an id of other bytes may not be UTF-8
+            else:
+                req = _decode_observe(data)
+                key = b"" if isinstance(req, Malformed) else req.session_id.encode()
+                place = [None, key]
+                lines.setdefault(key, deque()).append(place)
+            self._count_steps("Stream", 0, 1)
             call = _Call()
             if isinstance(req, Malformed):
                 self.metrics.malformed.labels("Stream").inc()
-                key, error = "", req.problem()
-                req = pb.ObserveRequest()
-            else:
-                key, error = req.session_id, None
-            place: list[pb.StreamResponse | None] = [None]
-            lines.setdefault(key, deque()).append(place)
-            if error is not None:
-                answer(key, place, req, call, None, error)
+                answer(place, pb.ObserveRequest(), call, None, req.problem())
                 return
-            step = req
-            self._begin(step, call, owner, deadline, lambda r, e: answer(key, place, step, call, r, e), waiting)
+            step_req = req
+            self._begin(step_req, call, owner, deadline, lambda r, e: answer(place, step_req, call, r, e), waiting)
 
         async def read() -> None:
-            nonlocal reading, unsent
+            nonlocal reading, unsent, held
             try:
-                async for req in request_iterator:
+                read_one = context.read
+                while (data := await read_one()) is not grpc.aio.EOF:
                     unsent += 1
-                    handle(req)
+                    handle(data)  # type: ignore[arg-type]
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
+                        held = True
                         await room.wait()
             except Exception as e:  # the transport failed under us: say so, then end
                 log.warning("Stream: reading requests failed: %s", e)
             finally:
                 reading = False
                 if pending == 0:
-                    out.put_nowait(None)
+                    ready.append(None)
+                    if wake is not None and not wake.done():
+                        wake.set_result(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await out.get()) is not None:
+            while True:
+                if not ready:
+                    wake = loop.create_future()
+                    await wake
+                    continue
+                item = ready.popleft()
+                if item is None:
+                    break
                 yield item
                 unsent -= 1
-                if unsent < limit:
+                if held and unsent < limit:
+                    held = False
                     room.set()
         finally:
             reader.cancel()

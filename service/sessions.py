@@ -47,6 +47,7 @@ from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhaust
 from .metrics import Metrics
 from .pool import USED, trim_heap
 from .repository import ModelVersion
+from .wire import session_key
 
 if TYPE_CHECKING:
     from .store import SessionStore
@@ -74,6 +75,10 @@ SEQ_BIG = 0xFFFFFFFF  # a last_seq column at this value reads big_seqs[code] (ab
 MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner` column's numbers)
 DIGEST_BYTES = 8
 MIN_INDEX = 1024
+KNOWN_IDS = 4096  # ids one stream remembers the slots of (claim_step); beyond, the others are looked up
+# where a stream found an id: version, slot, the id's bytes, the version's feature count, the id as the `id`
+# column's two words
+Known = tuple[ModelVersion, int, bytes, int, int, int]
 TRIM_CHURN = 65536  # opens, closes and steps after which a sweep trims the C heap (what serving them freed goes back)
 
 
@@ -754,6 +759,55 @@ class SessionTable:
         ok = reach & (flags[slots] & HELD == 0) & (seqs == last + np.uint64(1)) & (last != SEQ_BIG)
         flags[slots[ok]] |= HELD
         return ok
+
+    def claim_step(
+        self, chars: bytes, seq: int, cols: int, owner: str | None, known: dict[bytes, Known]
+    ) -> tuple[ModelVersion, int] | None:
+        """`claim` for one step of one row (`cols` features) of the session whose id is `chars` (32
+        characters): its version and slot when the session is live, free, reachable by `owner`, takes `cols`
+        features and `seq` is its next step; its turn is then taken (`release_block` gives it back). None for
+        anything else (a step for the single way, which says what is wrong), with nothing taken.
+
+        `known` (a stream's) remembers where the ids it named were found: such an id is checked at its slot
+        (the live session there still has that id) instead of looked up again."""
+        hit = known.get(chars)
+        if hit is not None:
+            mv, slot, key, n_features, low, high = hit
+            columns = mv.pool.columns
+            flags = columns["flags"]
+            ids = columns["id"]
+            if (
+                slot >= len(flags)
+                or ids.item(slot, 1) != high
+                or ids.item(slot, 0) != low
+                or flags.item(slot) & LIVE_MASK != USED
+            ):
+                hit = None  # no longer the live session with that id: looked up again
+        if hit is None:
+            key = session_key(chars)  # type: ignore[assignment]
+            if key is None:
+                return None
+            code = self._find(key)[1]
+            if code < 0:
+                return None
+            mv, slot = self._mvs[code >> 32], code & SLOT_MASK
+            n_features = mv.runtime.manifest.n_features
+            if len(known) < KNOWN_IDS:
+                low, high = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+                known[chars] = (mv, slot, key, n_features, low, high)
+            columns = mv.pool.columns
+            flags = columns["flags"]
+        f = flags.item(slot)
+        if f & (LIVE_MASK | HELD) != USED or n_features != cols:
+            return None
+        whose = columns["owner"].item(slot)
+        if whose and whose != (self._owner_numbers.get(owner, 0) if owner is not None else 0):
+            return None
+        last = columns["last_seq"].item(slot)
+        if seq != last + 1 or last == SEQ_BIG:
+            return None
+        flags[slot] = f | HELD
+        return mv, slot
 
     def release_block(self, mv: ModelVersion, slots: np.ndarray) -> None:
         """Gives the turns `claim` took back: in one write, unless a session has steps waiting for its turn

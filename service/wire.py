@@ -209,3 +209,56 @@ def answers(u: Uniform, members: np.ndarray, y: np.ndarray, q: np.ndarray | None
         qf = np.ascontiguousarray(q, "<f4").reshape(m, -1).view(np.uint8)
         out[:, q_at : q_at + qf.shape[1]] = qf
     return out.tobytes(), len(template)
+
+
+# --- one-row Stream messages ---------------------------------------------------------------------------
+
+_LOWER_HEX = b"0123456789abcdef"
+
+
+def read_step(data: bytes) -> tuple[int, int, int] | None:
+    """The common Stream message, recognised from its bytes: session_id (32 characters), sequence (1 or
+    more, a varint of at most MAX_SEQ_BYTES bytes written no longer than it needs), rows = a Matrix of one
+    row with cols 1 to 30 and packed finite values, in that order and nothing else: (sequence, cols, head),
+    where data[:head] is the session_id and sequence fields (an answer's first fields are the same bytes)
+    and the row's values are the last 4 * cols bytes. Anything else (another field order, several rows,
+    unknown fields, NaN, sequence 0, ...) is None and is decoded by protobuf. The id's characters are
+    data[2:34], read by `session_key`: whatever both accept, protobuf decodes to the same values."""
+    n = len(data)
+    if n < 48 or data[0] != 0x0A or data[1] != 0x20 or data[34] != 0x10:
+        return None
+    b = data[35]
+    if b < 0x80:  # a one-byte sequence: the common case
+        seq, at = b, 36
+    else:
+        seq, shift, at = b & 0x7F, 7, 36
+        while True:
+            if at - 35 >= MAX_SEQ_BYTES or at >= n:
+                return None
+            b = data[at]
+            seq |= (b & 0x7F) << shift
+            at += 1
+            if b < 0x80:
+                break
+            shift += 7
+        if b == 0:  # written longer than it needs: the answer would not be protobuf's bytes
+            return None
+    if seq == 0 or at + 8 > n or data[at] != 0x1A:
+        return None
+    cols = data[at + 5]
+    size = 4 * cols
+    if data[at + 1] != 6 + size or at + 8 + size != n or not 0 < size < 0x80 - 6:  # one-byte lengths
+        return None
+    if data[at + 2 : at + 8] != bytes((0x08, 0x01, 0x10, cols, 0x1A, size)):
+        return None
+    for j in range(at + 10, n, 4):  # NaN or infinity: every exponent bit set
+        if data[j + 1] & 0x7F == 0x7F and data[j] & 0x80:
+            return None
+    return seq, cols, at
+
+
+def session_key(chars: bytes) -> bytes | None:
+    """The 16 bytes of a session id written as 32 lowercase hex characters (as handed out), else None."""
+    if len(chars) != 32 or chars.translate(None, _LOWER_HEX):
+        return None
+    return bytes.fromhex(chars.decode())

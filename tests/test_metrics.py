@@ -168,3 +168,38 @@ def test_serve_without_a_gpu_starts_quietly_and_names_its_provider_once(tmp_path
         why = "CUDA not available: no NVIDIA driver (libcuda.so.1 not found)"
         assert said[0] == ("INFO", f"onnxruntime provider: CPUExecutionProvider ({why})")
     assert log.count("on CPUExecutionProvider") >= 2 or _gpu_driver()  # both versions loaded, on the CPU
+
+
+def test_observe_many_counts_what_observe_counts() -> None:
+    """The Stream's latency histogram takes a block's steps in one pass: every bucket (bounds included,
+    beyond the last one too), the count and the sum must be what observing them one by one gives."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from gatecast.service.metrics import _LATENCY, observe_many
+
+    registry = CollectorRegistry()
+    h = Histogram("t", "t", ["way"], registry=registry, buckets=_LATENCY)
+    rng = np.random.default_rng(0)
+    amounts = [*_LATENCY[:-1], 0.0, 1e-6, 11.0, 1e9, *rng.exponential(0.01, 500).tolist()]
+    for a in amounts:
+        h.labels("one").observe(a)
+    observe_many(h.labels("many"), amounts)
+    observe_many(h.labels("few"), amounts[:3])  # below the vectorised size: one by one
+    for a in amounts[3:]:
+        h.labels("few").observe(a)
+
+    def samples(way: str) -> dict[tuple[str, str | None], float]:
+        return {
+            (s.name, s.labels.get("le")): s.value
+            for m in registry.collect()
+            for s in m.samples
+            if s.labels.get("way") == way and not s.name.endswith("_created")
+        }
+
+    one = samples("one")
+    for way in ("many", "few"):
+        got = samples(way)
+        assert got.keys() == one.keys()
+        for k, v in one.items():
+            assert got[k] == pytest.approx(v, rel=1e-12), (way, k)

@@ -132,3 +132,48 @@ async def _scenario(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(12))
 def test_random_load_resolves_everything_and_counts_nothing_after(seed: int) -> None:
     asyncio.run(_scenario(seed))
+
+
+@dataclass
+class SlowSumRuntime(SumRuntime):
+    """SumRuntime whose runs take a while, so that work arrives while one is running."""
+
+    started: int = 0
+
+    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], None]:
+        self.started += 1
+        time.sleep(0.05)
+        return super().run(x, states)
+
+
+def test_after_run_hands_work_over_before_the_next_batch_is_taken() -> None:
+    """What a caller gathers while a batch runs and submits from `after_run` rides in the very next run,
+    together with what was queued meanwhile; with no batch running, after_run says so and calls nothing."""
+
+    async def scenario() -> None:
+        limits = SimpleNamespace(max_batch_rows=64, chunk_rows=16, max_queue_rows=2_000, max_request_rows=1_000)
+        rt = SlowSumRuntime(limits)
+        pool = StatePool(rt.manifest.states, initial=8, cap=64)
+        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 64, 0.0, 1000)  # type: ignore[arg-type]
+        batcher.start()
+        called: list[str] = []
+        assert not batcher.after_run(lambda: called.append("idle"))  # nothing running: no call
+        slots = np.array([pool.acquire() for _ in range(4)])
+        first = batcher.submit_block(np.ones((1, 1, 1), np.float32), slots[:1], None, lambda out: None)
+        while not rt.started:  # the first block is running
+            await asyncio.sleep(0.001)
+        gathered: list[asyncio.Future[Output]] = []
+
+        def hand_over() -> None:
+            called.append("run delivered")
+            gathered.append(batcher.submit_block(np.ones((2, 1, 1), np.float32), slots[1:3], None, lambda out: None))
+
+        assert batcher.after_run(hand_over)
+        other = batcher.submit_block(np.ones((1, 1, 1), np.float32), slots[3:], None, lambda out: None)
+        await asyncio.wait_for(asyncio.gather(first, other), 10)
+        await asyncio.wait_for(gathered[0], 10)
+        assert called == ["run delivered"]
+        assert rt.runs == [(1, 1), (3, 1)]  # the gathered block ran with `other`, not one run later
+        await batcher.close()
+
+    asyncio.run(scenario())
