@@ -50,7 +50,7 @@ import grpc
 import numpy as np
 
 from .errors import InvalidArgument, ServiceError, Unavailable
-from .metrics import Metrics
+from .metrics import Metrics, observe_many
 from .repository import ModelVersion
 from .settings import Settings
 
@@ -439,8 +439,7 @@ class ForecastPool:
         values = np.frombuffer(payload, "<f8", offset=20).tolist()
         at = 0
         for hist, n in zip(series, counts[:4].tolist(), strict=True):
-            for v in values[at : at + n]:
-                hist.observe(v)
+            observe_many(hist, values[at : at + n])  # one pass per series: about 2,000 values a second each
             at += n
         if counts[4]:
             self.metrics.queue_rejected.labels(mv.name, str(mv.version)).inc(int(counts[4]))

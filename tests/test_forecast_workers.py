@@ -324,3 +324,32 @@ def test_sigterm_finishes_forecasts_held_by_the_worker_and_reaps_it(tmp_path: Pa
 def test_worker_never_imports_torch() -> None:
     code = "import sys, gatecast.service.forecast_worker; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_workers_batch_metrics_reach_the_main_process(pair: tuple[RunningServer, RunningServer]) -> None:
+    """The worker's queue wait, run time, batch size and rows land in the main process's per-version series
+    (sent twice a second, added in one pass per series): one queue wait and one batch item per series."""
+    pooled, _ = pair
+    labels = {"model": "taylor", "version": "1"}
+
+    def sample(name: str) -> float:
+        return pooled.app.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    names = [
+        "gatecast_queue_wait_seconds_count",
+        "gatecast_batch_size_sum",
+        "gatecast_model_run_seconds_count",
+        "gatecast_batch_rows_sum",
+    ]
+    before = {n: sample(n) for n in names}
+    sent = path_count(pooled, "worker")
+    window = taylor_values()[:64]  # chunk_rows (LIMITS): each series runs in one piece
+    requests = [request("taylor", window), request("taylor", window, window, window)] * 3  # 12 series
+    for data in requests:
+        assert call(pooled, data)[0] == "OK"
+    assert path_count(pooled, "worker") == sent + len(requests)
+    wait_for(lambda: sample("gatecast_queue_wait_seconds_count") >= before["gatecast_queue_wait_seconds_count"] + 12)
+    assert sample("gatecast_queue_wait_seconds_count") == before["gatecast_queue_wait_seconds_count"] + 12
+    assert sample("gatecast_batch_size_sum") == before["gatecast_batch_size_sum"] + 12
+    assert sample("gatecast_batch_rows_sum") == before["gatecast_batch_rows_sum"] + 12 * 64
+    assert sample("gatecast_model_run_seconds_count") >= before["gatecast_model_run_seconds_count"] + 1
