@@ -1,7 +1,9 @@
 """Server memory for many open sessions (issue 9): a real `gatecast serve` process, the LSTM 2x64 benchmark
 model (1,024 bytes of state per session), and its resident set size (RSS, /proc/<pid>/status) measured
 before, with N sessions open, optionally after one StreamBatch step of each (which stores each session's
-last answer), and after every session is closed again.
+last answer), and after every session is closed again. The sessions live in the server's main process, whose
+RSS is the figure; its forecast workers (processes that answer unary Forecasts and hold no session) are
+reported beside it.
 
 Clients in `--client-procs` processes open (and later close) their share of the sessions with unary calls,
 `--concurrency` in flight each. Prints a table and writes JSON. A session opened without a history has
@@ -46,6 +48,20 @@ def rss(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) * 1024
     return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+def children_rss(pid: int) -> int:
+    """Resident bytes of a process's children: the server's forecast workers, which hold no sessions."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                total += rss(int(d.name))["rss"]
+        except (OSError, KeyError, ValueError):
+            continue
+    return total
 
 
 async def _step_all(channel: grpc.aio.Channel, ids: list[str], row: bytes, streams: int) -> int:
@@ -134,8 +150,18 @@ def main() -> None:
                 done, failed = c.recv()
                 count, errors = count + done, errors + failed
         time.sleep(2.0)  # let the server settle (a sweep, a snapshot of the heap)
-        phases.append({"phase": name, "seconds": round(time.monotonic() - t0, 1), "errors": errors, **rss(proc.pid)})
-        print(f"{name:<28}{phases[-1]['rss'] / MIB:>10.1f} MiB  ({phases[-1]['seconds']} s)", flush=True)
+        phases.append(
+            {
+                "phase": name,
+                "seconds": round(time.monotonic() - t0, 1),
+                "errors": errors,
+                **rss(proc.pid),
+                "workers_rss": children_rss(proc.pid),
+            }
+        )
+        last = phases[-1]
+        workers = f"forecast workers {last['workers_rss'] / MIB:.1f} MiB"
+        print(f"{name:<28}{last['rss'] / MIB:>10.1f} MiB  ({workers}; {last['seconds']} s)", flush=True)
 
     try:
         for n in split(a.sessions, a.client_procs):
@@ -180,6 +206,8 @@ def summary(phases: list[dict[str, Any]], sessions: int, state_bytes: int) -> di
         "rss_gib_with_all_sessions": full / 2**30,
         "peak_rss_gib": max(p["peak"] for p in phases) / 2**30,
         "rss_after_close_minus_start_mib": (phases[-1]["rss"] - base) / MIB,
+        # the forecast workers (GATECAST_FORECAST_WORKERS) are processes of their own that hold no session
+        "forecast_workers_rss_mib": max(p.get("workers_rss", 0) for p in phases) / MIB,
     }
     stepped = " (each stepped once)" if len(phases) > 3 else " (never stepped: state pages not resident)"
     out["summary"] = (
