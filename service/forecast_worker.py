@@ -1,10 +1,22 @@
 """A forecast worker process (service.forecast_pool): `python -m gatecast.service.forecast_worker FD`.
 
 It reads frames from the main process on socket FD: the settings first, then versions to load or drop and
-Forecast requests as their bytes. Each request is decoded and checked by the same code as in the main
-process (service.oneshot), batched with the others in a Batcher of its version, and answered with the
-ForecastResponse's bytes or the status and message of its refusal. The end of its input (the main
-process is stopping, or gone) makes it finish what it holds, answer it, and exit.
+Forecast requests as their bytes. Each request is decoded and checked as in the main process
+(service.oneshot: read from the wire when it is laid out plainly and passes every check, else by protobuf and
+forecast_inputs, which refuse it with the main process's words) and answered with the ForecastResponse's
+bytes or the status and message of its refusal.
+
+A request whose series each run in one piece (at most chunk_rows rows) takes the lean path: its series wait
+in their model's line and run in this thread (onnxruntime releases the GIL) as batches bounded as the
+batcher bounds a run (max_batch_size series, max_batch_rows rows; one onnxruntime run per series length),
+after the frames of the current read have been taken, so what arrives during a run forms the next batch.
+When requests arrive fast enough that at least GATHER_MIN more are expected within GATHER_S, a batch waits
+up to GATHER_S for them (or until it holds GATHER_TARGET series). Deadlines, cancels, failed runs and the
+batch metrics are kept as the batcher keeps them. A longer request goes to a Batcher of its version, which
+runs it in chunks in its own thread, so it holds the small ones up for no more than one bounded run.
+
+The end of its input (the main process is stopping, or gone) makes it finish what it holds, answer it, and
+exit.
 
 It ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a service manager signals the whole process group, and
 the main process, which drains on those, decides when its workers stop (by closing their input)."""
@@ -45,6 +57,11 @@ from .settings import Settings
 log = logging.getLogger("gatecast.service.forecast_worker")
 
 METRICS_EVERY_S = 0.5
+# the lean path's gathering: a batch waits up to GATHER_S for more requests only when, at the recent arrival
+# rate, at least GATHER_MIN more are expected meanwhile, and runs as soon as it holds GATHER_TARGET series
+GATHER_S = 0.002
+GATHER_MIN = 2.0
+GATHER_TARGET = 16
 _REQUEST = pb.ForecastRequest.DESCRIPTOR.full_name
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
 
@@ -125,6 +142,9 @@ class Worker:
         self.lean: dict[int, _Lean] = {}  # request id -> its lean request, until answered or dropped
         self.busy: deque[_Model] = deque()  # models with lean series held, in turn
         self.scheduled = False
+        self.gathering: asyncio.TimerHandle | None = None  # a run waiting for more requests
+        self.gap = 1.0  # the mean time between two lean requests' arrivals (exponentially weighted), seconds
+        self.last_arrival = 0.0
 
     async def serve(self) -> int:
         self.ended = asyncio.Event()
@@ -248,9 +268,20 @@ class Worker:
         model.held_requests += 1
         if len(model.held) == len(xs):  # the line was empty
             self.busy.append(model)
+        now = lean.enqueued
+        self.gap += 0.05 * (min(1.0, now - self.last_arrival) - self.gap)
+        self.last_arrival = now
+        if self.gathering is not None and len(model.held) >= GATHER_TARGET:
+            self.gathering.cancel()  # enough for a batch: no more waiting
+            self.gathering = None
+            self.scheduled = False
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._run_lean)
+            loop = asyncio.get_running_loop()
+            if len(model.held) < GATHER_TARGET and GATHER_MIN * self.gap <= GATHER_S:
+                self.gathering = loop.call_later(GATHER_S, self._run_lean)
+            else:
+                loop.call_soon(self._run_lean)
 
     def _drop(self, lean: _Lean) -> None:
         if lean.left >= 0:
@@ -262,6 +293,7 @@ class Worker:
         read what came meanwhile) while series are held. One batch is bounded as the batcher bounds a run:
         at most max_batch_size series and max_batch_rows rows."""
         self.scheduled = False
+        self.gathering = None
         if not self.busy:
             return
         model = self.busy.popleft()
