@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -483,3 +484,108 @@ def test_a_run_that_raises_answers_internal_and_the_worker_serves_on(pair: tuple
         assert code == "INTERNAL" and re.fullmatch(r"internal error \(request id [0-9a-f]{12}\)", details)
     assert path_count(pooled, "worker") == before + 3
     assert call(pooled, good) == want and path_count(pooled, "worker") == before + 4
+
+
+class WorkerProcess:
+    """A forecast worker driven over its socket by the test, frame by frame, as the main process drives it."""
+
+    def __init__(self, repo: Path, **settings: Any) -> None:
+        from gatecast.service.forecast_pool import HEAD, HELLO, worker_env
+
+        self.head = HEAD
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gatecast.service.forecast_worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=worker_env(),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.sock = ours
+        self.sock.settimeout(60)
+        self.buf = b""
+        self.send(HELLO, 0, 0, server_settings(repo, **settings).model_dump_json().encode())
+
+    def send(self, kind: int, ident: int, arg: int, payload: bytes = b"", deadline: float = -1.0) -> None:
+        self.sock.sendall(self.frame(kind, ident, arg, payload, deadline))
+
+    def frame(self, kind: int, ident: int, arg: int, payload: bytes = b"", deadline: float = -1.0) -> bytes:
+        return self.head.pack(kind, ident, arg, deadline, len(payload)) + payload
+
+    def read(self) -> tuple[int, int, int, bytes]:
+        """The next frame: kind, id, arg, payload."""
+        while True:
+            if len(self.buf) >= self.head.size:
+                kind, ident, arg, _, n = self.head.unpack_from(self.buf)
+                if len(self.buf) >= self.head.size + n:
+                    payload = self.buf[self.head.size : self.head.size + n]
+                    self.buf = self.buf[self.head.size + n :]
+                    return kind, ident, arg, payload
+            data = self.sock.recv(1 << 16)
+            assert data, "the worker closed its output"
+            self.buf += data
+
+    def close(self) -> int:
+        self.sock.shutdown(socket.SHUT_WR)
+        code = self.proc.wait(60)
+        self.sock.close()
+        return code
+
+
+def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_its_batches(repo: Path) -> None:
+    """Driven frame by frame: a request whose deadline has passed when its turn comes is answered
+    DEADLINE_EXCEEDED with the batcher's words (run whole or in chunks); one cancelled in the same read is not
+    answered at all; the others are answered with the in-process bytes, their batches are forwarded (one
+    series per run here, counted once each), and the end of the input ends the worker with exit code 0."""
+    import time
+
+    from gatecast.service.forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, LOAD, LOADED
+
+    settings = {"forecast_workers": 1, **LIMITS}
+    plain = RunningServer(server_settings(repo, forecast_workers=0, **LIMITS))
+    worker = WorkerProcess(repo, **settings)
+    try:
+        manifest = Manifest.read(repo / "taylor" / "1")
+        spec = {"folder": str(repo / "taylor" / "1"), "name": "taylor", "version": 1, "sha256": manifest.onnx.sha256}
+        worker.send(LOAD, 0, 7, json.dumps(spec).encode())
+        assert worker.read() == (LOADED, 1, 7, b"")
+        series = taylor_values()
+        small, long = request("taylor", series[:40]), request("taylor", series[:200])  # 200 rows: chunked
+        past = time.monotonic() - 1.0
+        frames = [
+            worker.frame(FORECAST, 1, 7, small, past),
+            worker.frame(FORECAST, 2, 7, long, past),
+            worker.frame(FORECAST, 3, 7, small),
+            worker.frame(CANCEL, 3, 0),
+            worker.frame(FORECAST, 4, 7, small, time.monotonic() + 60),
+        ]
+        worker.sock.sendall(b"".join(frames))  # one read for the worker
+        answers: dict[int, tuple[int, bytes]] = {}
+        batch_sizes: list[float] = []
+
+        def read_until(done: Callable[[], bool]) -> None:
+            while not done():
+                kind, ident, arg, payload = worker.read()
+                if kind == ANSWER:
+                    assert ident not in answers
+                    answers[ident] = (arg, payload)
+                elif kind == BATCHES:
+                    counts = np.frombuffer(payload, "<u4", 5).tolist()
+                    values = np.frombuffer(payload, "<f8", offset=20).tolist()
+                    assert arg == 7 and counts[0] == counts[2] == counts[3]  # one series per run here
+                    batch_sizes.extend(values[counts[0] + counts[1] : counts[0] + counts[1] + counts[2]])
+
+        read_until(lambda: len(answers) == 3)
+        words = b"the deadline passed while the request was queued"
+        deadline = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert answers[1] == (deadline, words) and answers[2] == (deadline, words)
+        assert answers[4] == (0, call(plain, small)[1])
+        assert 3 not in answers  # cancelled before it ran
+        worker.send(FORECAST, 5, 7, small)
+        read_until(lambda: 5 in answers and len(batch_sizes) == 2)  # forwarded about twice a second
+        assert answers[5] == (0, call(plain, small)[1]) and 3 not in answers
+        assert batch_sizes == [1.0, 1.0]  # id 4, then id 5: each ran alone
+        assert worker.close() == 0
+    finally:
+        worker.proc.kill()
+        plain.stop()
