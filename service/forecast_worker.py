@@ -9,9 +9,8 @@ bytes or the status and message of its refusal.
 A request whose series each run in one piece (at most chunk_rows rows) takes the lean path: its series wait
 in their model's line and run in this thread (onnxruntime releases the GIL) as batches bounded as the
 batcher bounds a run (max_batch_size series, max_batch_rows rows; one onnxruntime run per series length),
-after the frames of the current read have been taken, so what arrives during a run forms the next batch.
-When requests arrive fast enough that at least GATHER_MIN more are expected within GATHER_S, a batch waits
-up to GATHER_S for them (or until it holds GATHER_TARGET series). Deadlines, cancels, failed runs and the
+after the frames of the current read have been taken, so what arrives during a run forms the next batch
+(no waiting for more: an idle worker runs a lone request at once). Deadlines, cancels, failed runs and the
 batch metrics are kept as the batcher keeps them. A longer request goes to a Batcher of its version, which
 runs it in chunks in its own thread, so it holds the small ones up for no more than one bounded run.
 
@@ -57,11 +56,6 @@ from .settings import Settings
 log = logging.getLogger("gatecast.service.forecast_worker")
 
 METRICS_EVERY_S = 0.5
-# the lean path's gathering: a batch waits up to GATHER_S for more requests only when, at the recent arrival
-# rate, at least GATHER_MIN more are expected meanwhile, and runs as soon as it holds GATHER_TARGET series
-GATHER_S = 0.002
-GATHER_MIN = 2.0
-GATHER_TARGET = 16
 _REQUEST = pb.ForecastRequest.DESCRIPTOR.full_name
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
 
@@ -142,9 +136,6 @@ class Worker:
         self.lean: dict[int, _Lean] = {}  # request id -> its lean request, until answered or dropped
         self.busy: deque[_Model] = deque()  # models with lean series held, in turn
         self.scheduled = False
-        self.gathering: asyncio.TimerHandle | None = None  # a run waiting for more requests
-        self.gap = 1.0  # the mean time between two lean requests' arrivals (exponentially weighted), seconds
-        self.last_arrival = 0.0
 
     async def serve(self) -> int:
         self.ended = asyncio.Event()
@@ -268,20 +259,9 @@ class Worker:
         model.held_requests += 1
         if len(model.held) == len(xs):  # the line was empty
             self.busy.append(model)
-        now = lean.enqueued
-        self.gap += 0.05 * (min(1.0, now - self.last_arrival) - self.gap)
-        self.last_arrival = now
-        if self.gathering is not None and len(model.held) >= GATHER_TARGET:
-            self.gathering.cancel()  # enough for a batch: no more waiting
-            self.gathering = None
-            self.scheduled = False
         if not self.scheduled:
             self.scheduled = True
-            loop = asyncio.get_running_loop()
-            if len(model.held) < GATHER_TARGET and GATHER_MIN * self.gap <= GATHER_S:
-                self.gathering = loop.call_later(GATHER_S, self._run_lean)
-            else:
-                loop.call_soon(self._run_lean)
+            asyncio.get_running_loop().call_soon(self._run_lean)
 
     def _drop(self, lean: _Lean) -> None:
         if lean.left >= 0:
@@ -293,7 +273,6 @@ class Worker:
         read what came meanwhile) while series are held. One batch is bounded as the batcher bounds a run:
         at most max_batch_size series and max_batch_rows rows."""
         self.scheduled = False
-        self.gathering = None
         if not self.busy:
             return
         model = self.busy.popleft()
