@@ -157,6 +157,11 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._rows
 
+    @property
+    def queued_requests(self) -> int:
+        """Requests with unfinished items (queued or running): what max_queue_size bounds."""
+        return self._n_flows
+
     def start(self) -> None:
         self._loop_ref = loop = asyncio.get_running_loop()
         self._worker = threading.Thread(target=self._work, name=f"run-{self.runtime.manifest.name}", daemon=True)

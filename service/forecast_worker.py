@@ -1,10 +1,21 @@
 """A forecast worker process (service.forecast_pool): `python -m gatecast.service.forecast_worker FD`.
 
 It reads frames from the main process on socket FD: the settings first, then versions to load or drop and
-Forecast requests as their bytes. Each request is decoded and checked by the same code as in the main
-process (service.oneshot), batched with the others in a Batcher of its version, and answered with the
-ForecastResponse's bytes or the status and message of its refusal. The end of its input (the main
-process is stopping, or gone) makes it finish what it holds, answer it, and exit.
+Forecast requests as their bytes. Each request is decoded and checked as in the main process
+(service.oneshot: read from the wire when it is laid out plainly and passes every check, else by protobuf and
+forecast_inputs, which refuse it with the main process's words) and answered with the ForecastResponse's
+bytes or the status and message of its refusal.
+
+A request whose series each run in one piece (at most chunk_rows rows) takes the lean path: its series wait
+in their model's line and run in this thread (onnxruntime releases the GIL) as batches bounded as the
+batcher bounds a run (max_batch_size series, max_batch_rows rows; one onnxruntime run per series length),
+after the frames of the current read have been taken, so what arrives during a run forms the next batch
+(no waiting for more: an idle worker runs a lone request at once). Deadlines, cancels, failed runs and the
+batch metrics are kept as the batcher keeps them. A longer request goes to a Batcher of its version, which
+runs it in chunks in its own thread, so it holds the small ones up for no more than one bounded run.
+
+The end of its input (the main process is stopping, or gone) makes it finish what it holds, answer it, and
+exit.
 
 It ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a service manager signals the whole process group, and
 the main process, which drains on those, decides when its workers stop (by closing their input)."""
@@ -20,20 +31,24 @@ import signal
 import socket
 import struct
 import sys
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+
 from gatecast.v1 import forecaster_pb2 as pb
 
 from .batcher import Batcher, Output
 from .convert import Malformed
-from .errors import ServiceError, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from .forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, HELLO, LOAD, LOADED, UNDECODABLE, UNLOAD, Channel
 from .metrics import Metrics
-from .oneshot import forecast_inputs, forecast_response
+from .oneshot import forecast_inputs, forecast_response, forecast_response_bytes, forecast_series
 from .pool import StatePool
 from .runtime import ModelRuntime
 from .settings import Settings
@@ -86,12 +101,28 @@ class _BatchMetrics:
         return struct.pack(f"<5I{len(values)}d", *counts, *values)
 
 
+class _Lean:
+    """A request on the lean path: each series fits in one piece; its series wait in their model's line."""
+
+    __slots__ = ("deadline", "enqueued", "ident", "left", "model", "outs")
+
+    def __init__(self, ident: int, model: _Model, deadline: float | None, n: int) -> None:
+        self.ident = ident
+        self.model = model
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.outs: list[Output | None] = [None] * n
+        self.left = n  # series not yet run; -1: dropped (cancelled, failed, past its deadline)
+
+
 @dataclass(eq=False)
 class _Model:
     runtime: ModelRuntime
     batcher: Batcher
     metrics: _BatchMetrics
-    requests: dict[int, list[asyncio.Future[Output]]] = field(default_factory=dict)
+    held: deque[tuple[_Lean, int, Any]] = field(default_factory=deque)  # lean series waiting to run
+    held_rows: int = 0
+    held_requests: int = 0
 
 
 class Worker:
@@ -102,12 +133,17 @@ class Worker:
         self.inflight: dict[int, list[asyncio.Future[Output]]] = {}  # request id -> its series' futures
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ended: asyncio.Event | None = None
+        self.lean: dict[int, _Lean] = {}  # request id -> its lean request, until answered or dropped
+        self.busy: deque[_Model] = deque()  # models with lean series held, in turn
+        self.scheduled = False
 
     async def serve(self) -> int:
         self.ended = asyncio.Event()
         self.channel = Channel(self.sock, self._frame, self.ended.set)
         self._spawn(self._send_metrics())
         await self.ended.wait()  # the main process closed our input (or went away)
+        while self.busy:  # what is held runs and is answered
+            self._run_lean()
         for model in list(self.models.values()):
             await model.batcher.close()  # what is queued runs and is answered
         await asyncio.sleep(0)  # the last answers' callbacks
@@ -127,6 +163,9 @@ class Worker:
         elif kind == CANCEL:
             for fut in self.inflight.pop(ident, ()):
                 fut.cancel()  # the batcher drops a cancelled item before it runs
+            lean = self.lean.pop(ident, None)
+            if lean is not None:
+                self._drop(lean)  # its series are skipped when their turn comes
         elif kind == HELLO:
             self.settings = Settings.model_validate_json(payload)
         elif kind == LOAD:
@@ -164,16 +203,28 @@ class Worker:
         if model is None:  # dropped while the request was on its way
             self._refuse(ident, Unavailable("the model version was unloaded while the request was queued; retry"))
             return
-        try:
-            request = pb.ForecastRequest.FromString(data)
-        except Exception as e:
-            message = Malformed(_REQUEST, str(e) or type(e).__name__).problem().message
-            self.channel.send(ANSWER, ident, UNDECODABLE, payload=message.encode())
-            return
         assert self.settings is not None
+        s, batcher = self.settings, model.batcher
+        xs = forecast_series(
+            data, model.runtime.manifest.n_features, s.max_series, s.max_rows, batcher.max_request_rows
+        )
+        if xs is None:  # anything unusual, or a refusal: protobuf and forecast_inputs say what is wrong
+            try:
+                request = pb.ForecastRequest.FromString(data)
+            except Exception as e:
+                message = Malformed(_REQUEST, str(e) or type(e).__name__).problem().message
+                self.channel.send(ANSWER, ident, UNDECODABLE, payload=message.encode())
+                return
+            try:
+                xs = forecast_inputs(request, model.runtime.manifest, batcher, s)
+            except Exception as e:
+                self._refuse(ident, e)
+                return
+        if all(x.shape[0] <= batcher.chunk_rows for x in xs):
+            self._hold(ident, model, deadline, xs)
+            return
         try:
-            xs = forecast_inputs(request, model.runtime.manifest, model.batcher, self.settings)
-            futures = model.batcher.submit_many(xs, None, deadline)
+            futures = batcher.submit_many(xs, None, deadline)
         except Exception as e:
             self._refuse(ident, e)
             return
@@ -182,6 +233,129 @@ class Worker:
             futures[0].add_done_callback(partial(self._done, ident, model, futures))
         else:
             asyncio.gather(*futures).add_done_callback(partial(self._done, ident, model, futures))
+
+    def _hold(self, ident: int, model: _Model, deadline: float | None, xs: list[Any]) -> None:
+        """The lean path: a request whose series each run in one piece waits, series by series, in its
+        model's line; `_run_lean` runs what is held as batches in this thread, after the frames of the
+        current read have been taken (what arrives during a run forms the next batch)."""
+        b = model.batcher
+        rows = sum(int(x.shape[0]) for x in xs)
+        queued_rows, queued = model.held_rows + b.queued_rows, model.held_requests + b.queued_requests
+        if queued_rows + rows > b.max_queue_rows or queued >= b.max_queue_size:  # as the batcher's own queue
+            model.metrics.queue_rejected.inc()
+            m = model.runtime.manifest
+            self._refuse(
+                ident,
+                ResourceExhausted(
+                    f"batch queue full for {m.name} v{m.version} ({queued_rows} rows of {queued} request(s) "
+                    f"waiting; bounds {b.max_queue_rows} rows, {b.max_queue_size} requests); retry with backoff"
+                ),
+            )
+            return
+        lean = _Lean(ident, model, deadline, len(xs))
+        self.lean[ident] = lean
+        model.held.extend((lean, i, x) for i, x in enumerate(xs))
+        model.held_rows += rows
+        model.held_requests += 1
+        if len(model.held) == len(xs):  # the line was empty
+            self.busy.append(model)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_lean)
+
+    def _drop(self, lean: _Lean) -> None:
+        if lean.left >= 0:
+            lean.left = -1
+            lean.model.held_requests -= 1
+
+    def _run_lean(self) -> None:
+        """Runs one batch of the next model's held series and sends their answers; again (after the loop has
+        read what came meanwhile) while series are held. One batch is bounded as the batcher bounds a run:
+        at most max_batch_size series and max_batch_rows rows."""
+        self.scheduled = False
+        if not self.busy:
+            return
+        model = self.busy.popleft()
+        try:
+            self._run_batch(model)
+        except Exception:  # keep serving: what was taken has been answered or dropped
+            log.exception("forecast run failed for %s", model.runtime.path)
+        if model.held:
+            self.busy.append(model)
+        self.channel.flush()  # the answers go now, before the next batch runs
+        if self.busy and not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_lean)
+
+    def _run_batch(self, model: _Model) -> None:
+        b, held, metrics = model.batcher, model.held, model.metrics
+        batch: list[tuple[_Lean, int, Any]] = []
+        rows = 0
+        now = time.monotonic()
+        while held and len(batch) < b.max_batch_size:
+            lean, i, x = held[0]
+            n = int(x.shape[0])
+            if lean.left < 0:  # dropped
+                held.popleft()
+                model.held_rows -= n
+                continue
+            if lean.deadline is not None and now > lean.deadline:
+                held.popleft()
+                model.held_rows -= n
+                self._fail(lean, DeadlineExceeded("the deadline passed while the request was queued"))
+                continue
+            if batch and rows + n > b.max_batch_rows:
+                break
+            held.popleft()
+            model.held_rows -= n
+            batch.append((lean, i, x))
+            rows += n
+            metrics.queue_wait.observe(now - lean.enqueued)
+        if not batch:
+            return
+        metrics.batch_size.observe(len(batch))
+        metrics.batch_rows.observe(rows)
+        by_len: dict[int, list[tuple[_Lean, int, Any]]] = {}
+        for item in batch:
+            by_len.setdefault(int(item[2].shape[0]), []).append(item)
+        runtime = model.runtime
+        for group in by_len.values():
+            try:
+                x = np.stack([item[2] for item in group])
+                t0 = time.monotonic()
+                y, _, q = runtime.run(x, runtime.zero_states(len(group)))
+                metrics.model_run.observe(time.monotonic() - t0)
+            except Exception as e:  # a failed run fails its requests, never the worker
+                log.exception("model run failed for %s", runtime.path)
+                for lean, _i, _x in group:
+                    self._fail(lean, e)
+                continue
+            for k, (lean, i, _x) in enumerate(group):
+                if lean.left < 0:
+                    continue
+                lean.outs[i] = Output(y[k], None if q is None else q[k])
+                lean.left -= 1
+                if lean.left == 0:
+                    self._answer(lean)
+
+    def _answer(self, lean: _Lean) -> None:
+        lean.left = -1
+        lean.model.held_requests -= 1
+        if self.lean.pop(lean.ident, None) is not lean:  # cancelled meanwhile
+            return
+        try:
+            answer = forecast_response_bytes(lean.model.runtime.manifest, cast(list[Output], lean.outs))
+        except Exception as e:
+            self._refuse(lean.ident, e)
+            return
+        self.channel.send(ANSWER, lean.ident, 0, payload=answer)
+
+    def _fail(self, lean: _Lean, error: BaseException) -> None:
+        if lean.left < 0:
+            return
+        self._drop(lean)
+        if self.lean.pop(lean.ident, None) is lean:
+            self._refuse(lean.ident, error)
 
     def _done(
         self, ident: int, model: _Model, futures: list[asyncio.Future[Output]], done: asyncio.Future[Any]

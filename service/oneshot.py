@@ -90,3 +90,99 @@ def forecast_head(data: bytes) -> tuple[str, int] | None:
         return model.decode(), version
     except UnicodeDecodeError:
         return None
+
+
+def forecast_series(
+    data: bytes, n_features: int, max_series: int, max_rows: int, max_request_rows: int
+) -> list[np.ndarray] | None:
+    """What `forecast_inputs` returns for a ForecastRequest's bytes, read from the wire form without
+    protobuf, when the request holds fields 1, 2 and 3 laid out whole, each series' fields are rows (1),
+    cols (2) and packed values (3), each once, and every check passes; None otherwise (protobuf and
+    `forecast_inputs` then decode and check it, and refuse it with their words). The arrays are the bytes'
+    float32 values, as protobuf reads them."""
+    xs: list[np.ndarray] = []
+    i, end = 0, len(data)
+    total = 0
+    try:
+        while i < end:
+            tag = data[i]
+            if tag == 0x10:  # version
+                _, i = _varint(data, i + 1)
+                continue
+            if tag != 0x1A and tag != 0x0A:
+                return None
+            n, j = _varint(data, i + 1)
+            stop = j + n
+            if stop > end:
+                return None
+            i = stop
+            if tag == 0x0A:  # model
+                continue
+            rows = cols = 0
+            at = -1  # where the values start
+            count = 0
+            seen = 0
+            while j < stop:
+                t = data[j]
+                if t == 0x08 and not seen & 1:
+                    rows, j = _varint(data, j + 1)
+                    seen |= 1
+                elif t == 0x10 and not seen & 2:
+                    cols, j = _varint(data, j + 1)
+                    seen |= 2
+                elif t == 0x1A and not seen & 4:
+                    count, at = _varint(data, j + 1)
+                    j = at + count
+                    seen |= 4
+                else:
+                    return None
+            if j != stop or not 0 < rows <= max_rows or cols != n_features or count != 4 * rows * cols:
+                return None
+            total += rows
+            if len(xs) >= max_series or total > max_request_rows:
+                return None
+            x = np.frombuffer(data, "<f4", rows * cols, at).reshape(rows, cols)
+            xs.append(x)
+    except IndexError:
+        return None
+    if not xs or not all(np.isfinite(x).all() for x in xs):
+        return None
+    return xs
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: int, body: bytes) -> bytes:
+    return bytes((tag,)) + _varint_bytes(len(body)) + body
+
+
+def _matrix_bytes(rows: int, cols: int, values: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(values, "<f4").tobytes()
+    head = (b"\x08" + _varint_bytes(rows) if rows else b"") + (b"\x10" + _varint_bytes(cols) if cols else b"")
+    return head + (_field(0x1A, data) if data else b"")
+
+
+def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes:
+    """`forecast_response(manifest, outs).SerializeToString()`, written directly: protobuf writes fields in
+    number order, leaves out zero scalars and empty repeated fields, and packs repeated floats."""
+    name = manifest.name.encode()
+    parts = [
+        _field(0x0A, name) if name else b"",
+        b"\x10" + _varint_bytes(manifest.version) if manifest.version else b"",
+    ]
+    parts += [_field(0x1A, _matrix_bytes(o.y.shape[0], o.y.shape[1], o.y)) for o in outs]
+    if manifest.quantiles:
+        parts.append(_field(0x22, np.asarray(manifest.quantiles, "<f4").tobytes()))
+    if manifest.onnx.quantile_output:
+        for o in outs:
+            if o.q is not None:
+                h, t, n = o.q.shape
+                parts.append(_field(0x2A, _matrix_bytes(h, t * n, o.q)))
+    return b"".join(parts)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,10 @@ import grpc
 import numpy as np
 import pytest
 
+from gatecast.manifest import Manifest
+from gatecast.service.batcher import Output
+from gatecast.service.oneshot import forecast_inputs, forecast_response, forecast_response_bytes, forecast_series
+from gatecast.service.settings import Settings
 from gatecast.v1 import forecaster_pb2 as pb
 from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, matrix, server_settings, taylor_values
 from tests.test_reliability_api import _quantile_model
@@ -42,6 +47,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Path:
     shutil.copytree(DEFAULT_MODEL, repo / "taylor")
     shutil.copytree(model_repo / "tiny_lstm", repo / "tiny_lstm")
     _quantile_model(repo / "qsum" / "1", [0.1, 0.5, 0.9])
+    _failing_model(repo / "fails" / "1")
     return repo
 
 
@@ -56,6 +62,45 @@ def pair(repo: Path) -> Iterator[tuple[RunningServer, RunningServer]]:
     finally:
         pooled.stop()
         plain.stop()
+
+
+def _failing_model(folder: Path) -> None:
+    """The quantile test graph, failing its run (onnxruntime raises) when a series holds a value <= -1:
+    a ConstantOfShape of that many elements, whose sum (0) is added to y."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gatecast.manifest import ONNX_FILE, Manifest, sha256_file
+
+    _quantile_model(folder, [0.5])
+    model = onnx.load(str(folder / ONNX_FILE))
+    graph = model.graph
+    expand = next(n for n in graph.node if n.op_type == "Expand")
+    expand.output[0] = "yraw"
+    graph.initializer.extend(
+        [
+            helper.make_tensor("four", TensorProto.FLOAT, [], [4.0]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        ]
+    )
+    at = list(graph.node).index(expand) + 1
+    for k, node in enumerate(
+        [
+            helper.make_node("ReduceMin", ["x"], ["xmin"], keepdims=0),
+            helper.make_node("Min", ["xmin", "four"], ["small"]),
+            helper.make_node("Cast", ["small"], ["count"], to=TensorProto.INT64),
+            helper.make_node("Reshape", ["count", "one"], ["shape"]),
+            helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),  # fails for a negative count
+            helper.make_node("ReduceSum", ["zeros"], ["zsum"], keepdims=0),
+            helper.make_node("Add", ["yraw", "zsum"], ["y"]),
+        ]
+    ):
+        graph.node.insert(at + k, node)
+    onnx.save(model, str(folder / ONNX_FILE))
+    manifest = Manifest.read(folder).model_dump()
+    manifest["name"] = "fails"
+    manifest["onnx"]["sha256"] = sha256_file(folder / ONNX_FILE)
+    Manifest.model_validate(manifest).write(folder)
 
 
 def ready(srv: RunningServer) -> bool:
@@ -353,3 +398,223 @@ def test_the_workers_batch_metrics_reach_the_main_process(pair: tuple[RunningSer
     assert sample("gatecast_batch_size_sum") == before["gatecast_batch_size_sum"] + 12
     assert sample("gatecast_batch_rows_sum") == before["gatecast_batch_rows_sum"] + 12 * 64
     assert sample("gatecast_model_run_seconds_count") >= before["gatecast_model_run_seconds_count"] + 1
+
+
+def batches(srv: RunningServer, model: str) -> float:
+    value = srv.app.metrics.registry.get_sample_value("gatecast_batch_size_count", {"model": model, "version": "1"})
+    return value or 0.0
+
+
+def test_requests_run_together_in_the_worker_answer_the_same_bytes(pair: tuple[RunningServer, RunningServer]) -> None:
+    """Many requests at once (single and multi-series, different lengths, a quantile model, a long one run in
+    chunks by the batcher beside the small ones run whole): each answer is the bytes of the same request
+    answered alone without workers, and the worker's batches are counted in the main process's metrics."""
+    pooled, plain = pair
+    values = taylor_values()
+    small = [request("taylor", values[k : k + 20 + k % 5]) for k in range(12)]
+    small += [request("taylor", values[:30], values[5:64], values[9:10]), request("tiny_lstm", values[:48])]
+    small += [
+        request("qsum", np.arange(k + 1, dtype=np.float32)[:, None], np.ones((4, 1), np.float32)) for k in range(3)
+    ]
+    long = request("taylor", values[:300], values[40:60])  # 300 rows: chunked (chunk_rows 64)
+    want = {data: call(plain, data) for data in [*small, long]}
+    assert all(a[0] == "OK" for a in want.values())
+    taken = batches(pooled, "taylor")
+    before = path_count(pooled, "worker")
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda d: (d, call(pooled, d)), [long, *small]))
+        assert all(answer == want[data] for data, answer in got)
+    assert path_count(pooled, "worker") > before  # the worker took some (at most 3 at a time: max_queue_size)
+    wait_for(lambda: batches(pooled, "taylor") > taken)  # forwarded about twice a second
+
+
+def test_the_workers_reading_of_a_request_is_protobufs(repo: Path) -> None:
+    """forecast_series reads what forecast_inputs reads, or declines (None) so that protobuf decides; the
+    answer written directly is protobuf's bytes, for point and quantile models."""
+    manifest = Manifest.read(repo / "taylor" / "1")
+    settings = Settings(repo=repo, max_series=3, max_rows=50)
+
+    class Limits:
+        def check_request_rows(self, rows: int) -> None:
+            if rows > 60:
+                raise ValueError(rows)
+
+    def inputs(data: bytes) -> list[np.ndarray] | None:
+        try:
+            return forecast_inputs(pb.ForecastRequest.FromString(data), manifest, Limits(), settings)  # type: ignore[arg-type]
+        except Exception:
+            return None
+
+    x = np.arange(1, 13, dtype=np.float32)[:, None]
+    nan = x.copy()
+    nan[3] = np.nan
+    m = matrix(x)
+    swapped = pb.Matrix(rows=12, cols=1).SerializeToString() + b"".join(
+        f.SerializeToString() for f in [pb.Matrix(values=m.values)]
+    )
+    cases = {
+        "one": request("taylor", x),
+        "three": request("taylor", x, x[:5], x[3:4], version=1),
+        "fields reversed": pb.Matrix(values=m.values).SerializeToString(),  # not a request: series fields at top
+        "no series": pb.ForecastRequest(model="taylor").SerializeToString(),
+        "too many series": request("taylor", x, x, x, x),
+        "too many rows": request("taylor", np.ones((51, 1), np.float32)),
+        "too many rows in all": request("taylor", np.ones((50, 1), np.float32), x),
+        "wrong columns": request("taylor", np.ones((3, 2), np.float32)),
+        "nan": request("taylor", nan),
+        "values short": pb.ForecastRequest(series=[pb.Matrix(rows=3, cols=1, values=[1, 2])]).SerializeToString(),
+        "values then rows": b"\x1a" + bytes([len(swapped)]) + swapped,
+        "rows twice": b"\x1a\x0a\x08\x01\x08\x01\x10\x01\x1a\x04" + np.float32(2).tobytes(),
+        "unpacked value": b"\x1a\x09\x08\x01\x10\x01\x1d" + np.float32(2).tobytes(),
+        "cut short": request("taylor", x)[:-3],
+    }
+    for name, data in cases.items():
+        fast = forecast_series(data, 1, 3, 50, 60)
+        slow = inputs(data)
+        if fast is None:
+            assert name not in ("one", "three", "values then rows"), name
+        else:
+            assert slow is not None and len(fast) == len(slow), name
+            for a, b in zip(fast, slow, strict=True):
+                assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+        if name in ("no series", "too many series", "too many rows", "too many rows in all", "wrong columns", "nan"):
+            assert fast is None and slow is None, name  # refused by forecast_inputs, with its words
+    rng = np.random.default_rng(1)
+    quantile = Manifest.read(repo / "qsum" / "1")
+    for man, q in ((manifest, None), (quantile, 3)):
+        outs = [
+            Output(
+                rng.normal(size=(man.horizon, 1)).astype(np.float32),
+                None if q is None else rng.normal(size=(man.horizon, 1, q)).astype(np.float32),
+            )
+            for _ in range(3)
+        ]
+        outs[0].y[0, 0] = -0.0
+        for n in (1, 3):
+            assert forecast_response_bytes(man, outs[:n]) == forecast_response(man, outs[:n]).SerializeToString()
+
+
+def test_a_run_that_raises_answers_internal_and_the_worker_serves_on(pair: tuple[RunningServer, RunningServer]) -> None:
+    """A model run that fails (onnxruntime raises) fails the requests it held, INTERNAL without its text as
+    in the main process; requests in other runs are answered, and the worker serves on."""
+    pooled, plain = pair
+    good = request("fails", np.ones((5, 1), np.float32))
+    bad = request("fails", np.array([[1.0], [-2.0], [3.0]], np.float32))
+    want = call(plain, good)
+    assert want[0] == "OK"
+    code, details = call(plain, bad)
+    assert code == "INTERNAL" and details.startswith("internal error (request id ")
+    before = path_count(pooled, "worker")
+    with concurrent.futures.ThreadPoolExecutor(3) as ex:
+        answers = list(ex.map(lambda d: call(pooled, d), [bad, good, bad]))
+    assert answers[1] == want
+    for code, details in (answers[0], answers[2]):
+        assert code == "INTERNAL" and re.fullmatch(r"internal error \(request id [0-9a-f]{12}\)", details)
+    assert path_count(pooled, "worker") == before + 3
+    assert call(pooled, good) == want and path_count(pooled, "worker") == before + 4
+
+
+class WorkerProcess:
+    """A forecast worker driven over its socket by the test, frame by frame, as the main process drives it."""
+
+    def __init__(self, repo: Path, **settings: Any) -> None:
+        from gatecast.service.forecast_pool import HEAD, HELLO, worker_env
+
+        self.head = HEAD
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gatecast.service.forecast_worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=worker_env(),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.sock = ours
+        self.sock.settimeout(60)
+        self.buf = b""
+        self.send(HELLO, 0, 0, server_settings(repo, **settings).model_dump_json().encode())
+
+    def send(self, kind: int, ident: int, arg: int, payload: bytes = b"", deadline: float = -1.0) -> None:
+        self.sock.sendall(self.frame(kind, ident, arg, payload, deadline))
+
+    def frame(self, kind: int, ident: int, arg: int, payload: bytes = b"", deadline: float = -1.0) -> bytes:
+        return self.head.pack(kind, ident, arg, deadline, len(payload)) + payload
+
+    def read(self) -> tuple[int, int, int, bytes]:
+        """The next frame: kind, id, arg, payload."""
+        while True:
+            if len(self.buf) >= self.head.size:
+                kind, ident, arg, _, n = self.head.unpack_from(self.buf)
+                if len(self.buf) >= self.head.size + n:
+                    payload = self.buf[self.head.size : self.head.size + n]
+                    self.buf = self.buf[self.head.size + n :]
+                    return kind, ident, arg, payload
+            data = self.sock.recv(1 << 16)
+            assert data, "the worker closed its output"
+            self.buf += data
+
+    def close(self) -> int:
+        self.sock.shutdown(socket.SHUT_WR)
+        code = self.proc.wait(60)
+        self.sock.close()
+        return code
+
+
+def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_its_batches(repo: Path) -> None:
+    """Driven frame by frame: a request whose deadline has passed when its turn comes is answered
+    DEADLINE_EXCEEDED with the batcher's words (run whole or in chunks); one cancelled in the same read is not
+    answered at all; the others are answered with the in-process bytes, their batches are forwarded (one
+    series per run here, counted once each), and the end of the input ends the worker with exit code 0."""
+    import time
+
+    from gatecast.service.forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, LOAD, LOADED
+
+    settings = {"forecast_workers": 1, **LIMITS}
+    plain = RunningServer(server_settings(repo, forecast_workers=0, **LIMITS))
+    worker = WorkerProcess(repo, **settings)
+    try:
+        manifest = Manifest.read(repo / "taylor" / "1")
+        spec = {"folder": str(repo / "taylor" / "1"), "name": "taylor", "version": 1, "sha256": manifest.onnx.sha256}
+        worker.send(LOAD, 0, 7, json.dumps(spec).encode())
+        assert worker.read() == (LOADED, 1, 7, b"")
+        series = taylor_values()
+        small, long = request("taylor", series[:40]), request("taylor", series[:200])  # 200 rows: chunked
+        past = time.monotonic() - 1.0
+        frames = [
+            worker.frame(FORECAST, 1, 7, small, past),
+            worker.frame(FORECAST, 2, 7, long, past),
+            worker.frame(FORECAST, 3, 7, small),
+            worker.frame(CANCEL, 3, 0),
+            worker.frame(FORECAST, 4, 7, small, time.monotonic() + 60),
+        ]
+        worker.sock.sendall(b"".join(frames))  # one read for the worker
+        answers: dict[int, tuple[int, bytes]] = {}
+        batch_sizes: list[float] = []
+
+        def read_until(done: Callable[[], bool]) -> None:
+            while not done():
+                kind, ident, arg, payload = worker.read()
+                if kind == ANSWER:
+                    assert ident not in answers
+                    answers[ident] = (arg, payload)
+                elif kind == BATCHES:
+                    counts = np.frombuffer(payload, "<u4", 5).tolist()
+                    values = np.frombuffer(payload, "<f8", offset=20).tolist()
+                    assert arg == 7 and counts[0] == counts[2] == counts[3]  # one series per run here
+                    batch_sizes.extend(values[counts[0] + counts[1] : counts[0] + counts[1] + counts[2]])
+
+        read_until(lambda: len(answers) == 3)
+        words = b"the deadline passed while the request was queued"
+        deadline = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert answers[1] == (deadline, words) and answers[2] == (deadline, words)
+        assert answers[4] == (0, call(plain, small)[1])
+        assert 3 not in answers  # cancelled before it ran
+        worker.send(FORECAST, 5, 7, small)
+        read_until(lambda: 5 in answers and len(batch_sizes) == 2)  # forwarded about twice a second
+        assert answers[5] == (0, call(plain, small)[1]) and 3 not in answers
+        assert batch_sizes == [1.0, 1.0]  # id 4, then id 5: each ran alone
+        assert worker.close() == 0
+    finally:
+        worker.proc.kill()
+        plain.stop()
