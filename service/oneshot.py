@@ -14,6 +14,7 @@ from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 from .batcher import Batcher, Output
+from .convert import _varint as _varint_bytes
 from .convert import to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument
 from .settings import Settings
@@ -148,15 +149,6 @@ def forecast_series(
     if not xs or not all(np.isfinite(x).all() for x in xs):
         return None
     return xs
-
-
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _field(tag: int, body: bytes) -> bytes:

@@ -25,6 +25,7 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, array, matrix, taylor_values
 from tests.test_observe_batch import last_sequences
 from tests.test_reliability_engine import serve, taylor_repo
+from tests.test_wire import _open
 
 __all__ = ["taylor_repo"]  # the module fixture, shared
 
@@ -157,11 +158,6 @@ def srv(taylor_repo: Path) -> Iterator[RunningServer]:
 def stub(srv: RunningServer) -> Iterator[pb_grpc.ForecasterStub]:
     with grpc.insecure_channel(srv.address) as ch:
         yield pb_grpc.ForecasterStub(ch)
-
-
-def _open(stub: pb_grpc.ForecasterStub, start: int) -> str:
-    history = matrix(VALUES[start : start + 150])
-    return str(stub.OpenSession(pb.OpenSessionRequest(model="taylor", history=history)).session_id)
 
 
 def _row(t: int, k: int) -> np.ndarray:
