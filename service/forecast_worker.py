@@ -360,6 +360,8 @@ class Worker:
     def _done(
         self, ident: int, model: _Model, futures: list[asyncio.Future[Output]], done: asyncio.Future[Any]
     ) -> None:
+        if not done.cancelled():
+            done.exception()  # read even when nobody is answered: asyncio would log it as never retrieved
         if self.inflight.pop(ident, None) is None:  # cancelled by the main process: nobody to answer
             return
         if done.cancelled():

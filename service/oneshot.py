@@ -76,8 +76,9 @@ def forecast_head(data: bytes) -> tuple[str, int] | None:
                 n, j = _varint(data, i + 1)
                 if j + n > end:
                     return None
-                if tag == 0x0A:
+                if tag == 0x0A:  # every copy must be UTF-8, as protobuf checks; the last one counts
                     model = data[j : j + n]
+                    model.decode()
                 i = j + n
             elif tag == 0x10:  # version (2)
                 version, i = _varint(data, i + 1)
@@ -85,12 +86,9 @@ def forecast_head(data: bytes) -> tuple[str, int] | None:
                     return None
             else:
                 return None
-    except IndexError:
+    except (IndexError, UnicodeDecodeError):
         return None
-    try:
-        return model.decode(), version
-    except UnicodeDecodeError:
-        return None
+    return model.decode(), version
 
 
 def forecast_series(
@@ -117,7 +115,8 @@ def forecast_series(
             if stop > end:
                 return None
             i = stop
-            if tag == 0x0A:  # model
+            if tag == 0x0A:  # model: protobuf refuses a copy that is not UTF-8
+                data[j:stop].decode()
                 continue
             rows = cols = 0
             at = -1  # where the values start
@@ -144,7 +143,7 @@ def forecast_series(
                 return None
             x = np.frombuffer(data, "<f4", rows * cols, at).reshape(rows, cols)
             xs.append(x)
-    except IndexError:
+    except (IndexError, UnicodeDecodeError):
         return None
     if not xs or not all(np.isfinite(x).all() for x in xs):
         return None

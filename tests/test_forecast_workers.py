@@ -29,7 +29,13 @@ import pytest
 
 from gatecast.manifest import Manifest
 from gatecast.service.batcher import Output
-from gatecast.service.oneshot import forecast_inputs, forecast_response, forecast_response_bytes, forecast_series
+from gatecast.service.oneshot import (
+    forecast_head,
+    forecast_inputs,
+    forecast_response,
+    forecast_response_bytes,
+    forecast_series,
+)
 from gatecast.service.settings import Settings
 from gatecast.v1 import forecaster_pb2 as pb
 from tests.conftest import DEFAULT_MODEL, ROOT, RunningServer, matrix, server_settings, taylor_values
@@ -178,6 +184,8 @@ def test_refusals_are_the_same_with_and_without_workers(pair: tuple[RunningServe
         b"\x0a\x06taylor\x1a\x01\x08",  # a series cut inside: malformed (decoded by the worker)
         b"\x0a\x04nope\x1a\x01\x08",  # unknown model and a malformed series: malformed wins, as without workers
         b"\x0a\x02\xff\xfe" + good[8:],  # a model name that is not UTF-8
+        b"\x0a\x01\xff" + good,  # an earlier copy of the name that is not UTF-8: protobuf refuses any copy
+        good + b"\x0a\x03\xed\xa0\x80" + good[:8],  # a surrogate in a copy between the series and the last
     ]
     for data in bad:
         got, want = call(pooled, data), call(plain, data)
@@ -193,9 +201,9 @@ def test_refusals_are_the_same_with_and_without_workers(pair: tuple[RunningServe
         }
 
     assert counted(pooled) == counted(plain)  # the same model label and code for each
-    assert counted(pooled)[("", "INVALID_ARGUMENT")] == 4  # the malformed ones count under no model
+    assert counted(pooled)[("", "INVALID_ARGUMENT")] == 6  # the malformed ones count under no model
     for srv in pair:
-        assert srv.app.metrics.registry.get_sample_value("gatecast_malformed_messages_total", {"rpc": "Forecast"}) == 4
+        assert srv.app.metrics.registry.get_sample_value("gatecast_malformed_messages_total", {"rpc": "Forecast"}) == 6
 
 
 def test_a_worker_killed_mid_flight_answers_unavailable_and_comes_back(
@@ -471,6 +479,7 @@ def test_the_workers_reading_of_a_request_is_protobufs(repo: Path) -> None:
         "rows twice": b"\x1a\x0a\x08\x01\x08\x01\x10\x01\x1a\x04" + np.float32(2).tobytes(),
         "unpacked value": b"\x1a\x09\x08\x01\x10\x01\x1d" + np.float32(2).tobytes(),
         "cut short": request("taylor", x)[:-3],
+        "a copy of the name not UTF-8": b"\x0a\x01\xff" + request("taylor", x),
     }
     for name, data in cases.items():
         fast = forecast_series(data, 1, 3, 50, 60)
@@ -481,8 +490,10 @@ def test_the_workers_reading_of_a_request_is_protobufs(repo: Path) -> None:
             assert slow is not None and len(fast) == len(slow), name
             for a, b in zip(fast, slow, strict=True):
                 assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and a.tobytes() == b.tobytes(), name
-        if name in ("no series", "too many series", "too many rows", "too many rows in all", "wrong columns", "nan"):
-            assert fast is None and slow is None, name  # refused by forecast_inputs, with its words
+        refused = ("no series", "too many series", "too many rows", "too many rows in all", "wrong columns", "nan")
+        if name in (*refused, "a copy of the name not UTF-8"):
+            assert fast is None and slow is None, name  # refused by forecast_inputs or protobuf, with their words
+    assert forecast_head(b"\x0a\x01\xff" + request("taylor", x)) is None  # the main process decodes it, and refuses
     rng = np.random.default_rng(1)
     quantile = Manifest.read(repo / "qsum" / "1")
     for man, q in ((manifest, None), (quantile, 3)):
@@ -531,6 +542,8 @@ class WorkerProcess:
             pass_fds=(theirs.fileno(),),
             env=worker_env(),
             stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,  # its log, read once it has exited (a few lines)
+            text=True,
         )
         theirs.close()
         self.sock = ours
@@ -617,7 +630,19 @@ def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_it
         read_until(lambda: 5 in answers and len(batch_sizes) == 2)  # forwarded about twice a second
         assert answers[5] == (0, call(plain, small)[1]) and 3 not in answers
         assert batch_sizes == [1.0, 1.0]  # id 4, then id 5: each ran alone
+        # a chunked request of two series, past its deadline and cancelled in the same read: its series fail
+        # and its call has gone; nothing is answered, and nothing is left for asyncio to log as unread
+        worker.sock.sendall(
+            worker.frame(FORECAST, 6, 7, request("taylor", series[:200], series[:200]), past)
+            + worker.frame(CANCEL, 6, 0)
+        )
+        worker.send(FORECAST, 7, 7, small)
+        read_until(lambda: 7 in answers)
+        assert 6 not in answers
         assert worker.close() == 0
+        assert worker.proc.stderr is not None
+        log = worker.proc.stderr.read()
+        assert "never retrieved" not in log and "Traceback" not in log, log
     finally:
         worker.proc.kill()
         plain.stop()
