@@ -46,6 +46,8 @@ from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
+PAST_DEADLINE = "the deadline passed while the request was queued"  # what a request dropped unrun is told
+
 # limits used when the runtime carries no settings (test doubles); the server passes its Settings
 DEFAULT_LIMITS = {
     "max_batch_rows": 2048,
@@ -157,11 +159,6 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._rows
 
-    @property
-    def queued_requests(self) -> int:
-        """Requests with unfinished items (queued or running): what max_queue_size bounds."""
-        return self._n_flows
-
     def start(self) -> None:
         self._loop_ref = loop = asyncio.get_running_loop()
         self._worker = threading.Thread(target=self._work, name=f"run-{self.runtime.manifest.name}", daemon=True)
@@ -207,7 +204,7 @@ class Batcher:
             return []
         rows = sum(int(x.shape[0]) for x in xs)
         self.check_request_rows(rows)
-        self._admit(rows)
+        self.admit(rows)
         loop = asyncio.get_running_loop()
         flow = Flow()
         futures: list[asyncio.Future[Output]] = []
@@ -230,13 +227,15 @@ class Batcher:
                 f.cancel()
             raise
 
-    def _admit(self, rows: int) -> None:
-        """Refuses a request the queue has no room for (rows or requests)."""
-        if self._rows + rows > self.max_queue_rows or self._n_flows >= self.max_queue_size:
+    def admit(self, rows: int, held_rows: int = 0, held_requests: int = 0) -> None:
+        """Refuses a request the queue has no room for (rows or requests). `held_*`: what a caller holds
+        beside this queue under the same bounds (a forecast worker's own line)."""
+        queued_rows, queued = self._rows + held_rows, self._n_flows + held_requests
+        if queued_rows + rows > self.max_queue_rows or queued >= self.max_queue_size:
             self._m_rejected.inc()
             raise ResourceExhausted(
                 f"batch queue full for {self.runtime.manifest.name} v{self.runtime.manifest.version} "
-                f"({self._rows} rows of {self._n_flows} request(s) waiting; "
+                f"({queued_rows} rows of {queued} request(s) waiting; "
                 f"bounds {self.max_queue_rows} rows, {self.max_queue_size} requests); retry with backoff"
             )
 
@@ -267,7 +266,7 @@ class Batcher:
             raise Unavailable("the server is shutting down; retry on another instance")
         assert 0 < n <= self.max_batch_size and 0 < steps <= self.chunk_rows and len(slots) == n
         rows = n * steps
-        self._admit(rows)
+        self.admit(rows)
         fut: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
         flow = Flow()
         flow.items.append(WorkItem(x, slots, fut, deadline, commit, time.monotonic(), flow, n=n))
@@ -348,9 +347,7 @@ class Batcher:
                         self._unready(it, chunk)
                         self._finish(it)
                         if not it.future.done():
-                            it.future.set_exception(
-                                DeadlineExceeded("the deadline passed while the request was queued")
-                            )
+                            it.future.set_exception(DeadlineExceeded(PAST_DEADLINE))
                         continue
                     if quota and f_items and (f_rows + cost > quota_rows or f_items >= quota_items):
                         break

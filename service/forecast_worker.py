@@ -43,7 +43,7 @@ import numpy as np
 
 from gatecast.v1 import forecaster_pb2 as pb
 
-from .batcher import Batcher, Output
+from .batcher import PAST_DEADLINE, Batcher, Output
 from .convert import Malformed
 from .errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from .forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, HELLO, LOAD, LOADED, UNDECODABLE, UNLOAD, Channel
@@ -240,17 +240,10 @@ class Worker:
         current read have been taken (what arrives during a run forms the next batch)."""
         b = model.batcher
         rows = sum(int(x.shape[0]) for x in xs)
-        queued_rows, queued = model.held_rows + b.queued_rows, model.held_requests + b.queued_requests
-        if queued_rows + rows > b.max_queue_rows or queued >= b.max_queue_size:  # as the batcher's own queue
-            model.metrics.queue_rejected.inc()
-            m = model.runtime.manifest
-            self._refuse(
-                ident,
-                ResourceExhausted(
-                    f"batch queue full for {m.name} v{m.version} ({queued_rows} rows of {queued} request(s) "
-                    f"waiting; bounds {b.max_queue_rows} rows, {b.max_queue_size} requests); retry with backoff"
-                ),
-            )
+        try:
+            b.admit(rows, model.held_rows, model.held_requests)  # the lean line and the batcher's share its bounds
+        except ResourceExhausted as e:
+            self._refuse(ident, e)
             return
         lean = _Lean(ident, model, deadline, len(xs))
         self.lean[ident] = lean
@@ -302,7 +295,7 @@ class Worker:
             if lean.deadline is not None and now > lean.deadline:
                 held.popleft()
                 model.held_rows -= n
-                self._fail(lean, DeadlineExceeded("the deadline passed while the request was queued"))
+                self._fail(lean, DeadlineExceeded(PAST_DEADLINE))
                 continue
             if batch and rows + n > b.max_batch_rows:
                 break

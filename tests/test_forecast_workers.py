@@ -646,3 +646,33 @@ def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_it
     finally:
         worker.proc.kill()
         plain.stop()
+
+
+def test_the_workers_own_line_is_bounded_as_the_batchers_queue(repo: Path) -> None:
+    """Requests held on the worker's lean path count against max_queue_size with the batcher's: with room
+    for one, the second request of a read is refused RESOURCE_EXHAUSTED in the batcher's words, and counted."""
+    from gatecast.service.forecast_pool import ANSWER, BATCHES, FORECAST, LOAD, LOADED
+
+    worker = WorkerProcess(repo, forecast_workers=1, max_queue_size=1, **LIMITS)
+    try:
+        manifest = Manifest.read(repo / "taylor" / "1")
+        spec = {"folder": str(repo / "taylor" / "1"), "name": "taylor", "version": 1, "sha256": manifest.onnx.sha256}
+        worker.send(LOAD, 0, 7, json.dumps(spec).encode())
+        assert worker.read() == (LOADED, 1, 7, b"")
+        small = request("taylor", taylor_values()[:40])
+        worker.sock.sendall(worker.frame(FORECAST, 1, 7, small) + worker.frame(FORECAST, 2, 7, small))  # one read
+        answers: dict[int, tuple[int, bytes]] = {}
+        rejected = 0
+        while len(answers) < 2 or not rejected:
+            kind, ident, arg, payload = worker.read()
+            if kind == ANSWER:
+                answers[ident] = (arg, payload)
+            elif kind == BATCHES:
+                rejected += int(np.frombuffer(payload, "<u4", 5)[4])
+        assert answers[1][0] == 0
+        assert answers[2][0] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert answers[2][1].startswith(b"batch queue full for taylor v1 (40 rows of 1 request(s) waiting; bounds ")
+        assert rejected == 1
+        assert worker.close() == 0
+    finally:
+        worker.proc.kill()

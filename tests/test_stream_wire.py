@@ -25,7 +25,7 @@ from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, array, matrix, taylor_values
 from tests.test_observe_batch import last_sequences
 from tests.test_reliability_engine import serve, taylor_repo
-from tests.test_wire import _open
+from tests.test_wire import _open, mutated
 
 __all__ = ["taylor_repo"]  # the module fixture, shared
 
@@ -97,17 +97,7 @@ def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataOb
     sequence and row, and the answer written from its head is protobuf's bytes."""
     cols = data.draw(st.integers(1, 4))
     seq = data.draw(st.integers(1, 2**40))
-    raw = bytearray(_observe(secrets.token_hex(16), seq, np.arange(cols, dtype=np.float32)))
-    for _ in range(data.draw(st.integers(1, 4))):
-        at = data.draw(st.integers(0, len(raw) - 1))
-        edit = data.draw(st.sampled_from(["replace", "insert", "delete"]))
-        if edit == "replace":
-            raw[at] = data.draw(st.integers(0, 255))
-        elif edit == "insert":
-            raw.insert(at, data.draw(st.integers(0, 255)))
-        elif len(raw) > 1:
-            del raw[at]
-    raw = raw[: data.draw(st.integers(0, len(raw)))]  # and cut anywhere
+    raw = mutated(data, _observe(secrets.token_hex(16), seq, np.arange(cols, dtype=np.float32)))
     got = _read(bytes(raw))
     if got is None:
         return

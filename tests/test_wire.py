@@ -97,14 +97,9 @@ def test_what_is_not_uniform_is_left_to_protobuf() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataObject) -> None:
-    """Mutations of a uniform message: whatever `Uniform.parse` accepts, protobuf decodes to the same
-    ids, sequences and values."""
-    n = data.draw(st.integers(1, 6))
-    ids = [secrets.token_hex(16) for _ in range(n)]
-    seq = data.draw(st.integers(1, 2**40))
-    raw = bytearray(_message(ids, [seq] * n, np.arange(n, dtype=np.float32).reshape(n, 1)))
+def mutated(data: st.DataObject, message: bytes) -> bytes:
+    """`message` with 1 to 4 bytes replaced, inserted or deleted, then cut anywhere."""
+    raw = bytearray(message)
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(raw) - 1))
         edit = data.draw(st.sampled_from(["replace", "insert", "delete"]))
@@ -115,6 +110,17 @@ def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataOb
         elif len(raw) > 1:
             del raw[at]
     raw = raw[: data.draw(st.integers(0, len(raw)))]  # and cut anywhere
+    return bytes(raw)
+
+
+@given(st.data())
+def test_any_bytes_are_read_as_protobuf_reads_them_or_left_to_it(data: st.DataObject) -> None:
+    """Mutations of a uniform message: whatever `Uniform.parse` accepts, protobuf decodes to the same
+    ids, sequences and values."""
+    n = data.draw(st.integers(1, 6))
+    ids = [secrets.token_hex(16) for _ in range(n)]
+    seq = data.draw(st.integers(1, 2**40))
+    raw = mutated(data, _message(ids, [seq] * n, np.arange(n, dtype=np.float32).reshape(n, 1)))
     u = Uniform.parse(bytes(raw))
     if u is None:
         return
