@@ -9,7 +9,7 @@ import numpy as np
 
 from gatecast.v1 import forecaster_pb2 as pb
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, MalformedRequest
 
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -102,8 +102,8 @@ class Malformed:
         self.type_name = type_name
         self.error = error
 
-    def problem(self) -> InvalidArgument:
-        return InvalidArgument(
+    def problem(self) -> MalformedRequest:
+        return MalformedRequest(
             f"the request is not a valid {self.type_name} message ({quote(self.error, 120)}); "
             "check the client's generated code against proto/gatecast/v1"
         )

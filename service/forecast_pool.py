@@ -49,7 +49,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from .errors import InvalidArgument, ServiceError, Unavailable
+from .errors import MalformedRequest, ServiceError, Unavailable
 from .metrics import Metrics, observe_many
 from .repository import ModelVersion
 from .settings import Settings
@@ -79,7 +79,7 @@ class Refused(ServiceError):
         self.code = code
 
 
-class Undecodable(InvalidArgument):
+class Undecodable(MalformedRequest):
     """The worker could not decode the request's series (the main process counts it as malformed)."""
 
 

@@ -36,8 +36,8 @@ from .convert import (
     to_matrix,
     to_quantile_matrix,
 )
-from .errors import InvalidArgument, NotFound, ServiceError
-from .forecast_pool import ForecastPool, Undecodable
+from .errors import InvalidArgument, MalformedRequest, NotFound, ServiceError
+from .forecast_pool import ForecastPool
 from .metrics import Metrics, observe_many
 from .oneshot import forecast_head, forecast_inputs, forecast_response
 from .repository import ModelVersion, Repository
@@ -384,6 +384,9 @@ class Front:
     def _status(self, rpc: str, call: _Call, error: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status for an error, counted: ours carry their code; anything else is logged with a request
         id and answered INTERNAL without its text."""
+        if isinstance(error, MalformedRequest):
+            self.metrics.malformed.labels(rpc).inc()
+            call.model = ""  # nothing it names is to be believed
         if isinstance(error, ServiceError):
             code, message = error.code, error.message
             if len(message) > MAX_MESSAGE:
@@ -405,7 +408,6 @@ class Front:
         call = _Call()
         try:
             if isinstance(request, Malformed):
-                self.metrics.malformed.labels(rpc).inc()
                 raise request.problem()
             result = await handler(call)
         except asyncio.CancelledError:
@@ -711,7 +713,6 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         try:
             req = wire.message()
         except Exception as e:  # protobuf DecodeError, invalid UTF-8 in a string field, ...
-            self.metrics.malformed.labels(rpc).inc()
             raise Malformed("gatecast.v1.ObserveBatchRequest", str(e) or type(e).__name__).problem() from None
         n = len(req.steps)
         self._check_steps(n)
@@ -897,19 +898,12 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 mv = None
             if mv is not None:
                 call.model = mv.name  # only loaded models become label values: clients cannot grow the metrics
-                try:
-                    answer = await pool.forecast(mv, data, _deadline(context))
-                except Undecodable:  # a series the worker could not decode: what `_call` does for Malformed
-                    call.model = ""
-                    self.metrics.malformed.labels("Forecast").inc()
-                    raise
+                answer = await pool.forecast(mv, data, _deadline(context))  # Undecodable: counted as malformed
                 if answer is not None:
                     return answer
         self._in_process.inc()
         request = _decode_forecast(data)
         if isinstance(request, Malformed):
-            self.metrics.malformed.labels("Forecast").inc()
-            call.model = ""
             raise request.problem()
         mv = self._resolve(request.model, request.version)
         call.model = mv.name
@@ -1075,7 +1069,6 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             self._count_steps("Stream", 0, 1)
             call = _Call()
             if isinstance(req, Malformed):
-                self.metrics.malformed.labels("Stream").inc()
                 answer(place, pb.ObserveRequest(), call, None, req.problem())
                 return
             step_req = req

@@ -81,6 +81,28 @@ def test_every_counter_exists_at_zero_once_its_model_loads(srv: RunningServer) -
         assert got.get(("gatecast_malformed_messages_total", labels(rpc=rpc))) == 0, rpc
 
 
+def test_each_malformed_message_counts_once_in_every_rpc(srv: RunningServer) -> None:
+    """A message whose bytes do not decode is counted once in gatecast_malformed_messages_total, whatever
+    the rpc (counted where its status is made), and its call under no model."""
+    import grpc
+
+    bad = b"\x0a\x05ab"  # a string field cut short
+    service = "/gatecast.v1.Forecaster/"
+    with grpc.insecure_channel(srv.address) as ch:
+        for rpc in ("Forecast", "Observe", "ObserveBatch"):
+            with pytest.raises(grpc.RpcError) as e:
+                ch.unary_unary(service + rpc)(bad, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for rpc in ("Stream", "StreamBatch"):
+            replies = list(ch.stream_stream(service + rpc)(iter([bad]), timeout=10))
+            assert len(replies) == 1 and b"not a valid" in replies[0]
+    got = samples(srv)
+    for rpc in ("Forecast", "Observe", "ObserveBatch", "Stream", "StreamBatch"):
+        assert got.get(("gatecast_malformed_messages_total", labels(rpc=rpc))) == 1, rpc
+    for rpc in ("Forecast", "Observe", "ObserveBatch", "Stream", "StreamBatch"):
+        assert got.get(("gatecast_requests_total", labels(rpc=rpc, model="", code="INVALID_ARGUMENT"))) == 1, rpc
+
+
 def test_a_version_takes_its_series_when_it_is_unloaded(srv: RunningServer, tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "repo" / "taylor" / "2")
     _wait(lambda: [mv.version for mv in srv.app.repo.versions()] == [1] and not srv.app.repo.retiring, "v2 unloaded")
