@@ -770,44 +770,49 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         known: Known | None = None,
     ) -> tuple[asyncio.Future[bytes], int]:
         """`_begin_batch` for a uniform message: sessions found, checked and claimed as arrays. With `known`
-        (a stream's), sessions named by the previous message too are checked where they were, not looked up."""
+        (a stream's), sessions named by the previous message too are not looked up again (`_known_codes`);
+        when they are distinct live sessions of one version, a message whose every step is well formed is
+        claimed and run whole, with no array indexed by step."""
         n = len(u.seqs)
         self._check_steps(n)
         answer = _Answer(self, rpc, n, outer)
         table = self.sessions
-        if (
-            known is not None
-            and known.codes is not None
-            and known.words is u.words
-            and table.still_live(known.codes, u.words)
-        ):
-            codes = known.codes
+        codes, plan = self._known_codes(u, known)
+        # (version, its feature count, the steps or None for all of them, their slots) per version
+        groups: list[tuple[ModelVersion, int, np.ndarray | None, np.ndarray]]
+        slow: list[int] = []
+        if plan is not None and u.seqs.all() and np.isfinite(u.x).all():
+            groups = [plan]
         else:
-            codes = table.locate_words(u.words)
-            if known is not None and known.words is u.words:
-                known.codes = codes
-        ok = (codes >= 0) & (u.seqs != 0) & np.isfinite(u.x).all(axis=(1, 2))
-        ordered = np.sort(codes)
-        if n > 1 and (ordered[1:] == ordered[:-1]).any():
-            # a session's later steps in the message go the single way, after its first is claimed
-            first = np.zeros(n, np.bool_)
-            first[np.unique(codes, return_index=True)[1]] = True
-            ok &= first
-        fast = np.flatnonzero(ok)
-        slow = np.flatnonzero(~ok).tolist() if len(fast) < n else []
-        numbers = codes[fast] >> 32
-        one = fast.size and numbers.min() == numbers.max()  # one model version: no grouping
-        for number in [int(numbers[0])] if one else np.unique(numbers).tolist():
-            idx = fast if one else fast[numbers == number]
-            mv = table.version(number)
-            if mv.runtime.manifest.n_features != u.layout.cols:
-                slow += idx.tolist()  # the single way says what is wrong
+            ok = (codes >= 0) & (u.seqs != 0) & np.isfinite(u.x).all(axis=(1, 2))
+            ordered = np.sort(codes)
+            if n > 1 and (ordered[1:] == ordered[:-1]).any():
+                # a session's later steps in the message go the single way, after its first is claimed
+                first = np.zeros(n, np.bool_)
+                first[np.unique(codes, return_index=True)[1]] = True
+                ok &= first
+            fast = np.flatnonzero(ok)
+            slow = np.flatnonzero(~ok).tolist() if len(fast) < n else []
+            numbers = codes[fast] >> 32
+            groups = []
+            for number in np.unique(numbers).tolist():
+                idx = fast[numbers == number]
+                mv = table.version(number)
+                groups.append((mv, mv.runtime.manifest.n_features, idx, codes[idx] & SLOT_MASK))
+        for mv, n_features, idx, slots in groups:
+            if n_features != u.layout.cols:
+                slow += (np.arange(n) if idx is None else idx).tolist()  # the single way says what is wrong
                 continue
-            slots = codes[idx] & SLOT_MASK
-            claimed = table.claim(mv, slots, u.seqs[idx], owner)
-            slow += idx[~claimed].tolist()
-            members, slots = idx[claimed], slots[claimed]
+            claimed = table.claim(mv, slots, u.seqs if idx is None else u.seqs[idx], owner)
+            if not claimed.all():
+                idx = np.arange(n) if idx is None else idx
+                slow += idx[~claimed].tolist()
+                idx, slots = idx[claimed], slots[claimed]
             size = mv.batcher.max_batch_size
+            if idx is None and n <= size:
+                self._start_uniform_block(mv, u, None, slots, answer, deadline)  # the whole message
+                continue
+            members = np.arange(n) if idx is None else idx
             for s in range(0, len(members), size):
                 self._start_uniform_block(mv, u, members[s : s + size], slots[s : s + size], answer, deadline)
         self._count_steps(rpc, n - len(slow), len(slow))
@@ -818,32 +823,63 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 self._begin(step, call, owner, deadline, answer.reply(i, step.session_id, step.sequence, call), waiting)
         return answer.done, n
 
+    def _known_codes(self, u: Uniform, known: Known | None) -> tuple[np.ndarray, Any]:
+        """The codes of the message's sessions (-1: not a live session), and its plan: (version, its feature
+        count, None, slots) when they are distinct live sessions of one version, else None. A stream's
+        sessions named by the previous message too are reused while the table has removed no session
+        since, else checked where they were (`still_live`); only otherwise looked up."""
+        table = self.sessions
+        same = known is not None and known.words is u.words
+        if same and known is not None and known.codes is not None:
+            if known.removed == table.removed:
+                return known.codes, known.plan
+            if table.still_live(known.codes, u.words):
+                known.removed, known.plan = table.removed, self._plan(known.codes)  # versions may be renumbered
+                return known.codes, known.plan
+        codes = table.locate_words(u.words)
+        plan = self._plan(codes)
+        if same and known is not None:
+            known.codes, known.plan = codes, plan
+            known.removed = table.removed if codes.min() >= 0 else -1  # an id not found may be opened later
+        return codes, plan
+
+    def _plan(self, codes: np.ndarray) -> Any:
+        numbers = codes >> 32
+        if codes.min() < 0 or numbers.min() != numbers.max() or len(np.unique(codes)) != len(codes):
+            return None
+        mv = self.sessions.version(int(numbers[0]))
+        return mv, mv.runtime.manifest.n_features, None, codes & SLOT_MASK
+
     def _start_uniform_block(
         self,
         mv: ModelVersion,
         u: Uniform,
-        members: np.ndarray,
+        members: np.ndarray | None,
         slots: np.ndarray,
         answer: _Answer,
         deadline: float | None,
     ) -> None:
+        """Claimed steps `members` of `u` (None: all of them, in order) as one block."""
+        whole = members is None
+        steps = np.arange(len(u.seqs)) if members is None else members
+
         def session_id(i: int) -> str:
             return bytes(u.records[i, 4:36]).decode()
 
         def deliver(out: Output) -> None:
-            answer.put_block(members, *answers(u, members, out.y, out.q))
+            answer.put_block(steps, *answers(u, members, out.y, out.q))
 
-        seq_list = u.seqs[members].tolist()
-        self._start_block(mv, members.tolist(), session_id, u.x[members], slots, seq_list, answer, deadline, deliver)
+        x, seqs = (u.x, u.seqs) if whole else (u.x[steps], u.seqs[steps])
+        self._start_block(mv, steps, session_id, x, slots, seqs, answer, deadline, deliver)
 
     def _start_block(
         self,
         mv: ModelVersion,
-        idx: list[int],
+        idx: list[int] | np.ndarray,
         session_id: Callable[[int], str],
         x: np.ndarray,
         slots: np.ndarray,
-        seq_list: list[int],
+        seq_list: list[int] | np.ndarray,
         answer: _Answer,
         deadline: float | None,
         deliver: Callable[[Output], None],
@@ -859,7 +895,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             for k, i in enumerate(idx):
                 call = _Call()
                 call.model = mv.name
-                answer.reply(i, session_id(i), seq_list[k], call)(None, error)
+                answer.reply(int(i), session_id(int(i)), int(seq_list[k]), call)(None, error)
 
         def finish(fut: asyncio.Future[Output]) -> None:
             self.sessions.release_block(mv, slots)
@@ -873,7 +909,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         try:
             fut = mv.batcher.submit_block(x, slots, deadline, commit)
             if self.sessions.store is not None:
-                fut = self.sessions.stored(fut, [session_id(i) for i in idx])
+                fut = self.sessions.stored(fut, [session_id(int(i)) for i in idx])
         except Exception as e:
             self.sessions.release_block(mv, slots)
             fail_all(e)

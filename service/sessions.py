@@ -354,6 +354,9 @@ class SessionTable:
         self._owner_numbers: dict[str, int] = {}  # identity -> its number in the `owner` column (1, 2, ...)
         self._owner_names: dict[int, str] = {}
         self.store: SessionStore | None = None  # issue 12: sessions kept in Redis too (service.store sets it)
+        # sessions removed so far (closed, expired, taken back): while it has not moved, every code found for
+        # an id is still that live session (slots never move), so a stream's known sessions need no check
+        self.removed = 0
 
     def __len__(self) -> int:
         return self._count
@@ -544,6 +547,7 @@ class SessionTable:
         try:
             cols["owner"][slot] = self._take_owner(owner)
         except ResourceExhausted:
+            self.removed += 1
             mv.pool.release(slot)
             if mv.pool.used == 0:
                 del self._mvs[self._numbers.pop(id(mv))]
@@ -571,6 +575,7 @@ class SessionTable:
     def _remove(self, session: Session) -> None:
         if session.closed:
             return
+        self.removed += 1
         i, _ = self._find(session.key)
         mv, slot = session.mv, session.slot
         cols = mv.pool.columns
@@ -585,6 +590,7 @@ class SessionTable:
         self._metrics.live_sessions.labels(mv.name, str(mv.version)).dec()
 
     def free_slot(self, mv: ModelVersion, slot: int) -> None:
+        self.removed += 1
         if self.big_seqs:
             self.big_seqs.pop((self._numbers[id(mv)] << 32) | slot, None)
         mv.pool.release(slot)
@@ -655,6 +661,7 @@ class SessionTable:
                     self._remove(self._handle(cols["id"][slot].tobytes(), (number << 32) | slot))
                     cols = mv.pool.columns  # removing may shrink the pool
             elif len(slots):  # many: freed in one write per column, the index rebuilt once
+                self.removed += len(slots)
                 for owner, n in zip(*np.unique(cols["owner"][slots], return_counts=True), strict=True):
                     self._drop_owner(int(owner), int(n))
                 for slot in slots[cols["last_seq"][slots] == SEQ_BIG].tolist():
@@ -751,13 +758,17 @@ class SessionTable:
         that `owner` may reach. Their turns are taken now; `release_block` gives them back. A session at
         SEQ_BIG steps or more is left to the single-step path (its sequence is not all in its column)."""
         cols = mv.pool.columns
-        whose = cols["owner"][slots]
-        number = self._owner_numbers.get(owner, 0) if owner is not None else 0
-        reach = whose == 0 if not number else (whose == 0) | (whose == number)
         flags = cols["flags"]
         last = cols["last_seq"][slots]
-        ok = reach & (flags[slots] & HELD == 0) & (seqs == last + np.uint64(1)) & (last != SEQ_BIG)
-        flags[slots[ok]] |= HELD
+        ok = (seqs == last + np.uint64(1)) & (last != SEQ_BIG) & (flags[slots] & HELD == 0)
+        if self._owned:  # some session has an owner: only its own or unowned ones are within reach
+            whose = cols["owner"][slots]
+            number = self._owner_numbers.get(owner, 0) if owner is not None else 0
+            ok &= whose == 0 if not number else (whose == 0) | (whose == number)
+        if ok.all():
+            flags[slots] |= HELD
+        else:
+            flags[slots[ok]] |= HELD
         return ok
 
     def claim_step(
@@ -815,24 +826,34 @@ class SessionTable:
         cols = mv.pool.columns
         number = self._numbers[id(mv)]
         flags = cols["flags"]
-        special = flags[slots] & LIVE_MASK != USED
+        held = flags[slots]
+        special = held & LIVE_MASK != USED
         if self.waiting:
             special |= np.array([((number << 32) | s) in self.waiting for s in slots.tolist()], np.bool_)
+        if not special.any():
+            flags[slots] = held & (~HELD & 0xFF)
+            return
         flags[slots[~special]] &= ~HELD & 0xFF
         for slot in slots[special].tolist():
             self._handle(cols["id"][slot].tobytes(), (number << 32) | slot).release()
             cols = mv.pool.columns
 
     def commit_block(
-        self, mv: ModelVersion, slots: np.ndarray, seqs: list[int], rows: int, digests: bytes, out: Output
+        self,
+        mv: ModelVersion,
+        slots: np.ndarray,
+        seqs: list[int] | np.ndarray,
+        rows: int,
+        digests: bytes,
+        out: Output,
     ) -> None:
         """Records applied steps of many sessions at once (a block run by the batcher, `rows` each; `digests`
         their rows_digests, 8 bytes each)."""
         self.store_answers(mv, slots, out.y, out.q)
         cols = mv.pool.columns
         cols["last_seq"][slots] = seqs  # claimed: each at most SEQ_BIG, which needs no big_seqs entry
-        steps = cols["steps"][slots]
-        cols["steps"][slots] = np.where(steps > STEPS_MAX - rows, STEPS_MAX, steps + np.uint32(rows))
+        steps = cols["steps"]
+        steps[slots] = np.minimum(steps[slots], np.uint32(STEPS_MAX - rows)) + np.uint32(rows)  # saturates
         cols["digest"][slots] = np.frombuffer(digests, "<u8")
         cols["last_used"][slots] = time.monotonic() - self.epoch
         self._churn += len(slots)

@@ -16,7 +16,7 @@ their id, sequence and values, so the answer is a template row with those column
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -89,16 +89,23 @@ def _first_record(data: bytes) -> Layout | None:
 
 
 class Known:
-    """What a stream's previous uniform message named: its ids (as characters and as words) and where those
-    sessions were. A gateway names the same sessions message after message; their ids are then not decoded
-    again, and their codes are checked (`SessionTable.still_live`) instead of looked up."""
+    """What a stream's previous uniform message named: its ids (as characters and as words), where those
+    sessions were, and what the servicer worked out from that. A gateway names the same sessions message
+    after message; their ids are then not decoded again, and their codes are not looked up again: they are
+    reused while no session has been removed from the table since (`removed`), else checked
+    (`SessionTable.still_live`)."""
 
-    __slots__ = ("codes", "ids", "words")
+    __slots__ = ("codes", "ids", "plan", "removed", "words")
 
     def __init__(self) -> None:
         self.ids = b""
         self.words: np.ndarray | None = None
         self.codes: np.ndarray | None = None
+        self.removed = -1  # the table's `removed` when every code was found live; -1: check them
+        self.plan: Any = None  # the servicer's, for these codes (see ForecasterServicer._begin_uniform)
+
+    def forget(self) -> None:
+        self.codes, self.plan, self.removed = None, None, -1
 
 
 class Uniform(NamedTuple):
@@ -127,7 +134,8 @@ class Uniform(NamedTuple):
                 return None  # not a well-formed id: protobuf's way answers that step with its error
             words = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view("<u8")
             if known is not None:
-                known.ids, known.words, known.codes = chars.tobytes(), words, None
+                known.ids, known.words = chars.tobytes(), words
+                known.forget()
         seq = records[:, layout.seq]
         if seq.shape[1] > 1 and not seq[:, -1].all():
             return None  # a sequence written longer than it needs: the answer would not be protobuf's bytes
@@ -189,18 +197,18 @@ def _answer_template(k: int, y_shape: tuple[int, int], q_shape: tuple[int, int] 
     return prefix + body, p, p + y_at, p + q_at if q_shape is not None else 0
 
 
-def answers(u: Uniform, members: np.ndarray, y: np.ndarray, q: np.ndarray | None) -> tuple[bytes, int]:
-    """The answers of steps `members` of `u` (their forecasts y [m, horizon, targets] and quantile
+def answers(u: Uniform, members: np.ndarray | None, y: np.ndarray, q: np.ndarray | None) -> tuple[bytes, int]:
+    """The answers of steps `members` of `u` (None: every step; their forecasts y [m, horizon, targets], quantile
     forecasts q [m, horizon, targets, quantiles] or None) as consecutive ObserveBatchResponse.results
     records, each with its step's id and sequence copied from the request; returns the bytes and the
     length of one record."""
-    m = len(members)
+    m = len(y)
     k = u.layout.seq.stop - u.layout.seq.start
     q_shape = None if q is None else (int(q.shape[1]), int(q.shape[2] * q.shape[3]))
     template, at, y_at, q_at = _answer_template(k, (int(y.shape[1]), int(y.shape[2])), q_shape)
     out = np.empty((m, len(template)), np.uint8)
     out[:] = np.frombuffer(template, np.uint8)
-    src = u.records[members]
+    src = u.records if members is None else u.records[members]
     out[:, at + 2 : at + 34] = src[:, _ID]
     out[:, at + 35 : at + 35 + k] = src[:, u.layout.seq]
     yf = np.ascontiguousarray(y, "<f4").reshape(m, -1).view(np.uint8)

@@ -5,9 +5,11 @@ uniform message is answered as a single Observe would answer it, errors included
 
 from __future__ import annotations
 
+import queue
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatecast import SESSION_HEADER
 from gatecast.service.wire import Uniform, answers
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -332,3 +335,65 @@ def test_a_step_too_short_for_the_fast_read_gets_its_own_error(
             )
         )
     assert [r.results[0].WhichOneof("result") for r in replies] == ["forecast", "error", "forecast"]
+
+
+def _stream_of(stub: pb_grpc.ForecasterStub, ids: list[str]) -> tuple[Callable[[list[int]], list[str | int]], Any]:
+    """A StreamBatch kept open whose every message names `ids` (one uniform step each): send(seqs) sends one
+    and returns each step's result ("forecast" or its error code); the second value ends the stream."""
+    sent: queue.Queue[pb.ObserveBatchRequest | None] = queue.Queue()
+    replies = stub.StreamBatch(iter(sent.get, None), timeout=60)
+
+    def send(seqs: list[int]) -> list[str | int]:
+        steps = [_one_row(sid, t, k) for k, (sid, t) in enumerate(zip(ids, seqs, strict=True))]
+        assert Uniform.parse(pb.ObserveBatchRequest(steps=steps).SerializeToString()) is not None
+        sent.put(pb.ObserveBatchRequest(steps=steps))
+        reply = next(replies)
+        return [r.error.code if r.WhichOneof("result") == "error" else "forecast" for r in reply.results]
+
+    def end() -> None:
+        sent.put(None)
+        assert list(replies) == []
+
+    return send, end
+
+
+def _open_as(stub: pb_grpc.ForecasterStub, session_id: str | None = None) -> str:
+    metadata = [(SESSION_HEADER, session_id)] if session_id is not None else None
+    request = pb.OpenSessionRequest(model="taylor", history=matrix(VALUES[900:1050]))
+    return str(stub.OpenSession(request, metadata=metadata).session_id)
+
+
+def test_a_stream_never_steps_a_session_opened_where_one_it_named_was_closed(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    """The server reuses where a stream's sessions were while no session has been removed since. Between two
+    messages one session is closed and another opened in its freed slot, and one is closed and opened again
+    under its own id (a new session, whose next sequence is 1): the closed one's step, although its sequence
+    is the newcomer's next, is NOT_FOUND and never touches the newcomer; the reopened id starts over."""
+    a, b, c = (_open(stub, 300 * k) for k in range(3))
+    send, end = _stream_of(stub, [a, b, c])
+    assert send([1, 1, 1]) == ["forecast"] * 3
+    assert send([2, 2, 2]) == ["forecast"] * 3
+    stub.CloseSession(pb.CloseSessionRequest(session_id=b))
+    stub.CloseSession(pb.CloseSessionRequest(session_id=c))
+    assert _open_as(stub, c) == c  # freed slots are handed out last-freed first: c's, then b's
+    newcomer = _open_as(stub)
+    g = grpc.StatusCode
+    assert send([3, 1, 3]) == ["forecast", g.NOT_FOUND.value[0], g.FAILED_PRECONDITION.value[0]]
+    assert send([4, 1, 1]) == ["forecast", g.NOT_FOUND.value[0], "forecast"]
+    end()
+    assert last_sequences(srv, [a, c, newcomer]) == [4, 1, 0]
+
+
+def test_a_stream_finds_a_session_opened_after_it_was_named(stub: pb_grpc.ForecasterStub, srv: RunningServer) -> None:
+    """An id that was not a live session when a stream named it is looked up again in the next message."""
+    a = _open(stub, 0)
+    ghost = secrets.token_hex(16)
+    send, end = _stream_of(stub, [a, ghost])
+    assert send([1, 1]) == ["forecast", grpc.StatusCode.NOT_FOUND.value[0]]
+    assert send([2, 1]) == ["forecast", grpc.StatusCode.NOT_FOUND.value[0]]
+    assert _open_as(stub, ghost) == ghost
+    assert send([3, 1]) == ["forecast", "forecast"]
+    assert send([4, 2]) == ["forecast", "forecast"]
+    end()
+    assert last_sequences(srv, [a, ghost]) == [4, 2]
