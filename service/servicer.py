@@ -41,7 +41,7 @@ from .forecast_pool import ForecastPool
 from .metrics import Metrics, observe_many
 from .oneshot import forecast_head, forecast_inputs, forecast_response
 from .repository import ModelVersion, Repository
-from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
+from .sessions import HELD, SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .sessions import Known as KnownId
 from .settings import Settings
 from .wire import BatchWire, Known, Uniform, answers, matrix_field, read_step
@@ -346,6 +346,97 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class _UniformBlock:
+    """Claimed steps of a uniform batch message run as one batcher item (see `_Recorder`)."""
+
+    __slots__ = ("answer", "members", "mv", "recorded", "seqs", "slots", "steps", "u", "x")
+
+    def __init__(
+        self,
+        mv: ModelVersion,
+        u: Uniform,
+        members: np.ndarray | None,
+        steps: np.ndarray,
+        slots: np.ndarray,
+        seqs: np.ndarray,
+        x: np.ndarray,
+        answer: _Answer,
+    ) -> None:
+        self.mv, self.u, self.members, self.steps = mv, u, members, steps
+        self.slots, self.seqs, self.x, self.answer = slots, seqs, x, answer
+        self.recorded = False  # its run succeeded and it is the recorder's to record and answer
+
+    def session_id(self, i: int) -> str:
+        return bytes(self.u.records[i, 4:36]).decode()
+
+
+class _Recorder:
+    """Records and answers uniform blocks whose model run has succeeded, all that one turn of the event loop
+    delivers at once (a run holds a block of every stream whose message arrived meanwhile): per version, one
+    write per column for all of them, then their turns let go in one write, then each message's answer.
+    A block is handed over as the batcher's commit, so it is recorded even when its caller has gone, and
+    before anything scheduled after it can take its sessions' turns."""
+
+    def __init__(self, servicer: ForecasterServicer) -> None:
+        self.servicer = servicer
+        self.sessions = servicer.sessions
+        self.pending: list[tuple[_UniformBlock, Output]] = []
+
+    def add(self, block: _UniformBlock, out: Output) -> None:
+        block.recorded = True
+        self.pending.append((block, out))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        versions: dict[int, list[tuple[_UniformBlock, Output]]] = {}
+        for item in pending:
+            versions.setdefault(id(item[0].mv), []).append(item)
+        for items in versions.values():
+            try:
+                self._record(items)
+            except Exception as e:  # never leave a turn held or a message unanswered
+                log.exception("recording %d block(s) failed", len(items))
+                self._fail(items, e)
+                continue
+            for block, out in items:
+                try:
+                    block.answer.outer.model = block.answer.outer.model or block.mv.name
+                    block.answer.put_block(block.steps, *answers(block.u, block.members, out.y, out.q))
+                except Exception as e:
+                    log.exception("answering a block failed")
+                    if not block.answer.done.done():
+                        block.answer.done.set_exception(e)
+
+    def _record(self, items: list[tuple[_UniformBlock, Output]]) -> None:
+        mv = items[0][0].mv
+        if len(items) == 1:
+            block, out = items[0]
+            slots, seqs, x, merged = block.slots, block.seqs, block.x, out
+        else:
+            slots = np.concatenate([b.slots for b, _ in items])
+            seqs = np.concatenate([b.seqs for b, _ in items])
+            x = np.concatenate([b.x for b, _ in items])
+            qs = [o.q for _, o in items if o.q is not None]  # a version's blocks all have one, or none
+            merged = Output(np.concatenate([o.y for _, o in items]), np.concatenate(qs) if qs else None)
+        self.sessions.commit_block(mv, slots, seqs, 1, rows_digests(x), merged)
+        self.sessions.release_block(mv, slots)
+
+    def _fail(self, items: list[tuple[_UniformBlock, Output]], error: BaseException) -> None:
+        """Each block's steps answered with `error`, their turns let go (those not let go already)."""
+        for block, _ in items:
+            try:
+                self.sessions.release_block(
+                    block.mv, block.slots[block.mv.pool.columns["flags"][block.slots] & HELD != 0]
+                )
+                self.servicer._fail_steps(block.mv, block.steps, block.session_id, block.seqs, block.answer, error)
+            except Exception as e:
+                log.exception("failing a block failed")
+                if not block.answer.done.done():
+                    block.answer.done.set_exception(e)
+
+
 class Front:
     """What every gRPC front over the engine (gatecast's API, KServe v2) does around its handlers, in one
     place: count each call by rpc, model and status, time it, and turn our errors into their status."""
@@ -441,6 +532,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         self.repo = repo
         self.sessions = sessions
         self._step_counters: dict[str, tuple[Any, Any]] = {}  # rpc -> batch_steps (block, single)
+        self._recorder = _Recorder(self)
         self.forecasts = forecasts  # the forecast workers; None: every Forecast runs in this process
         self._in_process = metrics.forecast_path.labels("process")
         # claimed one-row Stream steps not yet started, by (version, deadline): started as one block at the
@@ -859,18 +951,50 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         answer: _Answer,
         deadline: float | None,
     ) -> None:
-        """Claimed steps `members` of `u` (None: all of them, in order) as one block."""
-        whole = members is None
+        """Claimed steps `members` of `u` (None: all of them, in order) as one block. Without a session
+        store its run is recorded and answered by `_Recorder`, with the other blocks its turn of the loop
+        delivers."""
         steps = np.arange(len(u.seqs)) if members is None else members
+        x, seqs = (u.x, u.seqs) if members is None else (u.x[members], u.seqs[members])
+        block = _UniformBlock(mv, u, members, steps, slots, seqs, x, answer)
+        session_id = block.session_id
+        if self.sessions.store is not None:
 
-        def session_id(i: int) -> str:
-            return bytes(u.records[i, 4:36]).decode()
+            def deliver(out: Output) -> None:
+                answer.put_block(steps, *answers(u, members, out.y, out.q))
 
-        def deliver(out: Output) -> None:
-            answer.put_block(steps, *answers(u, members, out.y, out.q))
+            self._start_block(mv, steps, session_id, x, slots, seqs, answer, deadline, deliver)
+            return
 
-        x, seqs = (u.x, u.seqs) if whole else (u.x[steps], u.seqs[steps])
-        self._start_block(mv, steps, session_id, x, slots, seqs, answer, deadline, deliver)
+        def failed(fut: asyncio.Future[Output]) -> None:
+            if block.recorded:  # the run succeeded: the recorder records and answers it
+                return
+            self.sessions.release_block(mv, slots)
+            error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
+            self._fail_steps(mv, steps, session_id, seqs, answer, error or ServiceError("the step was not run"))
+
+        try:
+            fut = mv.batcher.submit_block(x, slots, deadline, partial(self._recorder.add, block))
+        except Exception as e:
+            self.sessions.release_block(mv, slots)
+            self._fail_steps(mv, steps, session_id, seqs, answer, e)
+            return
+        fut.add_done_callback(failed)
+
+    def _fail_steps(
+        self,
+        mv: ModelVersion,
+        idx: list[int] | np.ndarray,
+        session_id: Callable[[int], str],
+        seqs: list[int] | np.ndarray,
+        answer: _Answer,
+        error: BaseException,
+    ) -> None:
+        """Answers each of the steps idx of a message (sequences `seqs`) with `error`."""
+        for k, i in enumerate(idx):
+            call = _Call()
+            call.model = mv.name
+            answer.reply(int(i), session_id(int(i)), int(seqs[k]), call)(None, error)
 
     def _start_block(
         self,
@@ -891,17 +1015,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         def commit(out: Output) -> None:
             self.sessions.commit_block(mv, slots, seq_list, 1, digests, out)
 
-        def fail_all(error: BaseException) -> None:
-            for k, i in enumerate(idx):
-                call = _Call()
-                call.model = mv.name
-                answer.reply(int(i), session_id(int(i)), int(seq_list[k]), call)(None, error)
-
         def finish(fut: asyncio.Future[Output]) -> None:
             self.sessions.release_block(mv, slots)
             error = ServiceError("the step was cancelled") if fut.cancelled() else fut.exception()
             if error is not None:
-                fail_all(error)
+                self._fail_steps(mv, idx, session_id, seq_list, answer, error)
                 return
             answer.outer.model = answer.outer.model or mv.name
             deliver(fut.result())
@@ -912,7 +1030,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 fut = self.sessions.stored(fut, [session_id(int(i)) for i in idx])
         except Exception as e:
             self.sessions.release_block(mv, slots)
-            fail_all(e)
+            self._fail_steps(mv, idx, session_id, seq_list, answer, e)
             return
         fut.add_done_callback(finish)
 

@@ -18,12 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatecast import SESSION_HEADER
+from gatecast.service.sessions import HELD
 from gatecast.service.wire import Uniform, answers
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, array, matrix, taylor_values
 from tests.test_observe_batch import cancel_after_answers, last_sequences
-from tests.test_reliability_engine import serve, taylor_repo
+from tests.test_reliability_engine import RuntimeDouble, serve, taylor_repo, version, wait_for
 
 __all__ = ["taylor_repo"]  # the module fixture, shared
 
@@ -397,3 +398,86 @@ def test_a_stream_finds_a_session_opened_after_it_was_named(stub: pb_grpc.Foreca
     assert send([4, 2]) == ["forecast", "forecast"]
     end()
     assert last_sequences(srv, [a, ghost]) == [4, 2]
+
+
+def test_blocks_of_many_streams_run_together_are_recorded_together_and_exactly(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    """While the model is held busy, three streams each send a uniform message; they run as one model run
+    and are recorded together (one write per column for all of them): every answer, every retry of the same
+    message (each session's stored answer and rows) and every session's next step equal those of twins
+    stepped alone, and every turn is let go."""
+    n = 4
+    streams = [[_open(stub, 150 * (4 * j + k)) for k in range(n)] for j in range(3)]
+    twins = [[_open(stub, 150 * (4 * j + k)) for k in range(n)] for j in range(3)]
+    plug = _open(stub, 0)
+    mv = version(srv)
+    with RuntimeDouble(mv) as rt:
+        rt.gate.clear()
+        rt.started.clear()
+        first = stub.Observe.future(_one_row(plug, 1, 0), timeout=30)  # holds the worker at the gate
+        assert rt.started.wait(10)
+        pending = [
+            stub.ObserveBatch.future(
+                pb.ObserveBatchRequest(steps=[_one_row(s, 1, 4 * j + k) for k, s in enumerate(ids)]), timeout=30
+            )
+            for j, ids in enumerate(streams)
+        ]
+        wait_for(lambda: mv.batcher.queued_rows == 3 * n + 1)  # the plug's row counts until it is delivered
+        runs_before = len(rt.runs)
+        rt.gate.set()
+        replies = [p.result() for p in pending]
+        first.result()
+        assert rt.runs[runs_before] == (3 * n, 1)  # the three messages in one run
+    for j, (ids, mine, reply) in enumerate(zip(twins, streams, replies, strict=True)):
+        assert [r.session_id for r in reply.results] == mine
+        retry = stub.ObserveBatch(pb.ObserveBatchRequest(steps=[_one_row(s, 1, 4 * j + k) for k, s in enumerate(mine)]))
+        assert retry == reply
+        for k, (twin, r) in enumerate(zip(ids, reply.results, strict=True)):
+            alone = stub.Observe(_one_row(twin, 1, 4 * j + k)).forecast
+            np.testing.assert_allclose(array(r.forecast), array(alone), rtol=1e-6, atol=1e-6)
+            nxt = stub.Observe(_one_row(mine[k], 2, 4 * j + k)).forecast
+            twin_nxt = stub.Observe(_one_row(twin, 2, 4 * j + k)).forecast
+            np.testing.assert_allclose(array(nxt), array(twin_nxt), rtol=1e-6, atol=1e-6)
+    flags = mv.pool.columns["flags"]
+    assert not (flags & HELD).any()
+
+
+def test_a_uniform_message_whose_run_fails_answers_each_step_and_applies_nothing(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    ids = [_open(stub, 200 * k) for k in range(5)]
+    message = pb.ObserveBatchRequest(steps=[_one_row(s, 1, k) for k, s in enumerate(ids)])
+    assert Uniform.parse(message.SerializeToString()) is not None
+    with RuntimeDouble(version(srv)) as rt:
+        rt.fail = lambda x: True
+        reply = stub.ObserveBatch(message, timeout=30)
+    assert [r.error.code for r in reply.results] == [grpc.StatusCode.INTERNAL.value[0]] * 5
+    assert last_sequences(srv, ids) == [0] * 5
+    again = stub.ObserveBatch(message, timeout=30)  # the turns were let go and nothing was recorded
+    assert [r.WhichOneof("result") for r in again.results] == ["forecast"] * 5
+
+
+def test_a_uniform_block_whose_recording_fails_answers_each_step_and_lets_go(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording the block (after its run) raises: each step is answered INTERNAL, its turn let go, and the
+    next message is served; the stream goes on."""
+    ids = [_open(stub, 200 * k) for k in range(3)]
+    table = srv.app.sessions
+    real = type(table).commit_block
+    calls = []
+
+    def boom(self: Any, *args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected commit failure")
+        real(self, *args)
+
+    monkeypatch.setattr(type(table), "commit_block", boom)
+    send, end = _stream_of(stub, ids)
+    assert send([1, 1, 1]) == [grpc.StatusCode.INTERNAL.value[0]] * 3
+    assert send([1, 1, 1]) == ["forecast"] * 3  # not stuck busy; the failed step was never recorded
+    assert send([2, 2, 2]) == ["forecast"] * 3
+    end()
+    assert last_sequences(srv, ids) == [2, 2, 2]
