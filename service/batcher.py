@@ -476,7 +476,7 @@ class Batcher:
                 )
                 fresh = [k for k, it in enumerate(items) if it.pos == 0 and it.slot is not None]
                 if len(fresh) == len(items):  # every row starts from its pool slot (session steps): read as is
-                    states = self.pool.gather(self._rows_and_slots(items, fresh, at)[1])
+                    states = self.pool.gather(self._slots(items, fresh))
                 else:
                     states = self.runtime.zero_states(at[-1])
                     if fresh:
@@ -492,7 +492,9 @@ class Batcher:
                 self._m_run.observe(time.monotonic() - t0)
                 last = [k for k, it in enumerate(items) if it.pos + length >= it.x.shape[-2]]
                 done_slots = [k for k in last if items[k].slot is not None]
-                if done_slots:
+                if len(done_slots) == len(items):  # every row of the run goes back to its slot, in order
+                    self.pool.scatter(self._slots(items, done_slots), new_states)
+                elif done_slots:
                     cols, slots = self._rows_and_slots(items, done_slots, at)
                     self.pool.scatter(slots, [s[:, cols, :] for s in new_states])
                 ended = set(last)
@@ -515,14 +517,22 @@ class Batcher:
         return results
 
     @staticmethod
+    def _slots(items: list[WorkItem], ks: list[int]) -> np.ndarray:
+        """The pool slots of items `ks`, in order (a block has n)."""
+        slots = [items[k].slot for k in ks]
+        if all(not isinstance(s, np.ndarray) for s in slots):
+            return np.array(slots, np.int64)
+        parts = [np.atleast_1d(np.asarray(s, dtype=np.int64)) for s in slots]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    @staticmethod
     def _rows_and_slots(items: list[WorkItem], ks: list[int], at: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The run's rows of items `ks` and their pool slots (a block has n of each)."""
         # single session steps (an int slot each), the common case: no array per item
         if all(not isinstance(items[k].slot, np.ndarray) for k in ks):
             return np.array([at[k] for k in ks]), np.array([items[k].slot for k in ks], np.int64)
         rows = [np.arange(at[k], at[k] + items[k].n) for k in ks]
-        slots = [np.atleast_1d(np.asarray(items[k].slot, dtype=np.int64)) for k in ks]
-        return np.concatenate(rows), np.concatenate(slots)
+        return np.concatenate(rows), Batcher._slots(items, ks)
 
     def _deliver(self, batch: list[WorkItem], done: asyncio.Future[list[Output | BaseException | None]]) -> None:
         try:

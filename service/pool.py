@@ -194,7 +194,7 @@ class StatePool:
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
         with self._lock:
-            return [a[:, slots, :] for a in self._arrays]
+            return [a.take(slots, axis=1) for a in self._arrays]  # take: about half the time of a[:, slots, :]
 
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
         with self._lock:
