@@ -41,7 +41,7 @@ from .forecast_pool import ForecastPool
 from .metrics import Metrics, observe_many
 from .oneshot import forecast_head, forecast_inputs, forecast_response
 from .repository import ModelVersion, Repository
-from .sessions import HELD, SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
+from .sessions import SLOT_MASK, Session, SessionTable, rows_digest, rows_digests
 from .sessions import Known as KnownId
 from .settings import Settings
 from .wire import BatchWire, Known, Uniform, answers, matrix_field, read_step
@@ -394,42 +394,44 @@ class _Recorder:
         for item in pending:
             versions.setdefault(id(item[0].mv), []).append(item)
         for items in versions.values():
+            mv = items[0][0].mv
+            slots = items[0][0].slots if len(items) == 1 else np.concatenate([b.slots for b, _ in items])
             try:
-                self._record(items)
-            except Exception as e:  # never leave a turn held or a message unanswered
+                self._record(mv, slots, items)
+            except Exception as e:  # nothing recorded and no turn let go: answer each step, let go of each turn
                 log.exception("recording %d block(s) failed", len(items))
                 self._fail(items, e)
                 continue
+            try:
+                self.sessions.release_block(mv, slots)
+            except Exception:  # the steps are recorded: answered all the same. A turn already handed on must
+                # not be let go again (its new holder's step would run twice), so what is still held stays held
+                log.exception("letting go of the turns of %d block(s) failed", len(items))
             for block, out in items:
                 try:
-                    block.answer.outer.model = block.answer.outer.model or block.mv.name
+                    block.answer.outer.model = block.answer.outer.model or mv.name
                     block.answer.put_block(block.steps, *answers(block.u, block.members, out.y, out.q))
                 except Exception as e:
                     log.exception("answering a block failed")
                     if not block.answer.done.done():
                         block.answer.done.set_exception(e)
 
-    def _record(self, items: list[tuple[_UniformBlock, Output]]) -> None:
-        mv = items[0][0].mv
+    def _record(self, mv: ModelVersion, slots: np.ndarray, items: list[tuple[_UniformBlock, Output]]) -> None:
         if len(items) == 1:
             block, out = items[0]
-            slots, seqs, x, merged = block.slots, block.seqs, block.x, out
+            seqs, x, merged = block.seqs, block.x, out
         else:
-            slots = np.concatenate([b.slots for b, _ in items])
             seqs = np.concatenate([b.seqs for b, _ in items])
             x = np.concatenate([b.x for b, _ in items])
             qs = [o.q for _, o in items if o.q is not None]  # a version's blocks all have one, or none
             merged = Output(np.concatenate([o.y for _, o in items]), np.concatenate(qs) if qs else None)
         self.sessions.commit_block(mv, slots, seqs, 1, rows_digests(x), merged)
-        self.sessions.release_block(mv, slots)
 
     def _fail(self, items: list[tuple[_UniformBlock, Output]], error: BaseException) -> None:
-        """Each block's steps answered with `error`, their turns let go (those not let go already)."""
+        """Each block's steps answered with `error` and their turns let go (none was let go yet)."""
         for block, _ in items:
             try:
-                self.sessions.release_block(
-                    block.mv, block.slots[block.mv.pool.columns["flags"][block.slots] & HELD != 0]
-                )
+                self.sessions.release_block(block.mv, block.slots)
                 self.servicer._fail_steps(block.mv, block.steps, block.session_id, block.seqs, block.answer, error)
             except Exception as e:
                 log.exception("failing a block failed")

@@ -461,8 +461,9 @@ def test_a_uniform_message_whose_run_fails_answers_each_step_and_applies_nothing
 def test_a_uniform_block_whose_recording_fails_answers_each_step_and_lets_go(
     stub: pb_grpc.ForecasterStub, srv: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Recording the block (after its run) raises: each step is answered INTERNAL, its turn let go, and the
-    next message is served; the stream goes on."""
+    """Recording the block (after its run) raises: each step is answered INTERNAL, nothing is recorded (the
+    next sequence is still 1, so a later one is refused as out of order, not left waiting: no turn stays
+    held), and the stream goes on."""
     ids = [_open(stub, 200 * k) for k in range(3)]
     table = srv.app.sessions
     real = type(table).commit_block
@@ -477,7 +478,48 @@ def test_a_uniform_block_whose_recording_fails_answers_each_step_and_lets_go(
     monkeypatch.setattr(type(table), "commit_block", boom)
     send, end = _stream_of(stub, ids)
     assert send([1, 1, 1]) == [grpc.StatusCode.INTERNAL.value[0]] * 3
-    assert send([1, 1, 1]) == ["forecast"] * 3  # not stuck busy; the failed step was never recorded
-    assert send([2, 2, 2]) == ["forecast"] * 3
+    assert not (version(srv).pool.columns["flags"] & HELD).any()
+    assert send([2, 2, 2]) == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * 3
     end()
-    assert last_sequences(srv, ids) == [2, 2, 2]
+    assert last_sequences(srv, ids) == [0, 0, 0]
+
+
+def test_a_release_that_fails_partway_never_hands_a_turn_on_twice(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review. A block's steps are recorded, then letting go of its turns raises after it has
+    handed a's turn to an Observe waiting for it. The block is answered (its steps are recorded), and a's
+    turn is not let go a second time, which would let a pipelined message run a's step 2 beside the Observe:
+    exactly one of the two applies it."""
+    a, b = _open(stub, 0), _open(stub, 300)
+    table = srv.app.sessions
+    mv = version(srv)
+    real = table.release_block
+    calls: list[int] = []
+
+    def flaky(m: Any, slots: np.ndarray) -> None:
+        real(m, slots)
+        calls.append(len(slots))
+        if len(calls) == 1:
+            raise RuntimeError("injected: the turns were let go, then this raised")
+
+    sent: queue.Queue[pb.ObserveBatchRequest | None] = queue.Queue()
+    with RuntimeDouble(mv) as rt:
+        rt.gate.clear()
+        rt.started.clear()
+        replies = stub.StreamBatch(iter(sent.get, None), timeout=30)
+        sent.put(pb.ObserveBatchRequest(steps=[_one_row(a, 1, 0), _one_row(b, 1, 1)]))
+        assert rt.started.wait(10)
+        observe = stub.Observe.future(_one_row(a, 2, 7), timeout=30)  # waits for a's turn
+        wait_for(lambda: bool(table.waiting))
+        sent.put(pb.ObserveBatchRequest(steps=[_one_row(a, 2, 0), _one_row(b, 2, 1)]))  # waits for the first
+        monkeypatch.setattr(table, "release_block", flaky)
+        rt.gate.set()
+        first, second = next(replies), next(replies)
+        alone = observe.result()
+    sent.put(None)
+    assert list(replies) == []
+    assert [r.WhichOneof("result") for r in first.results] == ["forecast", "forecast"]
+    second_a = second.results[0].WhichOneof("result")
+    assert alone.HasField("forecast") != (second_a == "forecast"), "a's step 2 applied twice"
+    assert last_sequences(srv, [a, b]) == [2, 2]
