@@ -1,5 +1,6 @@
 """StreamBatch throughput (issue 9): session-steps/s with many sessions per message, beside onnxruntime's
-in-process step rate at the same batch for the same graph, measured in the same run.
+in-process step rate at the same batch for the same graph, measured in the same run: before the first point
+and after each (`CEILING_S`), and each point's ratio is to the mean of the two measurements around it.
 
 Each stream carries `--per-message` sessions; a round sends one message holding one new row for each of
 them. `--depth` messages are in flight on each stream (StreamBatch answers in message order and applies a
@@ -50,6 +51,7 @@ DEPTHS = [1, 2, 4]  # the points `main` measures: closed loop, and two pipelines
 # 8 streams leave the server waiting on the clients' round trips (a stream's next message for the same
 # sessions waits for the last one's answer); 32 keep it busy: the rate where the server itself is the limit
 STREAMS = [8, 32]
+CEILING_S = 2.0  # onnxruntime's in-process rate is measured this long before the first point and after each
 
 
 async def call_many(channel: grpc.aio.Channel, method: str, payloads: list[bytes], concurrency: int) -> list[bytes]:
@@ -326,9 +328,11 @@ def main() -> None:
     env = {"GATECAST_MAX_SESSIONS": str(total + 10), "GATECAST_MAX_QUEUE_SIZE": str(n + 1024)}
     row = pb.Matrix(rows=1, cols=1, values=[float(m.scaler.mean[0])]).SerializeToString()
     proc, port = start_server(repo, env)
-    points = []
+    points, ceilings = [], []
+    beside = min(a.seconds, CEILING_S)
     try:
         address = f"127.0.0.1:{port}"
+        ceilings.append(ort_ceiling(folder, a.per_message, 1, beside)["items_per_s"])
         for streams in a.streams:
             for depth in a.depth:  # fresh sessions for each point (their next sequence is 1)
                 ids = open_sessions(address, streams * a.per_message)
@@ -337,9 +341,13 @@ def main() -> None:
                         address, ids, row, a.per_message, a.client_procs, a.seconds, a.warmup, proc.pid, depth
                     )
                 )
+                # the ceiling again, right after the point: the one before and this one bracket it
+                ceilings.append(ort_ceiling(folder, a.per_message, 1, beside)["items_per_s"])
     finally:
         stop(proc)  # type: ignore[arg-type]
     ort = ort_ceiling(folder, a.per_message, 1, min(a.seconds, 5.0))
+    for k, point in enumerate(points):
+        point["onnxruntime_beside_per_s"] = (ceilings[k] + ceilings[k + 1]) / 2
     result = {
         "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, horizon {m.horizon})",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores; client ({a.client_procs} process(es)) and server "
@@ -349,7 +357,10 @@ def main() -> None:
         "seconds": a.seconds,
         "stream_batch": points,
         "onnxruntime_in_process": ort,
-        "ratio_to_onnxruntime": [p["session_steps_per_s"] / ort["items_per_s"] for p in points],
+        "onnxruntime_beside_each_point_per_s": ceilings,
+        # each point over the mean of the ceilings measured just before and just after it: this machine's
+        # speed drifts by up to 1.5x over minutes, and a ratio should not depend on when the ceiling was taken
+        "ratio_to_onnxruntime": [p["session_steps_per_s"] / p["onnxruntime_beside_per_s"] for p in points],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -365,7 +376,11 @@ def main() -> None:
             f"{point['client_cpu_us_per_step']:>11.1f}{ratio:>8.2f}"
         )
     print(f"{'onnxruntime in process, batch ' + str(a.per_message):<36}{ort['items_per_s']:>10.0f}")
-    print("server us / client us: CPU per step answered (all threads); of ort: steps/s over onnxruntime's")
+    print(f"{'  (beside the points: ' + ', '.join(f'{c:.0f}' for c in ceilings) + ')'}")
+    print(
+        "server us / client us: CPU per step answered (all threads); of ort: steps/s over onnxruntime's, measured\n"
+        "in process just before and just after the point (their mean)"
+    )
     print(f"wrote {a.out}")
 
 
