@@ -65,6 +65,24 @@ def _layout(stride: int, k: int, cols: int) -> Layout:
     return Layout(stride, seq, values, cols, same)
 
 
+_FIXED: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}  # see _fixed_bytes
+
+
+def _fixed_bytes(layout: Layout, n: int, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a message of n records of `layout`: `layout.same` for every record, and what it selects of the
+    first record, for every record: the message is uniform when its bytes under the mask equal those. All
+    that `same` selects in a record `_first_record` accepted follows from the layout (tags, lengths, the
+    feature count, which sequence bytes continue), so the pair is kept by layout and n (`first`, checked,
+    is read only to build it)."""
+    key = (layout.stride, layout.seq.stop, layout.cols, n)
+    pair = _FIXED.get(key)
+    if pair is None:
+        if len(_FIXED) >= 1024:  # bounded: clients choose n and the layout
+            _FIXED.clear()
+        pair = _FIXED[key] = (np.tile(layout.same, n), np.tile(first & layout.same, n))
+    return pair
+
+
 def _first_record(data: bytes) -> Layout | None:
     """The layout of the first record when it is exactly: results tag, one-byte length, session_id (32
     characters), sequence, rows = a Matrix of one row with cols (1 to 31) and packed values, nothing else."""
@@ -122,8 +140,10 @@ class Uniform(NamedTuple):
         layout = _first_record(data)
         if layout is None or len(data) % layout.stride:
             return None
-        records = np.frombuffer(data, np.uint8).reshape(-1, layout.stride)
-        if ((records ^ records[0]) & layout.same).any():
+        flat = np.frombuffer(data, np.uint8)
+        records = flat.reshape(-1, layout.stride)
+        mask, fixed = _fixed_bytes(layout, len(records), records[0])
+        if not np.array_equal(flat & mask, fixed):
             return None  # a record unlike the first (whose every byte `_first_record` checked)
         chars = np.ascontiguousarray(records[:, _ID])
         if known is not None and known.words is not None and chars.tobytes() == known.ids:
