@@ -875,7 +875,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         # (version, its feature count, the steps or None for all of them, their slots) per version
         groups: list[tuple[ModelVersion, int, np.ndarray | None, np.ndarray]]
         slow: list[int] = []
-        if plan is not None and u.seqs.all() and np.isfinite(u.x).all():
+        # count_nonzero: a third of the time of .all() on arrays this small
+        if plan is not None and np.count_nonzero(u.seqs) == n and np.count_nonzero(np.isfinite(u.x)) == u.x.size:
             groups = [plan]
         else:
             ok = (codes >= 0) & (u.seqs != 0) & np.isfinite(u.x).all(axis=(1, 2))
@@ -898,7 +899,7 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                 slow += (np.arange(n) if idx is None else idx).tolist()  # the single way says what is wrong
                 continue
             claimed = table.claim(mv, slots, u.seqs if idx is None else u.seqs[idx], owner)
-            if not claimed.all():
+            if np.count_nonzero(claimed) < len(claimed):
                 idx = np.arange(n) if idx is None else idx
                 slow += idx[~claimed].tolist()
                 idx, slots = idx[claimed], slots[claimed]
