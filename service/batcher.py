@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from .metrics import Metrics
+from .metrics import Metrics, observe_many
 from .pool import StatePool
 from .runtime import ModelRuntime
 
@@ -302,7 +302,6 @@ class Batcher:
         flow, it.flow = it.flow, None
         if flow is not None and not flow.items and not flow.running:
             self._n_flows -= 1
-        self._m_queued_rows.set(self._rows)
 
     async def _collect(self) -> None:
         """Waits for a first item, then until the batch is full or the first item has waited `delay`.
@@ -373,6 +372,7 @@ class Batcher:
                 else:
                     flow.queued = False
             self._flows.extend(rotated)
+        self._m_queued_rows.set(self._rows)  # once per batch, not per item leaving (`_finish`)
 
     def _unready(self, it: WorkItem, chunk: int) -> None:
         self._ready_rows -= chunk * it.n
@@ -414,9 +414,7 @@ class Batcher:
             if not batch:
                 return
             now = time.monotonic()
-            for it in batch:
-                if it.pos == 0:
-                    self._m_wait.observe(now - it.enqueued)
+            observe_many(self._m_wait, [now - it.enqueued for it in batch if it.pos == 0])
             self._m_batch.observe(sum(it.n for it in batch))
             self._m_rows.observe(sum(it.chunk * it.n for it in batch))
             inflight: asyncio.Future[Results] = asyncio.get_running_loop().create_future()
@@ -430,6 +428,7 @@ class Batcher:
     def _fail(self, batch: list[WorkItem], error: BaseException) -> None:
         for it in batch:
             self._settle(it, error)
+        self._m_queued_rows.set(self._rows)
 
     def _settle(self, it: WorkItem, result: Output | BaseException) -> None:
         """Resolves an item of a batch for good; never raises."""
@@ -559,6 +558,7 @@ class Batcher:
                 if it.flow is not None:
                     it.flow.running += 1  # _settle takes it off again
                 self._settle(it, e)
+        self._m_queued_rows.set(self._rows)
 
     async def close(self) -> None:
         """Stops taking work, lets queued and running items finish, then stops the worker."""

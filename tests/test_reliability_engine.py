@@ -288,6 +288,12 @@ def test_request_cost_cap_and_a_queue_that_counts_rows(taylor_repo: Path) -> Non
     with serve(taylor_repo, **settings) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.ForecasterStub(ch)
         mv = version(srv)
+
+        def gauge() -> float | None:
+            return srv.app.metrics.registry.get_sample_value(
+                "gatecast_queued_rows", {"model": "taylor", "version": "1"}
+            )
+
         # one request may hold at most half of the queue, whatever max_request_rows says
         with pytest.raises(grpc.RpcError) as big:
             stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(values[:6000])] * 2))
@@ -305,6 +311,7 @@ def test_request_cost_cap_and_a_queue_that_counts_rows(taylor_repo: Path) -> Non
             wait_for(lambda: mv.batcher.queued_rows == 4096 + 432)
             first = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:8000])]))
             wait_for(lambda: mv.batcher.queued_rows == 4096 + 432 + 8000)
+            wait_for(lambda: gauge() == 4096 + 432 + 8000)  # set just after the count: read it when it is
             with pytest.raises(grpc.RpcError) as full:  # 12,528 + 8,000 rows would pass the 20,000 bound
                 stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(values[:8000])]), timeout=10)
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rows" in full.value.details()
@@ -313,6 +320,7 @@ def test_request_cost_cap_and_a_queue_that_counts_rows(taylor_repo: Path) -> Non
             assert len(small.result(timeout=30).forecasts) == 1
             assert len(first.result(timeout=30).forecasts) == 1
         wait_for(lambda: mv.batcher.queued_rows == 0)
+        wait_for(lambda: gauge() == 0)  # the gauge follows the queue as batches leave it (set once per batch)
 
 
 def test_memory_is_given_back_after_a_big_run(taylor_repo: Path) -> None:
