@@ -1296,7 +1296,9 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
         turns are let go), as one block again, instead of every step waiting for its session's turn on its
         own. Any message read while an earlier one still waits to begin waits behind it too, so no message
         overtakes one read before it; a message that names other sessions than the one before begins at once."""
-        queue: asyncio.Queue[_Message | None] = asyncio.Queue()
+        lineup: deque[_Message] = deque()  # read (begun, or waiting to begin), not yet answered, in order
+        ended = False  # the reader has stopped
+        wake: asyncio.Future[None] | None = None  # what the writer waits on: the first message's answer
         waiting: dict[asyncio.Future[None], Session] = {}  # tickets of this stream not yet granted
         limit = self.settings.max_stream_inflight
         unsent = 0  # steps read, not yet answered
@@ -1347,8 +1349,12 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             previous.add_done_callback(go)
             return fut
 
+        def nudge(_: object = None) -> None:
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
         async def read() -> None:
-            nonlocal unsent
+            nonlocal unsent, ended
             last: _Message | None = None  # the previous message
             last_words = None  # and the ids it named
             try:
@@ -1367,20 +1373,33 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                             msg.steps = 1
                     last, last_words = msg, None if u is None else u.words
                     unsent += msg.steps
-                    queue.put_nowait(msg)
+                    lineup.append(msg)
+                    if len(lineup) == 1:  # the writer may be waiting for a message: its answer wakes it
+                        msg.answer.add_done_callback(nudge)
                     while unsent >= limit:  # backpressure: wait until the client has taken answers
                         room.clear()
                         await room.wait()
             except Exception as e:  # the transport failed under us: say so, then end
                 log.warning("StreamBatch: reading requests failed: %s", e)
             finally:
-                queue.put_nowait(None)
+                ended = True
+                nudge()
 
+        # the writer wakes once per answer it sends (not also once per message read)
         reader = asyncio.create_task(read())
         try:
-            while (msg := await queue.get()) is not None:
-                assert msg.answer is not None
-                response = await msg.answer
+            while True:
+                head = lineup[0].answer if lineup else None
+                if head is None or not head.done():
+                    if head is None and ended:
+                        break
+                    wake = loop.create_future()
+                    if head is not None:
+                        head.add_done_callback(nudge)
+                    await wake  # a message's answer, or the reader's end (nothing else resolves it)
+                    continue
+                msg = lineup.popleft()
+                response = head.result()  # a cancelled answer ends the stream, as awaiting it did
                 if msg.call is not None:  # a refusal is counted already (also one made by a pipelined begin)
                     self._count("StreamBatch", msg.call, grpc.StatusCode.OK)
                 yield response
