@@ -375,7 +375,7 @@ def main() -> None:
             f"{point['message_p99_ms']:>9.2f}{point['errors']:>8}{point.get('server_cpu_us_per_step', 0.0):>11.1f}"
             f"{point['client_cpu_us_per_step']:>11.1f}{ratio:>8.2f}"
         )
-    print(f"{'onnxruntime in process, batch ' + str(a.per_message):<36}{ort['items_per_s']:>10.0f}")
+    print(f"{'onnxruntime alone, batch ' + str(a.per_message) + ', at end':<36}{ort['items_per_s']:>10.0f}")
     print(f"{'  (beside the points: ' + ', '.join(f'{c:.0f}' for c in ceilings) + ')'}")
     print(
         "server us / client us: CPU per step answered (all threads); of ort: steps/s over onnxruntime's, measured\n"

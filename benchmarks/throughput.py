@@ -530,13 +530,13 @@ def stop_group(proc: subprocess.Popen[str]) -> None:
 
 def _mean_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Points of one server taken at different times as one: each rate, time and CPU figure the mean, each
-    count (errors, answers) the sum, settings as they were; the runs kept."""
+    count (errors, answers) the sum, the settings (streams, sessions) as they were; the runs kept."""
     merged: dict[str, Any] = {**runs[0], "runs": runs}
     for k, v in runs[0].items():
         values = [r[k] for r in runs]
         if isinstance(v, float):
             merged[k] = float(np.mean(values))
-        elif isinstance(v, int) and not isinstance(v, bool) and len(set(values)) > 1:
+        elif isinstance(v, int) and not isinstance(v, bool) and k not in ("streams", "sessions"):
             merged[k] = sum(values)
     return merged
 

@@ -65,21 +65,26 @@ def _layout(stride: int, k: int, cols: int) -> Layout:
     return Layout(stride, seq, values, cols, same)
 
 
-_FIXED: dict[tuple[int, int, int, int], tuple[np.ndarray, bytes]] = {}  # see _fixed_bytes
+FIXED_RECORDS = 1024  # records a cached template covers; a longer message is checked record by record
+FIXED_LAYOUTS = 16  # templates kept (one per layout a client uses; a client cycling layouts clears them)
+_FIXED: dict[tuple[int, int, int], tuple[np.ndarray, bytes]] = {}  # see _fixed_bytes
 
 
-def _fixed_bytes(layout: Layout, n: int, first: np.ndarray) -> tuple[np.ndarray, bytes]:
-    """For a message of n records of `layout`: `layout.same` for every record, and what it selects of the
-    first record, for every record: the message is uniform when its bytes under the mask equal those. All
-    that `same` selects in a record `_first_record` accepted follows from the layout (tags, lengths, the
-    feature count, which sequence bytes continue), so the pair is kept by layout and n (`first`, checked,
-    is read only to build it)."""
-    key = (layout.stride, layout.seq.stop, layout.cols, n)
+def _fixed_bytes(layout: Layout, first: np.ndarray) -> tuple[np.ndarray, bytes]:
+    """`layout.same` for FIXED_RECORDS records, and what it selects of the first record, repeated: a message
+    of n records is uniform when its bytes under the mask's first n records equal the first n records of
+    the other. All that `same` selects in a record `_first_record` accepted follows from the layout (tags,
+    lengths, the feature count, which sequence bytes continue), so the pair is kept by layout (`first`,
+    checked, is read only to build it). At most FIXED_LAYOUTS pairs of at most 2 x 1024 x 129 bytes."""
+    key = (layout.stride, layout.seq.stop, layout.cols)
     pair = _FIXED.get(key)
     if pair is None:
-        if len(_FIXED) >= 1024:  # bounded: clients choose n and the layout
+        if len(_FIXED) >= FIXED_LAYOUTS:
             _FIXED.clear()
-        pair = _FIXED[key] = (np.tile(layout.same, n), np.tile(first & layout.same, n).tobytes())
+        pair = _FIXED[key] = (
+            np.tile(layout.same, FIXED_RECORDS),
+            np.tile(first & layout.same, FIXED_RECORDS).tobytes(),
+        )
     return pair
 
 
@@ -142,9 +147,12 @@ class Uniform(NamedTuple):
             return None
         flat = np.frombuffer(data, np.uint8)
         records = flat.reshape(-1, layout.stride)
-        mask, fixed = _fixed_bytes(layout, len(records), records[0])
-        if (flat & mask).tobytes() != fixed:  # bytes compare: a third of array_equal's time
-            return None  # a record unlike the first (whose every byte `_first_record` checked)
+        if len(records) <= FIXED_RECORDS:  # one masked compare of the whole message, as bytes
+            mask, fixed = _fixed_bytes(layout, records[0])
+            if (flat & mask[: len(flat)]).tobytes() != fixed[: len(flat)]:
+                return None  # a record unlike the first (whose every byte `_first_record` checked)
+        elif ((records ^ records[0]) & layout.same).any():
+            return None
         chars = np.ascontiguousarray(records[:, _ID])
         if known is not None and known.words is not None and chars.tobytes() == known.ids:
             words = known.words  # the same ids as the stream's previous message

@@ -110,3 +110,16 @@ def test_h2load_point_of_a_server_that_is_gone_has_no_figures() -> None:
     point = h2load_point(h2load, os.getpid(), f"127.0.0.1:{free_port()}", "/bench.Echo/Unary", b"abc", 8, a)
     assert point["errors"] == 1 and point["per_s"] == 0 and "UNAVAILABLE" in point["failed"]
     assert np.isnan(point["p99_ms"])
+
+
+def test_points_taken_twice_merge_rates_by_mean_and_counts_by_sum() -> None:
+    """Found in review: equal error counts of two runs were kept, not summed."""
+    from benchmarks.throughput import _mean_point
+
+    runs = [
+        {"streams": 16, "sessions": 512, "per_s": 1000.0, "errors": 3},
+        {"streams": 16, "sessions": 512, "per_s": 3000.0, "errors": 3},
+    ]
+    merged = _mean_point(runs)
+    assert (merged["streams"], merged["sessions"], merged["per_s"], merged["errors"]) == (16, 512, 2000.0, 6)
+    assert merged["runs"] == runs

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatecast import SESSION_HEADER
+from gatecast.service import wire
 from gatecast.service.sessions import HELD
 from gatecast.service.wire import Uniform, answers
 from gatecast.v1 import forecaster_pb2 as pb
@@ -62,6 +63,36 @@ def test_a_uniform_message_reads_as_protobuf_decodes_it(seq: int, cols: int) -> 
     assert [w.tobytes().hex() for w in u.words] == ids
     assert u.seqs.tolist() == [seq] * 40
     np.testing.assert_array_equal(u.x[:, 0, :], rows)
+
+
+@pytest.mark.parametrize("n", [1, 3, wire.FIXED_RECORDS, wire.FIXED_RECORDS + 1])
+def test_messages_of_any_length_are_checked_record_by_record(n: int) -> None:
+    """Whatever the number of records (the cached template covers FIXED_RECORDS; longer messages are checked
+    another way), a uniform message reads as protobuf reads it, and one record off in a fixed byte (here the
+    last record's sequence tag) is not uniform."""
+    ids = [secrets.token_hex(16) for _ in range(n)]
+    rows = np.arange(n, dtype=np.float32)[:, None]
+    data = _message(ids, [5] * n, rows)
+    u = Uniform.parse(data)
+    assert u is not None and len(u.seqs) == n
+    np.testing.assert_array_equal(u.x.ravel(), rows.ravel())
+    off = bytearray(data)
+    off[len(off) - u.layout.stride + 36] = 0x18  # the last record's sequence tag: field 3 instead of 2
+    assert Uniform.parse(bytes(off)) is None
+
+
+def test_the_uniform_check_keeps_bounded_templates() -> None:
+    """Found in review: templates were kept per record count, so messages of ever new lengths (up to the
+    message size limit) held unbounded memory. Now one per layout, of FIXED_RECORDS records, at most
+    FIXED_LAYOUTS of them."""
+    wire._FIXED.clear()
+    a = secrets.token_hex(16)
+    for cols in range(1, 12):
+        for seq in (1, 200, 70000):  # sequences of 1, 2 and 3 bytes: three layouts per width
+            for n in (1, 5, 40):
+                assert Uniform.parse(_message([a] * n, [seq] * n, np.ones((n, cols), np.float32))) is not None
+    assert len(wire._FIXED) <= wire.FIXED_LAYOUTS
+    assert all(len(fixed) <= wire.FIXED_RECORDS * 129 for _, fixed in wire._FIXED.values())
 
 
 def test_what_is_not_uniform_is_left_to_protobuf() -> None:
