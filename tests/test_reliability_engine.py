@@ -23,6 +23,7 @@ import pytest
 
 from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
+from gatecast.service.batcher import PREFETCH_MAX_RUN_S
 from gatecast.service.repository import ModelVersion
 from gatecast.service.sessions import Session
 from gatecast.v1 import forecaster_pb2 as pb
@@ -346,3 +347,44 @@ def test_memory_is_given_back_after_a_big_run(taylor_repo: Path) -> None:
         after = rss_mb()
     print(f"\nRSS before a {n_series}x{n_rows}-row Forecast {before:.0f} MiB, after {after:.0f} MiB")
     assert after - before < 150, f"the process grew by {after - before:.0f} MiB after one request"
+
+
+def _batches_taken(srv: RunningServer) -> float:
+    value = srv.app.metrics.registry.get_sample_value("gatecast_batch_size_count", {"model": "taylor", "version": "1"})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_full_batch_is_handed_over_while_a_short_run_runs(taylor_repo: Path, slow: bool) -> None:
+    """When runs are short, a full batch waiting is handed to the worker while it runs another, so the worker
+    need not wait on the event loop between them; after a run longer than PREFETCH_MAX_RUN_S the next batch
+    is taken only once the worker is free (a request arriving meanwhile rides in it, not one run later)."""
+    values = taylor_values()
+    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.ForecasterStub(ch)
+        mv = version(srv)
+        one_row = [matrix(values[i : i + 1]) for i in range(1100)]  # 1,100 items: more than two full batches
+        with RuntimeDouble(mv) as rt:
+            rt.delay = 2 * PREFETCH_MAX_RUN_S if slow else 0.0
+            stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(values[:10])]), timeout=30)
+            rt.delay = 0.0
+            rt.gate.clear()
+            rt.started.clear()
+            plug = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:10])]), timeout=30)
+            assert rt.started.wait(10)  # the worker is held inside the plug's run
+            taken = _batches_taken(srv)
+            many = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=one_row), timeout=30)
+            wait_for(lambda: mv.batcher.queued_rows >= 1100)
+            if slow:
+                time.sleep(0.3)
+                assert _batches_taken(srv) == taken  # nothing taken while the worker is busy
+            else:
+                wait_for(lambda: _batches_taken(srv) == taken + 1)  # one full batch handed over ...
+                time.sleep(0.3)
+                assert _batches_taken(srv) == taken + 1  # ... and no more than one
+            rt.gate.set()
+            plug.result()
+            answers = many.result().forecasts
+        assert len(answers) == 1100
+        alone = stub.Forecast(pb.ForecastRequest(model="taylor", series=one_row[1099:]), timeout=30).forecasts[0]
+        np.testing.assert_array_equal(array(answers[1099]), array(alone))
