@@ -16,10 +16,10 @@ hold is bounded three ways:
 A batch closes when it is full or its oldest item has waited `max_queue_delay_ms` (default 0: a batch is
 taken as soon as the worker is free, so under load it is what arrived during the previous run, and an
 idle server runs a lone request at once); it runs in a worker thread while the next one gathers. When
-runs are short (at most PREFETCH_MAX_RUN_S) and a full batch is waiting, that batch is handed over at once
-to run right after the one running, so the worker does not wait on the event loop between them. Items
-of different chunk lengths share a batch by bucketing: one onnxruntime run per distinct length, so no
-answer depends on what it was batched with.
+runs are short (every queued piece one row, the last run at most PREFETCH_MAX_RUN_S) and a full batch is
+waiting, that batch is handed over at once to run right after the one running, so the worker does not wait
+on the event loop between them. Items of different chunk lengths share a batch by bucketing: one
+onnxruntime run per distinct length, so no answer depends on what it was batched with.
 
 A session item reads its pool slot at its first chunk and writes it only after its last chunk succeeded:
 a failed step leaves the session's state as it was. Every item that leaves the queue has its future
@@ -285,9 +285,10 @@ class Batcher:
 
     def after_run(self, callback: Callable[[], None]) -> bool:
         """Calls `callback` on the event loop once the batch handed to the worker last (running, or waiting
-        to run after the one running) has been delivered and before the next batch is taken, so that what it
-        submits rides in that batch; False (and no call) when no batch is in the worker's hands. For callers
-        that gather work while the worker is busy and hand it over as one item."""
+        to run after the one running) has been delivered, before a batch is taken after that delivery, so
+        that what it submits rides in the next batch taken (with short runs and a full queue one more may
+        have been handed over meanwhile: then the one after); False (and no call) when no batch is in the
+        worker's hands. For callers that gather work while the worker is busy and hand it over as one item."""
         inflight = self._inflight
         if inflight is None or inflight.done():
             return False
@@ -301,6 +302,12 @@ class Batcher:
                 f"{rows} rows in one request (summed over its series); at most {self.max_request_rows} are "
                 "accepted (GATECAST_MAX_REQUEST_ROWS, at most half of GATECAST_MAX_QUEUE_ROWS): split the request"
             )
+
+    def _short_runs(self) -> bool:
+        """Whether a batch may be handed over while another runs: every queued piece is one row (session
+        steps, one-row series: never a long window's pieces) and the last run took at most
+        PREFETCH_MAX_RUN_S."""
+        return self._ready_rows <= self._ready_items and self._last_run_s <= PREFETCH_MAX_RUN_S
 
     def _is_full(self) -> bool:
         return self._ready_rows >= self.max_batch_rows or self._ready_items >= self.max_batch_size
@@ -428,12 +435,10 @@ class Batcher:
                 self._handed.popleft()
             # a batch is taken once the worker is free: what arrives meanwhile (a small request behind a
             # big one's next pieces) rides in the very next run, not one run later. Only when runs are short
-            # (the last took at most PREFETCH_MAX_RUN_S) is a full batch taken while one runs, to run right
-            # after it (no more than one waits): the worker then does not sit idle while the loop delivers
-            # the last run and gathers the next, and what arrives meanwhile waits at most one short run more
-            if not self._handed or (
-                len(self._handed) == 1 and self._is_full() and self._last_run_s <= PREFETCH_MAX_RUN_S
-            ):
+            # (`_short_runs`) is a full batch taken while one runs, to run right after it (no more than one
+            # waits): the worker then does not sit idle while the loop delivers the last run and gathers the
+            # next, and what arrives meanwhile waits at most one short run more
+            if not self._handed or (len(self._handed) == 1 and self._is_full() and self._short_runs()):
                 break
             await asyncio.wait([self._handed[0][0]])
             # one more turn of the loop: what the delivery set off (a stream's next message, pipelined
@@ -444,6 +449,8 @@ class Batcher:
         try:
             self._take(batch)
             if not batch:
+                if self._handed:  # all that waits is for sessions whose step is in the worker's hands
+                    await asyncio.wait([self._handed[0][0]])
                 return
             now = time.monotonic()
             observe_many(self._m_wait, [now - it.enqueued for it in batch if it.pos == 0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gatecast.manifest import StateSpec
+from gatecast.service import batcher as batcher_module
 from gatecast.service.batcher import Batcher, Output
 from gatecast.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from gatecast.service.metrics import Metrics
@@ -177,3 +179,41 @@ def test_after_run_hands_work_over_before_the_next_batch_is_taken() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_steps_of_a_slot_in_the_workers_hands_wait_without_spinning_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: with a batch handed over for slot s, a full queue of further steps for s (the only
+    work there) made the dispatcher take nothing and try again at once, forever, without letting the loop
+    deliver the batch. They must wait for it and then apply in order. (Every run counts as short here, and
+    the worker is let go by a timer thread, so nothing but the fix ends the spin; the scenario runs in a
+    thread of its own, so that a spinning loop fails the test instead of hanging it.)"""
+    monkeypatch.setattr(batcher_module, "PREFETCH_MAX_RUN_S", 3600.0)
+    gate = threading.Event()
+
+    class Gated(SumRuntime):
+        def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], None]:
+            gate.wait(30)
+            return super().run(x, states)
+
+    async def scenario() -> list[float]:
+        rt = Gated(SimpleNamespace(max_batch_rows=64, chunk_rows=16, max_queue_rows=2_000, max_request_rows=1_000))
+        pool = StatePool(rt.manifest.states, initial=8, cap=64)
+        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 2, 0.0, 1_000)  # two items make a full batch
+        batcher.start()
+        slot = pool.acquire()
+        one = np.ones((1, 1), np.float32)
+        first = batcher.submit(one, slot)
+        while not batcher._handed:
+            await asyncio.sleep(0)
+        threading.Timer(0.2, gate.set).start()
+        rest = [batcher.submit(one, slot), batcher.submit(one, slot)]  # the queue is full, all for `slot`
+        outs = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return [float(o.y[0, 0]) for o in outs]
+
+    got: list[list[float]] = []
+    runner = threading.Thread(target=lambda: got.append(asyncio.run(scenario())), daemon=True)
+    runner.start()
+    runner.join(20)
+    assert not runner.is_alive(), "the dispatcher spun: the batch in the worker's hands was never delivered"
+    assert got == [[1.0, 2.0, 3.0]]
