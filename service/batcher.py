@@ -64,10 +64,14 @@ DEFAULT_LIMITS = {
 
 
 class Output(NamedTuple):
-    """One item's answer: y [horizon, targets] and, for a quantile model, q [horizon, targets, quantiles]."""
+    """One item's answer: y [horizon, targets] and, for a quantile model, q [horizon, targets, quantiles].
+    `before`: for a session step run in one piece, its slot's (a block's: its slots') state before the step,
+    [dim0, n, dim1] each: what a recording that fails puts back (`restore`), so that the step is not applied
+    without being recorded."""
 
     y: np.ndarray
     q: np.ndarray | None = None
+    before: list[np.ndarray] | None = None
 
 
 Results = list[Output | BaseException | None]  # a batch's, item by item (None: the item has rows left)
@@ -485,6 +489,8 @@ class Batcher:
                     it.commit(result)  # the state has advanced: record it even if the caller has gone
                 except Exception as e:
                     log.exception("commit failed for %s", self.runtime.path)
+                    if it.slot is not None:
+                        self.restore(it.slot, result)  # not recorded: not applied either
                     if not it.future.done():
                         it.future.set_exception(e)
                     return
@@ -494,6 +500,19 @@ class Batcher:
             log.exception("delivering a result failed for %s", self.runtime.path)
             if not it.future.done():
                 it.future.set_exception(e)
+
+    def restore(self, slot: int | np.ndarray, out: Output) -> None:
+        """Puts back the state a step found (`Output.before`), for a step whose recording failed: its turn
+        is still held, so nothing has run on the slot since. Never raises (logs)."""
+        if out.before is None:
+            log.error(
+                "a step of %s was applied but not recorded (it ran in pieces: no state to put back)", self.runtime.path
+            )
+            return
+        try:
+            self.pool.scatter(np.atleast_1d(np.asarray(slot, np.int64)), out.before)
+        except Exception:
+            log.exception("putting back the state of a step whose recording failed, for %s", self.runtime.path)
 
     def _execute(self, batch: list[WorkItem]) -> list[Output | BaseException | None]:
         """Worker thread: one run per distinct piece length. An item's first piece starts from its pool
@@ -538,14 +557,17 @@ class Batcher:
                     self.pool.scatter(slots, [s[:, cols, :] for s in new_states])
                 ended = set(last)
                 for k, (i, it) in enumerate(zip(idx, items, strict=True)):
+                    whole = it.pos == 0  # the item ran in this one piece: `states` holds its state before it
                     it.pos += length
                     r = at[k]
                     if k in ended:
                         it.state = None
+                        n = it.n if it.block else 1
+                        before = [s[:, r : r + n, :] for s in states] if whole and it.slot is not None else None
                         if it.block:
-                            results[i] = Output(y[r : r + it.n], None if q is None else q[r : r + it.n])
+                            results[i] = Output(y[r : r + n], None if q is None else q[r : r + n], before)
                         else:
-                            results[i] = Output(y[r], None if q is None else q[r])
+                            results[i] = Output(y[r], None if q is None else q[r], before)
                     else:
                         it.state = [np.array(s[:, r : r + 1, :]) for s in new_states]
                         results[i] = None

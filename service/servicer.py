@@ -428,9 +428,11 @@ class _Recorder:
         self.sessions.commit_block(mv, slots, seqs, 1, rows_digests(x), merged)
 
     def _fail(self, items: list[tuple[_UniformBlock, Output]], error: BaseException) -> None:
-        """Each block's steps answered with `error` and their turns let go (none was let go yet)."""
-        for block, _ in items:
+        """Each block's state put back (nothing was recorded, so nothing may stay applied), its steps answered
+        with `error` and their turns let go (none was let go yet)."""
+        for block, out in items:
             try:
+                block.mv.batcher.restore(block.slots, out)
                 self.sessions.release_block(block.mv, block.slots)
                 self.servicer._fail_steps(block.mv, block.steps, block.session_id, block.seqs, block.answer, error)
             except Exception as e:

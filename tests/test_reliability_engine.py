@@ -160,9 +160,13 @@ def test_a_commit_that_raises_still_answers_every_item(taylor_repo: Path, monkey
         for c in calls[1:]:  # the others in the same batch were answered too
             assert c.result().sequence == 1
         monkeypatch.setattr(Session, "committer", real)
-        # the victim is not stuck "busy": its next call is served (and the step was never recorded)
+        # the victim is not stuck "busy": its next call is served, and the step was neither recorded nor
+        # applied (the state the run wrote was put back): the resend answers as a fresh session's first step
         again = stub.Observe(pb.ObserveRequest(session_id=victim, sequence=1, rows=row), timeout=10)
         assert again.sequence == 1
+        twin = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+        fresh = stub.Observe(pb.ObserveRequest(session_id=twin, sequence=1, rows=row), timeout=10)
+        np.testing.assert_allclose(array(again.forecast), array(fresh.forecast), rtol=1e-6, atol=1e-6)
 
 
 def test_a_dispatch_that_fails_after_taking_items_answers_them(taylor_repo: Path) -> None:

@@ -492,10 +492,11 @@ def test_a_uniform_message_whose_run_fails_answers_each_step_and_applies_nothing
 def test_a_uniform_block_whose_recording_fails_answers_each_step_and_lets_go(
     stub: pb_grpc.ForecasterStub, srv: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Recording the block (after its run) raises: each step is answered INTERNAL, nothing is recorded (the
-    next sequence is still 1, so a later one is refused as out of order, not left waiting: no turn stays
-    held), and the stream goes on."""
+    """Recording the block (after its run) raises: each step is answered INTERNAL, nothing is recorded and
+    the state the run wrote is put back (a resend applies once: its forecast and the next are a twin's that
+    never saw the failure), no turn stays held, and the stream goes on."""
     ids = [_open(stub, 200 * k) for k in range(3)]
+    twins = [_open(stub, 200 * k) for k in range(3)]
     table = srv.app.sessions
     real = type(table).commit_block
     calls = []
@@ -510,9 +511,28 @@ def test_a_uniform_block_whose_recording_fails_answers_each_step_and_lets_go(
     send, end = _stream_of(stub, ids)
     assert send([1, 1, 1]) == [grpc.StatusCode.INTERNAL.value[0]] * 3
     assert not (version(srv).pool.columns["flags"] & HELD).any()
-    assert send([2, 2, 2]) == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * 3
-    end()
     assert last_sequences(srv, ids) == [0, 0, 0]
+    assert send([2, 2, 2]) == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * 3  # 1 is still the next
+    assert send([1, 1, 1]) == ["forecast"] * 3
+    end()
+    monkeypatch.setattr(type(table), "commit_block", real)
+    for k, (sid, twin) in enumerate(zip(ids, twins, strict=True)):
+        stub.Observe(_one_row(twin, 1, k))
+        for mine, theirs in zip(_state(srv, sid), _state(srv, twin), strict=True):  # row 1 applied once
+            np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+        mine, theirs = stub.Observe(_one_row(sid, 2, k)).forecast, stub.Observe(_one_row(twin, 2, k)).forecast
+        np.testing.assert_allclose(array(mine), array(theirs), rtol=1e-6, atol=1e-6)
+    assert last_sequences(srv, ids) == [2, 2, 2]
+
+
+def _state(srv: RunningServer, session_id: str) -> list[np.ndarray]:
+    """A session's recurrent state as the pool holds it."""
+
+    async def read() -> list[np.ndarray]:
+        session = srv.app.sessions.get(session_id)
+        return session.mv.pool.gather(np.array([session.slot]))
+
+    return srv.call(read())  # type: ignore[no-any-return]
 
 
 def test_a_release_that_fails_partway_never_hands_a_turn_on_twice(
