@@ -65,13 +65,13 @@ DEFAULT_LIMITS = {
 
 class Output(NamedTuple):
     """One item's answer: y [horizon, targets] and, for a quantile model, q [horizon, targets, quantiles].
-    `before`: for a session step run in one piece, its slot's (a block's: its slots') state before the step,
-    [dim0, n, dim1] each: what a recording that fails puts back (`restore`), so that the step is not applied
-    without being recorded."""
+    `before`: for a session step run in one piece, where its slot's (a block's: its slots') state before the
+    step is: the run's input states and the item's first row and row count (read only by `restore`, when a
+    recording fails, so that the step is not applied without being recorded; no slicing on the hot path)."""
 
     y: np.ndarray
     q: np.ndarray | None = None
-    before: list[np.ndarray] | None = None
+    before: tuple[list[np.ndarray], int, int] | None = None
 
 
 Results = list[Output | BaseException | None]  # a batch's, item by item (None: the item has rows left)
@@ -510,7 +510,8 @@ class Batcher:
             )
             return
         try:
-            self.pool.scatter(np.atleast_1d(np.asarray(slot, np.int64)), out.before)
+            states, first, n = out.before
+            self.pool.scatter(np.atleast_1d(np.asarray(slot, np.int64)), [s[:, first : first + n, :] for s in states])
         except Exception:
             log.exception("putting back the state of a step whose recording failed, for %s", self.runtime.path)
 
@@ -563,7 +564,7 @@ class Batcher:
                     if k in ended:
                         it.state = None
                         n = it.n if it.block else 1
-                        before = [s[:, r : r + n, :] for s in states] if whole and it.slot is not None else None
+                        before = (states, r, n) if whole and it.slot is not None else None
                         if it.block:
                             results[i] = Output(y[r : r + n], None if q is None else q[r : r + n], before)
                         else:

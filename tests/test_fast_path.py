@@ -21,20 +21,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gatecast.manifest import Manifest
-from gatecast.service.batcher import Batcher
 from gatecast.service.convert import to_array, to_matrix, to_quantile_matrix
 from gatecast.service.errors import InvalidArgument
-from gatecast.service.metrics import Metrics
-from gatecast.service.pool import StatePool
 from gatecast.service.server import GC_YOUNG
 from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 
 from .conftest import DEFAULT_MODEL, ROOT, RunningServer, array, matrix, server_settings, taylor_values
-from .test_reliability_batcher import SumRuntime
+from .test_reliability_batcher import SumRuntime, started_batcher
 
 
 def _unpacked(rows: int, cols: int, values: np.ndarray) -> bytes:
@@ -99,9 +95,7 @@ def test_without_a_queue_delay_a_lone_request_runs_at_once_and_what_waits_runs_t
     async def scenario() -> None:
         limits = SimpleNamespace(max_batch_rows=2048, chunk_rows=512, max_queue_rows=100_000, max_request_rows=5_000)
         rt = GatedRuntime(limits)
-        pool = StatePool(rt.manifest.states, initial=4, cap=64)
-        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 64, 0.0, 1000)  # type: ignore[arg-type]
-        batcher.start()
+        batcher, _ = started_batcher(rt, 64)
         first = batcher.submit(np.ones((3, 1), np.float32))
         for _ in range(100):  # the lone request is taken without waiting for company
             if rt.started:

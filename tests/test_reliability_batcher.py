@@ -52,6 +52,16 @@ class SumRuntime:
         return hn[0][:, None, :], [hn], None
 
 
+def started_batcher(
+    rt: Any, max_batch_size: int, max_queue_delay_ms: float = 0.0, initial: int = 4
+) -> tuple[Batcher, StatePool]:
+    """A running Batcher over a runtime double (call inside an event loop) and its state pool (cap 64)."""
+    pool = StatePool(rt.manifest.states, initial=initial, cap=64)
+    batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), max_batch_size, max_queue_delay_ms, 1000)
+    batcher.start()
+    return batcher, pool
+
+
 async def _scenario(seed: int) -> None:
     rng = random.Random(seed)
     limits = SimpleNamespace(
@@ -61,9 +71,7 @@ async def _scenario(seed: int) -> None:
         max_request_rows=5_000,
     )
     rt = SumRuntime(limits)
-    pool = StatePool(rt.manifest.states, initial=4, cap=64)
-    batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), rng.choice([4, 64]), rng.choice([0.0, 1.0]), 1000)  # type: ignore[arg-type]
-    batcher.start()
+    batcher, pool = started_batcher(rt, rng.choice([4, 64]), rng.choice([0.0, 1.0]))
     sessions: dict[int, float] = {}  # slot -> committed sum
     busy: set[int] = set()
     checks: list[tuple[asyncio.Future[Output], float, bool]] = []  # future, expected y, failing
@@ -155,9 +163,7 @@ def test_after_run_hands_work_over_before_the_next_batch_is_taken() -> None:
     async def scenario() -> None:
         limits = SimpleNamespace(max_batch_rows=64, chunk_rows=16, max_queue_rows=2_000, max_request_rows=1_000)
         rt = SlowSumRuntime(limits)
-        pool = StatePool(rt.manifest.states, initial=8, cap=64)
-        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 64, 0.0, 1000)  # type: ignore[arg-type]
-        batcher.start()
+        batcher, pool = started_batcher(rt, 64, initial=8)
         called: list[str] = []
         assert not batcher.after_run(lambda: called.append("idle"))  # nothing running: no call
         slots = np.array([pool.acquire() for _ in range(4)])
@@ -197,9 +203,7 @@ def test_steps_of_a_slot_in_the_workers_hands_wait_without_spinning_the_loop(mon
 
     async def scenario() -> list[float]:
         rt = Gated(SimpleNamespace(max_batch_rows=64, chunk_rows=16, max_queue_rows=2_000, max_request_rows=1_000))
-        pool = StatePool(rt.manifest.states, initial=8, cap=64)
-        batcher = Batcher(rt, pool, Metrics(CollectorRegistry()), 2, 0.0, 1_000)  # two items make a full batch
-        batcher.start()
+        batcher, pool = started_batcher(rt, 2, initial=8)  # two items make a full batch
         slot = pool.acquire()
         one = np.ones((1, 1), np.float32)
         first = batcher.submit(one, slot)
