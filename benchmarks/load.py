@@ -187,7 +187,7 @@ def ort_ceiling(folder: Path, batch: int, time_len: int, seconds: float) -> dict
     feed = {"x": x.astype(np.float32)}
     feed.update(zero_states(m.states, batch))
     sess.run(None, feed)
-    runs, t0 = 0, time.monotonic()
+    runs, t0, cpu0 = 0, time.monotonic(), time.thread_time()
     while time.monotonic() - t0 < seconds:
         sess.run(None, feed)
         runs += 1
@@ -198,6 +198,8 @@ def ort_ceiling(folder: Path, batch: int, time_len: int, seconds: float) -> dict
         "runs_per_s": runs / elapsed,
         "items_per_s": runs * batch / elapsed,
         "ms_per_run": 1000 * elapsed / runs,
+        # this thread's CPU per item: what running the graph costs whatever else shares the machine
+        "cpu_us_per_item": (time.thread_time() - cpu0) / (runs * batch) * 1e6,
     }
 
 

@@ -34,6 +34,12 @@ side's protobuf version matters), both checking every answer:
   inside the PyTriton callable runs the same graph, dynamic batching on, two instances;
 - gatecast: `gatecast serve` with its defaults.
 
+Reach: the graph's own CPU per window is measured in process (one thread, the servers' setting; at
+batches 8 to 64, the least kept) before the unary points and after them. At each concurrency, the echo's
+server and client CPU per call plus that figure is what any server on grpc.aio must spend per answer, so
+the machine's cores divided by it is the most such a server could answer here; the run prints it beside
+twice Triton's req/s (issue 9's target for `Forecast`) and says whether that target is within reach.
+
 The model: an LSTM 2x64, window 96, horizon 24, trained once (one epoch) on the Taylor series and cached
 under ~/.cache/gatecast-bench/repo.
 
@@ -66,7 +72,7 @@ import grpc
 import numpy as np
 
 from benchmarks.bytes_client import Counts, Load, observe_bytes
-from benchmarks.load import free_port, start_server
+from benchmarks.load import free_port, ort_ceiling, start_server
 from deploy.packages import ensure_installed
 from gatecast.errors import UserError
 from gatecast.manifest import Manifest
@@ -82,6 +88,7 @@ ECHO_UNARY = "/bench.Echo/Unary"
 ECHO_BIDI = "/bench.Echo/Bidi"
 TRITON_INFER = "/inference.GRPCInferenceService/ModelInfer"
 TRITON_ATTEMPTS = 4
+MODEL_BATCHES = (8, 16, 32, 64)  # the batches the graph's own cost per window is measured at (the least is kept)
 CLIENT_START_S = 2.0  # client processes start and connect; then all begin at once
 
 
@@ -452,6 +459,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 peers.append(triton)
         for p in peers:
             servers[p.name] = {"unary": []}
+        result["model_cpu"] = [model_cpu(folder, ctx, a.model_seconds)]
         for c in a.concurrency:  # point by point, so that every server meets the same background load
             for p in peers:
                 if h2load:
@@ -460,6 +468,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     point = unary_point(p.pid, p.address, p.method, p.payloads, c, a)
                 servers[p.name]["unary"].append(point)
                 _progress(p.name, servers[p.name]["unary"][-1])
+        result["model_cpu"].append(model_cpu(folder, ctx, a.model_seconds))  # again: the two bracket the points
         # streaming: the echo before and after the others, its figure the mean of the two, so that a drift of
         # the machine's speed while the points run (up to 1.5x within minutes here) does not fall on one side
         streaming = [p for p in peers if p.stream]
@@ -474,7 +483,45 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             if runs := s.pop("stream_runs", None):
                 s["stream"] = runs[0] if len(runs) == 1 else _mean_point(runs)
     ratios(result)
+    reach(result)
     return result
+
+
+def model_cpu(folder: Path, window: int, seconds: float) -> dict[str, Any]:
+    """The graph's own CPU per window, in process on one thread (the servers' setting), at MODEL_BATCHES; the
+    least of them is what any server must spend on a window at best."""
+    runs = [ort_ceiling(folder, b, window, seconds) for b in MODEL_BATCHES]
+    per_batch = {str(r["batch"]): r["cpu_us_per_item"] for r in runs}
+    return {"cpu_us_per_window": min(per_batch.values()), "by_batch": per_batch}
+
+
+def reach(result: dict[str, Any]) -> None:
+    """At each concurrency, the most req/s that a server on grpc.aio could answer on this machine: one that
+    spends per call no more than the echo (the same payloads, nothing else) plus the graph's least CPU per
+    window, with every core busy, the client's CPU (the echo's client) taken out. Beside it, twice Triton's
+    req/s (issue 9's target), so that a run says whether the target is within what the machine can do."""
+    servers, cpu = result["servers"], result.get("model_cpu")
+    echo = servers.get("echo")
+    if not echo or not cpu:
+        return
+    model_us = float(np.mean([c["cpu_us_per_window"] for c in cpu]))
+    triton = {r["concurrency"]: r["per_s"] for r in servers.get("triton", {}).get("unary", [])}
+    cores = os.cpu_count() or 1
+    rows = []
+    for r in echo["unary"]:
+        per_call = r["server_cpu_us"] + model_us + r["client_cpu_us"]
+        row = {
+            "concurrency": r["concurrency"],
+            "echo_server_cpu_us": r["server_cpu_us"],
+            "client_cpu_us": r["client_cpu_us"],
+            "model_cpu_us": model_us,
+            "per_s": cores * 1e6 / per_call,
+        }
+        if t := triton.get(r["concurrency"]):
+            row["two_x_triton_per_s"] = 2 * t
+            row["two_x_triton_within_reach"] = 2 * t <= row["per_s"]
+        rows.append(row)
+    result["reach"] = rows
 
 
 @dataclass
@@ -594,6 +641,18 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['errors']:>8}"
             )
     print("srv us, cli us: CPU time per answer (per step) of the server and of the client, warm-up included")
+    if rows := result.get("reach"):
+        print(
+            f"\nreach: the most req/s a server on grpc.aio could answer here (the echo's CPU per call plus the "
+            f"graph's {rows[0]['model_cpu_us']:.0f} us per window, every core busy), beside twice Triton's"
+        )
+        print(f"{'conc.':>7}{'echo srv us':>13}{'cli us':>8}{'model us':>10}{'reach/s':>9}{'2x Triton':>11}")
+        for r in rows:
+            two = f"{r['two_x_triton_per_s']:.0f}" if "two_x_triton_per_s" in r else "-"
+            print(
+                f"{r['concurrency']:>7}{r['echo_server_cpu_us']:>13.0f}{r['client_cpu_us']:>8.0f}"
+                f"{r['model_cpu_us']:>10.0f}{r['per_s']:>9.0f}{two:>11}"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -615,6 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per client process")
     ap.add_argument("--streams", type=int, default=16, help="streams (bidirectional calls)")
     ap.add_argument("--sessions", type=int, default=512, help="sessions, spread over the streams")
+    ap.add_argument(
+        "--model-seconds", type=float, default=1.0, help="seconds per batch measuring the graph's own CPU per window"
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke test: short points, few concurrencies")
     ap.add_argument("--repo", type=Path, help="serve this repository instead of the trained benchmark model")
     ap.add_argument("--model", default=MODEL, help="the model of --repo to drive (one feature)")
@@ -622,6 +684,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup, a.concurrency, a.streams, a.sessions, a.client_procs = 0.5, 0.2, [8], 2, 8, 1
+        a.model_seconds = 0.1
     return a
 
 

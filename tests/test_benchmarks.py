@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,3 +124,33 @@ def test_points_taken_twice_merge_rates_by_mean_and_counts_by_sum() -> None:
     merged = _mean_point(runs)
     assert (merged["streams"], merged["sessions"], merged["per_s"], merged["errors"]) == (16, 512, 2000.0, 6)
     assert merged["runs"] == runs
+
+
+def test_reach_is_the_cores_over_the_echos_cpu_plus_the_graphs_and_flags_a_target_beyond_it() -> None:
+    from benchmarks.throughput import reach
+
+    result: dict[str, Any] = {
+        "model_cpu": [{"cpu_us_per_window": 200.0}, {"cpu_us_per_window": 300.0}],  # bracketing runs: mean 250
+        "servers": {
+            "echo": {
+                "unary": [
+                    {"concurrency": 8, "server_cpu_us": 400.0, "client_cpu_us": 50.0},
+                    {"concurrency": 128, "server_cpu_us": 300.0, "client_cpu_us": 50.0},
+                ]
+            },
+            "triton": {"unary": [{"concurrency": 8, "per_s": 700.0}, {"concurrency": 128, "per_s": 2000.0}]},
+        },
+    }
+    reach(result)
+    cores = os.cpu_count() or 1
+    low, high = result["reach"]
+    assert low["model_cpu_us"] == 250.0 and low["per_s"] == cores * 1e6 / 700.0
+    assert high["per_s"] == cores * 1e6 / 600.0
+    assert low["two_x_triton_per_s"] == 1400.0 and high["two_x_triton_per_s"] == 4000.0
+    # within reach: twice Triton no more than the cores can answer at that CPU per call (on 2 cores: yes, no)
+    assert low["two_x_triton_within_reach"] == (cores * 1e6 / 700.0 >= 1400.0)
+    assert high["two_x_triton_within_reach"] == (cores * 1e6 / 600.0 >= 4000.0)
+    # without an echo in the run there is nothing to reason from
+    bare: dict[str, Any] = {"model_cpu": result["model_cpu"], "servers": {"gatecast": {"unary": []}}}
+    reach(bare)
+    assert "reach" not in bare
