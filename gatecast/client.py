@@ -7,6 +7,8 @@
             frame = session.observe(new_rows)
         a, b = client.session("taylor").open(), client.session("taylor").open()
         frames = client.observe_many([(a, rows_a), (b, rows_b)])  # one ObserveBatch call
+        with client.stream_batch() as stream:                     # one StreamBatch call, a message each
+            frames = stream.observe_many([(a, rows_a), (b, rows_b)])
 
 Forecasts come back as pandas frames indexed by the forecast timestamps: the input's last timestamp plus
 1..horizon model steps (the model's step when it has one, else the input index's frequency; an integer index
@@ -23,8 +25,12 @@ needed (`pip install 'gatecast[client]'`); the server is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import secrets
+import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +371,12 @@ class Client(_ClientBase):
             many.answered(reply, final)
         return many.out()
 
+    def stream_batch(self, *, route: str = "") -> BatchStream:
+        """One StreamBatch call, opened at its first message: `observe_many` on it sends one message and
+        waits for its answer (see BatchStream). `route`: a session id whose replica a proxy should send the
+        stream to (the stream goes to one replica)."""
+        return BatchStream(self, route)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -487,6 +499,38 @@ class _ObserveMany:
         assert len(done) == len(self.results), "every step is answered once both calls are"
         return done
 
+    def answered_message(self, reply: pb.ObserveBatchResponse, final: bool) -> None:
+        """A StreamBatch answer: a message refused as a whole fails its steps as a failed call would (and
+        raises); otherwise `answered`."""
+        if reply.HasField("error"):
+            code = _CODES.get(reply.error.code, grpc.StatusCode.UNKNOWN)
+            error = ClientError(f"{self.target}: StreamBatch message refused: {code.name}: {reply.error.message}", code)
+            self.failed(error)
+            raise error
+        self.answered(reply, final)
+
+
+class _Sessions:
+    """Steps of one session go one at a time on a batch stream: a call that names a session whose step is
+    still unanswered waits for that answer first (its next sequence number depends on it)."""
+
+    def __init__(self) -> None:
+        self.busy: dict[int, asyncio.Future[None]] = {}  # id(session) -> the call holding it
+
+    async def hold(self, steps: Sequence[tuple[Any, Any]]) -> asyncio.Future[None]:
+        while waits := {f for s, _ in steps if (f := self.busy.get(id(s))) is not None}:
+            await asyncio.wait(waits)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for s, _ in steps:
+            self.busy[id(s)] = mine
+        return mine
+
+    def let_go(self, steps: Sequence[tuple[Any, Any]], mine: asyncio.Future[None]) -> None:
+        for s, _ in steps:
+            if self.busy.get(id(s)) is mine:
+                del self.busy[id(s)]
+        mine.set_result(None)
+
 
 class Session(_SessionState[Client]):
     """`observe(rows)` numbers its steps itself; see the module's docstring for what a retry does."""
@@ -541,6 +585,79 @@ class Session(_SessionState[Client]):
         return self.open()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class BatchStream:
+    """`Client.observe_many` over one StreamBatch call instead of one ObserveBatch call per round: the same
+    answers, numbering and resends, one message per round on a stream that stays open. A message refused as
+    a whole raises ClientError with its code and the stream stays open. If the stream fails (its status is
+    raised as ClientError), steps whose outcome is unknown are resent first on a new stream, opened by the
+    next `observe_many`. One message at a time (a lock): `AsyncBatchStream` pipelines."""
+
+    def __init__(self, client: Client, route: str = "") -> None:
+        self.client = client
+        self.route = route
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] | None = None
+        self._answers: Any = None  # the call's answer iterator, while the stream is open
+
+    def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
+        """As `Client.observe_many`, on this stream."""
+        for session, _ in steps:
+            if session.client is not self.client:
+                raise ClientError(f"session {session.id} belongs to another client")
+            session.open()
+        with self._lock:
+            many = _ObserveMany(self.client._conf.target, steps)
+            for final in (False, True):
+                request = many.request(final)
+                if request is None:
+                    continue
+                try:
+                    reply = self._exchange(request)
+                except ClientError as e:
+                    many.failed(e)
+                    raise
+                many.answered_message(reply, final)
+            return many.out()
+
+    def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
+        if self._answers is None:
+            self._requests = queue.SimpleQueue()
+            metadata = self.client._conf.metadata(self.route)
+            self._answers = self.client.stub.StreamBatch(iter(self._requests.get, None), metadata=metadata)
+        requests = self._requests
+        assert requests is not None
+        requests.put(request)
+        try:
+            return next(self._answers)  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            self._answers = None
+            requests.put(None)  # grpc's thread reading the requests of the failed call stops
+            raise _error(self.client._conf.target, e) from None
+        except StopIteration:
+            self._answers = None
+            requests.put(None)
+            raise ClientError(
+                f"{self.client._conf.target}: the StreamBatch stream ended before answering",
+                grpc.StatusCode.UNAVAILABLE,
+            ) from None
+
+    def close(self) -> None:
+        """Ends the stream (after the answer being waited for, if any)."""
+        with self._lock:
+            if self._answers is not None and self._requests is not None:
+                self._requests.put(None)
+                with contextlib.suppress(grpc.RpcError):
+                    for _ in self._answers:
+                        pass
+            self._answers = None
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -603,6 +720,10 @@ class AsyncClient(_ClientBase):
             many.answered(reply, final)
         return many.out()
 
+    def stream_batch(self, *, route: str = "") -> AsyncBatchStream:
+        """`Client.stream_batch` for asyncio; concurrent `observe_many` calls on it pipeline their messages."""
+        return AsyncBatchStream(self, route)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -659,6 +780,100 @@ class AsyncSession(_SessionState[AsyncClient]):
 
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncBatchStream:
+    """`BatchStream` for asyncio. Concurrent `observe_many` calls pipeline: each writes its message as soon
+    as none of its sessions has a step unanswered (such a call waits for that answer first), and the answers,
+    which come in message order, go to their calls in the order the messages were written."""
+
+    def __init__(self, client: AsyncClient, route: str = "") -> None:
+        self.client = client
+        self.route = route
+        self._call: Any = None  # the open StreamBatch call
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[pb.ObserveBatchResponse]] = deque()  # written, not answered
+        self._write = asyncio.Lock()  # one write at a time, its future queued with it
+        self._sessions = _Sessions()
+
+    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]]) -> list[pd.DataFrame | ClientError]:
+        """As `AsyncClient.observe_many`, on this stream."""
+        for session, _ in steps:
+            if session.client is not self.client:
+                raise ClientError(f"session {session.id} belongs to another client")
+        await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
+        mine = await self._sessions.hold(steps)
+        try:
+            many = _ObserveMany(self.client._conf.target, steps)
+            for final in (False, True):
+                request = many.request(final)
+                if request is None:
+                    continue
+                try:
+                    reply = await self._exchange(request)
+                except ClientError as e:
+                    many.failed(e)
+                    raise
+                except asyncio.CancelledError:  # the caller gave up: the message may have been applied
+                    target = self.client._conf.target
+                    many.failed(ClientError(f"{target}: cancelled", grpc.StatusCode.CANCELLED))
+                    raise
+                many.answered_message(reply, final)
+            return many.out()
+        finally:
+            self._sessions.let_go(steps, mine)
+
+    async def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
+        loop = asyncio.get_running_loop()
+        async with self._write:
+            if self._call is None:
+                self._call = self.client.stub.StreamBatch(metadata=self.client._conf.metadata(self.route))
+                self._reader = asyncio.create_task(self._read(self._call))
+            answer: asyncio.Future[pb.ObserveBatchResponse] = loop.create_future()
+            self._waiting.append(answer)
+            # a write to a stream that has failed raises here; the reader fails every waiting call with the
+            # stream's own status, this one included
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.write(request)
+        return await answer
+
+    async def _read(self, call: Any) -> None:
+        """Hands each answer to the oldest call waiting; when the stream ends, fails those still waiting (a
+        later message opens a new stream)."""
+        target = self.client._conf.target
+        error = ClientError(f"{target}: the StreamBatch stream ended before answering", grpc.StatusCode.UNAVAILABLE)
+        try:
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                if self._waiting:
+                    answer = self._waiting.popleft()
+                    if not answer.done():  # a caller that gave up (cancelled) takes nothing
+                        answer.set_result(reply)
+        except grpc.RpcError as e:
+            error = _error(target, e)
+        except asyncio.CancelledError:
+            error = ClientError(f"{target}: the StreamBatch stream was closed", grpc.StatusCode.CANCELLED)
+        if self._call is call:
+            self._call = None
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(error)
+
+    async def close(self) -> None:
+        """Ends the stream once the messages written have their answers."""
+        call, reader = self._call, self._reader
+        if call is None or reader is None:
+            return
+        async with self._write:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+        await reader
+
+    async def __aenter__(self) -> AsyncBatchStream:
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

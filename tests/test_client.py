@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gatecast import SESSION_HEADER
 from gatecast.cli import main
 from gatecast.client import AsyncClient, Client, ClientError, Retry, service_config
 from gatecast.v1 import forecaster_pb2 as pb
@@ -187,6 +189,7 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
         self.faults: dict[str, list[tuple[str, grpc.StatusCode]]] = defaultdict(list)
         self.seen: dict[str, list[Any]] = defaultdict(list)
         self.metadata: list[dict[str, str]] = []
+        self.stream_metadata: list[dict[str, str]] = []  # of each StreamBatch call
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_ForecasterServicer_to_server(self, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
@@ -220,6 +223,33 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
 
     def GetModel(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._forward("GetModel", request, context)
+
+    def StreamBatch(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """Forwards each message on a stream of its own to the server; a fault applies to one message:
+        ("before", code) ends the stream with code without forwarding it, ("after", code) forwards it and
+        ends the stream with code instead of answering, ("refuse", code) answers it with a whole-message
+        error without forwarding it."""
+        self.stream_metadata.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
+        upstream: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        answers = self._up.StreamBatch(iter(upstream.get, None))
+        try:
+            for request in request_iterator:
+                self.seen["StreamBatch"].append(request)
+                faults = self.faults["StreamBatch"]
+                when, code = faults.pop(0) if faults else ("", grpc.StatusCode.OK)
+                if when == "before":
+                    context.abort(code, f"injected {code.name}")
+                if when == "refuse":
+                    yield pb.ObserveBatchResponse(error=pb.StreamError(code=code.value[0], message="injected"))
+                    continue
+                upstream.put(request)
+                reply = next(answers)
+                if when == "after":
+                    context.abort(code, f"injected {code.name} after the server answered")
+                yield reply
+        finally:
+            upstream.put(None)
+            answers.cancel()
 
     def stop(self) -> None:
         self.server.stop(None)
@@ -332,6 +362,65 @@ def test_a_lost_observe_many_answer_is_resent_with_the_same_numbers_and_applied_
         b.close()
     sent = [[(step.session_id, step.sequence) for step in r.steps] for r in proxy.seen["ObserveBatch"]]
     assert sent == [[(i, n) for i in ids] for n in [1] + [2] * 5 + [3]]
+    for frame, rows in zip(last, (a_rows, b_rows), strict=True):
+        (want,) = _reference(raw, "taylor", [np.concatenate(rows)])  # every row applied exactly once
+        assert isinstance(frame, pd.DataFrame)
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
+def test_a_batch_stream_answers_as_observe_many_would_and_a_bad_step_fails_alone(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    frames = [taylor.iloc[i : i + 6] for i in range(0, 18, 6)]  # three sessions, three rounds of 2 rows
+    rounds = [[f.iloc[k : k + 2] for f in frames] for k in (0, 2, 4)]
+    want = [_reference(raw, "taylor", [r[j].to_numpy() for r in rounds]) for j in range(3)]
+    with Client(server.address) as client:
+        sessions = [client.session("taylor") for _ in frames]  # opened by the first message
+        gone = client.session("taylor").open()
+        raw.CloseSession(pb.CloseSessionRequest(session_id=gone.id))  # closed behind the client's back
+        with client.stream_batch() as stream:
+            got = [stream.observe_many(list(zip(sessions, rows, strict=True))) for rows in rounds[:2]]
+            *last, lost = stream.observe_many([*zip(sessions, rounds[2], strict=True), (gone, rounds[2][0])])
+            with pytest.raises(ClientError, match="appears twice"):
+                stream.observe_many([(sessions[0], rounds[2][0]), (sessions[0], rounds[2][0])])
+        assert [s.next_sequence for s in sessions] == [4, 4, 4] and gone.next_sequence == 1
+        for s in sessions:
+            s.close()
+    assert isinstance(lost, ClientError) and lost.code == grpc.StatusCode.NOT_FOUND and gone.id in str(lost)
+    for j in range(3):
+        for r, frame in enumerate([got[0][j], got[1][j], last[j]]):
+            assert isinstance(frame, pd.DataFrame)
+            np.testing.assert_array_equal(frame.to_numpy(), want[j][r])
+            assert frame.index[0] == rounds[r][j].index[-1] + pd.Timedelta("30min")  # timed after its rows
+
+
+def test_a_batch_stream_that_fails_resends_on_a_new_stream_and_applies_each_step_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    a_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
+    b_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(10, 16, 2)]
+    with Client(proxy.address, retry=FAST) as client:
+        a, b = client.session("taylor").open(), client.session("taylor").open()
+        with client.stream_batch(route=a.id) as stream:
+            stream.observe_many([(a, a_rows[0]), (b, b_rows[0])])
+            # applied by the server, its answer lost with the stream: both steps stand unanswered
+            proxy.faults["StreamBatch"] = [("after", grpc.StatusCode.UNAVAILABLE)]
+            with pytest.raises(ClientError, match="UNAVAILABLE: injected") as failed:
+                stream.observe_many([(a, a_rows[1]), (b, b_rows[1])])
+            assert failed.value.code == grpc.StatusCode.UNAVAILABLE and (a.next_sequence, b.next_sequence) == (2, 2)
+            # the resend, on a new stream, refused as a whole: the stream stays open, the steps still unanswered
+            proxy.faults["StreamBatch"] = [("refuse", grpc.StatusCode.INVALID_ARGUMENT)]
+            with pytest.raises(ClientError, match="message refused: INVALID_ARGUMENT") as refused:
+                stream.observe_many([(a, a_rows[2]), (b, b_rows[2])])
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            last = stream.observe_many([(a, a_rows[2]), (b, b_rows[2])])  # resends 2 first, then sends 3
+        ids = a.id, b.id
+        a.close()
+        b.close()
+    sent = [[(step.session_id, step.sequence) for step in r.steps] for r in proxy.seen["StreamBatch"]]
+    assert sent == [[(i, n) for i in ids] for n in (1, 2, 2, 2, 3)]
+    # two streams (one failed; the refusal did not end the second), each routed by the session asked for
+    assert [m.get(SESSION_HEADER) for m in proxy.stream_metadata] == [ids[0], ids[0]]
     for frame, rows in zip(last, (a_rows, b_rows), strict=True):
         (want,) = _reference(raw, "taylor", [np.concatenate(rows)])  # every row applied exactly once
         assert isinstance(frame, pd.DataFrame)
@@ -483,3 +572,66 @@ def test_the_grpcurl_tour_runs_as_written(server: RunningServer) -> None:
     assert "gatecast.v1.Forecaster\n" in outputs[0] and '"context_length": 432' in outputs[0]
     assert outputs[0].count('"rows": 48') == 1  # the Forecast's answer
     assert '"sequence": "1"' in outputs[1] and '"steps": "1"' in outputs[1]
+
+
+def test_an_async_batch_stream_pipelines_and_applies_each_sessions_steps_in_call_order(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    steps = [taylor.iloc[i : i + 2] for i in range(0, 8, 2)]  # four steps for every session
+
+    async def run() -> tuple[list[Any], list[int]]:
+        async with AsyncClient(server.address) as client:
+            a = [await client.session("taylor").open() for _ in range(2)]
+            b = [await client.session("taylor").open() for _ in range(2)]
+            async with client.stream_batch() as stream:
+                # eight calls at once: group a's four rounds each wait for the round before (same sessions),
+                # group b's go beside them on the same stream
+                calls = [stream.observe_many([(s, steps[k]) for s in group]) for k in range(4) for group in (a, b)]
+                out = await asyncio.gather(*calls)
+            numbers = [s.next_sequence for s in a + b]
+            for s in a + b:
+                await s.close()
+            return out, numbers
+
+    out, numbers = asyncio.run(run())
+    assert numbers == [5, 5, 5, 5]
+    want = _reference(raw, "taylor", [s.to_numpy() for s in steps])  # every session saw the same rows
+    for k in range(4):
+        for frames in (out[2 * k], out[2 * k + 1]):
+            for frame in frames:
+                assert isinstance(frame, pd.DataFrame)
+                np.testing.assert_array_equal(frame.to_numpy(), want[k])
+
+
+def test_an_async_batch_stream_that_fails_fails_every_waiting_call_and_resends_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
+
+    async def run() -> tuple[list[Any], list[int], Any]:
+        async with AsyncClient(proxy.address, retry=FAST) as client:
+            a, b = await client.session("taylor").open(), await client.session("taylor").open()
+            async with client.stream_batch() as stream:
+                await stream.observe_many([(a, rows[0]), (b, rows[0])])
+                proxy.faults["StreamBatch"] = [("after", grpc.StatusCode.UNAVAILABLE)]
+                failed = await asyncio.gather(
+                    stream.observe_many([(a, rows[1])]), stream.observe_many([(b, rows[1])]), return_exceptions=True
+                )
+                last = await stream.observe_many([(a, rows[2]), (b, rows[2])])  # a new stream: resends, then 3
+            numbers = [a.next_sequence, b.next_sequence]
+            ids = a.id, b.id
+            await a.close()
+            await b.close()
+            return [*failed, *last], numbers, ids
+
+    (fail_a, fail_b, last_a, last_b), numbers, (a, b) = asyncio.run(run())
+    # the stream ended under a's message; b's, written behind it and never read, fails with it (unknown too)
+    for failed in (fail_a, fail_b):
+        assert isinstance(failed, ClientError) and failed.code == grpc.StatusCode.UNAVAILABLE
+    sent = [[(step.session_id, step.sequence) for step in r.steps] for r in proxy.seen["StreamBatch"]]
+    assert sent == [[(a, 1), (b, 1)], [(a, 2)], [(a, 2), (b, 2)], [(a, 3), (b, 3)]]
+    assert numbers == [4, 4]
+    (want,) = _reference(raw, "taylor", [np.concatenate(rows)])  # every row applied exactly once
+    for frame in (last_a, last_b):
+        assert isinstance(frame, pd.DataFrame)
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
