@@ -71,6 +71,9 @@ COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 SLOT_MASK = 0xFFFFFFFF  # a code is (model version number << 32) | slot
 STEPS_MAX = 0xFFFFFFFF
+# the columns recording a step writes (the answer, its flag in `flags`, the sequence and its rows' digest, the
+# step count, the time): copied before, written back if the recording raises partway
+RECORD_COLUMNS = ("flags", "forecast", "quantile_forecast", "last_seq", "digest", "steps", "last_used")
 SEQ_BIG = 0xFFFFFFFF  # a last_seq column at this value reads big_seqs[code] (absent: this value itself)
 MAX_OWNERS = 0xFFFF  # identities holding live sessions at one time (the `owner` column's numbers)
 DIGEST_BYTES = 8
@@ -316,15 +319,21 @@ class Session:
     def committer(self, seq: int, rows: int, digest: bytes = b"") -> Callable[[Output], None]:
         def commit(out: Output) -> None:
             table, slot = self._table, np.array([self.slot])
-            table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
-            cols = self.mv.pool.columns
-            self.last_seq = seq
-            cols["steps"][self.slot] = min(STEPS_MAX, int(cols["steps"][self.slot]) + rows)
-            self.last_digest = digest
-            cols["last_used"][self.slot] = time.monotonic() - table.epoch
-            table._churn += 1
-            if table.store is not None and seq % table.store.every == 0:
-                table.store.save(self.mv, [self])
+            kept, last = table.recorded(self.mv, slot), self.last_seq
+            try:
+                table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
+                cols = self.mv.pool.columns
+                self.last_seq = seq
+                cols["steps"][self.slot] = min(STEPS_MAX, int(cols["steps"][self.slot]) + rows)
+                self.last_digest = digest
+                cols["last_used"][self.slot] = time.monotonic() - table.epoch
+                table._churn += 1
+                if table.store is not None and seq % table.store.every == 0:
+                    table.store.save(self.mv, [self])
+            except BaseException:  # recorded all or nothing: the caller puts the state back and answers
+                table.put_back(self.mv, slot, kept)
+                self.last_seq = last
+                raise
 
         return commit
 
@@ -848,19 +857,36 @@ class SessionTable:
         out: Output,
     ) -> None:
         """Records applied steps of many sessions at once (a block run by the batcher, `rows` each; `digests`
-        their rows_digests, 8 bytes each)."""
-        self.store_answers(mv, slots, out.y, out.q)
+        their rows_digests, 8 bytes each): all of it, or (raising) none of it."""
+        kept = self.recorded(mv, slots)
+        try:
+            self.store_answers(mv, slots, out.y, out.q)
+            cols = mv.pool.columns
+            cols["last_seq"][slots] = seqs  # claimed: each at most SEQ_BIG, which needs no big_seqs entry
+            steps = cols["steps"]
+            steps[slots] = np.minimum(steps[slots], np.uint32(STEPS_MAX - rows)) + np.uint32(rows)  # saturates
+            cols["digest"][slots] = np.frombuffer(digests, "<u8")
+            cols["last_used"][slots] = time.monotonic() - self.epoch
+            self._churn += len(slots)
+            if self.store is not None:
+                saved = slots[np.asarray(seqs, np.uint64) % np.uint64(self.store.every) == 0]
+                codes = (np.int64(self._numbers[id(mv)]) << 32) | saved.astype(np.int64)
+                self.store.save(mv, self.handles(codes, cols["id"][saved]))
+        except BaseException:
+            self.put_back(mv, slots, kept)
+            raise
+
+    @staticmethod
+    def recorded(mv: ModelVersion, slots: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """What recording a step writes in these slots' columns, copied: for `put_back` when it fails partway."""
         cols = mv.pool.columns
-        cols["last_seq"][slots] = seqs  # claimed: each at most SEQ_BIG, which needs no big_seqs entry
-        steps = cols["steps"]
-        steps[slots] = np.minimum(steps[slots], np.uint32(STEPS_MAX - rows)) + np.uint32(rows)  # saturates
-        cols["digest"][slots] = np.frombuffer(digests, "<u8")
-        cols["last_used"][slots] = time.monotonic() - self.epoch
-        self._churn += len(slots)
-        if self.store is not None:
-            kept = slots[np.asarray(seqs, np.uint64) % np.uint64(self.store.every) == 0]
-            codes = (np.int64(self._numbers[id(mv)]) << 32) | kept.astype(np.int64)
-            self.store.save(mv, self.handles(codes, cols["id"][kept]))
+        return [(k, cols[k][slots]) for k in RECORD_COLUMNS if k in cols]
+
+    @staticmethod
+    def put_back(mv: ModelVersion, slots: np.ndarray, kept: list[tuple[str, np.ndarray]]) -> None:
+        cols = mv.pool.columns
+        for k, values in kept:
+            cols[k][slots] = values
 
     # --- for service.snapshot: the table as values, and a session re-created under its own id ----------
 

@@ -340,3 +340,64 @@ def test_a_session_closed_on_another_replica_stays_closed(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("rpc", ["Observe", "ObserveBatch"])
+def test_a_recording_that_fails_partway_records_nothing_and_a_resend_applies_once(
+    repo: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, rpc: str
+) -> None:
+    """The store's save raises once, after the step's answer, sequence, digest, step count and time were
+    written (the last thing recording does): those are put back with the state, the step answers INTERNAL,
+    and its resend applies it once. Found in review: the columns stayed written, so the resend was taken for
+    a repeat of an applied step and answered from the store while the state had been put back: the step was
+    lost (the next forecast differed from a twin's)."""
+    from gatecast.service.store import SessionStore
+
+    real = SessionStore.save
+    calls: list[int] = []
+
+    def flaky(self: SessionStore, mv: object, sessions: list[object]) -> None:
+        calls.append(len(sessions))
+        if len(calls) == 1:
+            raise RuntimeError("injected: the store could not queue the record")
+        real(self, mv, sessions)  # type: ignore[arg-type]
+
+    srv = replica(repo, redis_server.url)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            mine, twins = [opened(stub) for _ in range(3)], [opened(stub) for _ in range(3)]
+
+            def step(ids: list[str], seq: int) -> list[object]:
+                if rpc == "Observe":
+                    out: list[object] = []
+                    for sid in ids:
+                        try:
+                            out.append(observe(stub, sid, seq))
+                        except grpc.RpcError as e:
+                            out.append(e.code())  # type: ignore[attr-defined]
+                    return out
+                steps = [pb.ObserveRequest(session_id=sid, sequence=seq, rows=row(seq)) for sid in ids]
+                reply = stub.ObserveBatch(pb.ObserveBatchRequest(steps=steps))
+                return [
+                    array(r.forecast)
+                    if r.HasField("forecast")
+                    else grpc.StatusCode.INTERNAL
+                    if r.error.code == grpc.StatusCode.INTERNAL.value[0]
+                    else r.error.code
+                    for r in reply.results
+                ]
+
+            monkeypatch.setattr(SessionStore, "save", flaky)
+            failed = step(mine, 1)
+            monkeypatch.setattr(SessionStore, "save", real)
+            # Observe: the first session's step fails alone; ObserveBatch: the block of all three fails
+            lost = 1 if rpc == "Observe" else 3
+            assert failed[:lost] == [grpc.StatusCode.INTERNAL] * lost
+            resent, theirs = step(mine, 1), step(twins, 1)
+            after, theirs_after = step(mine, 2), step(twins, 2)
+            for got, want in zip(resent + after, theirs + theirs_after, strict=True):
+                assert isinstance(got, np.ndarray) and isinstance(want, np.ndarray)
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # row 1 applied exactly once
+    finally:
+        srv.stop()
