@@ -36,7 +36,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -319,7 +319,7 @@ class Session:
     def committer(self, seq: int, rows: int, digest: bytes = b"") -> Callable[[Output], None]:
         def commit(out: Output) -> None:
             table, slot = self._table, np.array([self.slot])
-            kept, last = table.recorded(self.mv, slot), self.last_seq
+            kept, last = table.recorded(self.mv, self.slot), self.last_seq
             try:
                 table.store_answers(self.mv, slot, out.y[None], None if out.q is None else out.q[None])
                 cols = self.mv.pool.columns
@@ -331,7 +331,7 @@ class Session:
                 if table.store is not None and seq % table.store.every == 0:
                     table.store.save(self.mv, [self])
             except BaseException:  # recorded all or nothing: the caller puts the state back and answers
-                table.put_back(self.mv, slot, kept)
+                table.put_back(self.mv, self.slot, kept)
                 self.last_seq = last
                 raise
 
@@ -877,13 +877,19 @@ class SessionTable:
             raise
 
     @staticmethod
-    def recorded(mv: ModelVersion, slots: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """What recording a step writes in these slots' columns, copied: for `put_back` when it fails partway."""
-        cols = mv.pool.columns
-        return [(k, cols[k][slots]) for k in RECORD_COLUMNS if k in cols]
+    def recorded(mv: ModelVersion, slots: np.ndarray | int) -> list[tuple[str, Any]]:
+        """What recording a step writes in these slots' columns (one slot: an int), copied: for `put_back` when
+        the recording fails partway."""
+        kept = []
+        for k in RECORD_COLUMNS:
+            col = mv.pool.columns.get(k)
+            if col is not None:
+                values = col[slots]  # a copy, except one slot's row of a column of rows (a view): copied
+                kept.append((k, values.copy() if isinstance(slots, int) and col.ndim > 1 else values))
+        return kept
 
     @staticmethod
-    def put_back(mv: ModelVersion, slots: np.ndarray, kept: list[tuple[str, np.ndarray]]) -> None:
+    def put_back(mv: ModelVersion, slots: np.ndarray | int, kept: list[tuple[str, Any]]) -> None:
         cols = mv.pool.columns
         for k, values in kept:
             cols[k][slots] = values
