@@ -30,6 +30,7 @@ import json
 import queue
 import secrets
 import threading
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -405,6 +406,8 @@ class _SessionState(Generic[S]):
         self.forecast: pd.DataFrame | None = None  # after a history
         self.next_sequence = 1
         self._pending: tuple[int, np.ndarray] | None = None
+        self._opening_lock = threading.Lock()  # Session: one open at a time
+        self._opening: asyncio.Future[None] | None = None  # AsyncSession: the open under way
         self._last_index: Any = None  # the newest rows' index, from which forecasts are timed
         self._offset: Any = None  # the time step seen in an earlier frame, for a step of one row
 
@@ -511,44 +514,71 @@ class _ObserveMany:
 
 
 class _Sessions:
-    """Steps of one session go one at a time on a batch stream: a call that names a session whose step is
-    still unanswered waits for that answer first (its next sequence number depends on it)."""
+    """Each session's steps on a batch stream go one at a time, in the order of the calls naming it: a call
+    takes its place behind the last call naming each of its sessions when it is made (before any await), and
+    goes once those calls are done (their sequence numbers and resends decide its own)."""
 
     def __init__(self) -> None:
-        self.busy: dict[int, asyncio.Future[None]] = {}  # id(session) -> the call holding it
+        self.last: dict[int, asyncio.Future[None]] = {}  # id(session) -> the last call naming it
 
     async def hold(self, steps: Sequence[tuple[Any, Any]]) -> asyncio.Future[None]:
-        while waits := {f for s, _ in steps if (f := self.busy.get(id(s))) is not None}:
-            await asyncio.wait(waits)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        before = {f for s, _ in steps if (f := self.last.get(id(s))) is not None and not f.done()}
         for s, _ in steps:
-            self.busy[id(s)] = mine
+            self.last[id(s)] = mine
+        try:
+            if before:
+                await asyncio.wait(before)
+        except asyncio.CancelledError:  # gone before its turn: the calls behind it still wait for those before
+            asyncio.gather(*before, return_exceptions=True).add_done_callback(lambda _: self.let_go(steps, mine))
+            raise
         return mine
 
     def let_go(self, steps: Sequence[tuple[Any, Any]], mine: asyncio.Future[None]) -> None:
         for s, _ in steps:
-            if self.busy.get(id(s)) is mine:
-                del self.busy[id(s)]
-        mine.set_result(None)
+            if self.last.get(id(s)) is mine:
+                del self.last[id(s)]
+        if not mine.done():
+            mine.set_result(None)
+
+
+def _oversized(target: str, request: pb.ObserveBatchRequest, limit_mb: int) -> ClientError | None:
+    """A message over the channel's limit fails by itself, before it is sent (sent, it would end the stream)."""
+    size = request.ByteSize()
+    if size <= limit_mb * 1024 * 1024:
+        return None
+    return ClientError(
+        f"{target}: a StreamBatch message of {size} bytes is over max_message_mb ({limit_mb} MiB): send fewer "
+        "steps or rows per call",
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+def _unknown(error: ClientError) -> ClientError:
+    """The failure of a stream, as the outcome of each message written on it and not answered: unknown
+    (the server may have applied it), so its steps are resent, whatever status ended the stream."""
+    return ClientError(str(error), grpc.StatusCode.UNAVAILABLE)
 
 
 class Session(_SessionState[Client]):
     """`observe(rows)` numbers its steps itself; see the module's docstring for what a retry does."""
 
     def open(self) -> Session:
-        if not self.id:
-            info = self.client.model_info(self.model, self.version)
-            request = self._open_request(info)
-            try:
-                reply = self.client._call("OpenSession", request, self.proposed)
-            except ClientError as e:
-                if e.code != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-                # a retried open found the session its first attempt made, whose answer was lost: start anew
-                self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
-                self.proposed = secrets.token_hex(16)
-                reply = self.client._call("OpenSession", request, self.proposed)
-            self._opened(reply)
+        """Opens the session unless it is open (one open at a time: two threads opening it open it once)."""
+        with self._opening_lock:
+            if not self.id:
+                info = self.client.model_info(self.model, self.version)
+                request = self._open_request(info)
+                try:
+                    reply = self.client._call("OpenSession", request, self.proposed)
+                except ClientError as e:
+                    if e.code != grpc.StatusCode.ALREADY_EXISTS:
+                        raise
+                    # a retried open found the session its first attempt made, whose answer was lost: start anew
+                    self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
+                    self.proposed = secrets.token_hex(16)
+                    reply = self.client._call("OpenSession", request, self.proposed)
+                self._opened(reply)
         return self
 
     def observe(self, rows: Any) -> pd.DataFrame:
@@ -592,7 +622,8 @@ class BatchStream:
     """`Client.observe_many` over one StreamBatch call instead of one ObserveBatch call per round: the same
     answers, numbering and resends, one message per round on a stream that stays open. A message refused as
     a whole raises ClientError with its code and the stream stays open. If the stream fails (its status is
-    raised as ClientError), steps whose outcome is unknown are resent first on a new stream, opened by the
+    raised as ClientError) or an answer takes longer than the client's `timeout` (DEADLINE_EXCEEDED, the
+    stream is cancelled), the steps of the unanswered message are resent first on a new stream, opened by the
     next `observe_many`. One message at a time (a lock): `AsyncBatchStream` pipelines."""
 
     def __init__(self, client: Client, route: str = "") -> None:
@@ -600,59 +631,101 @@ class BatchStream:
         self.route = route
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] | None = None
-        self._answers: Any = None  # the call's answer iterator, while the stream is open
+        self._answers: Any = None  # the call (its answers' iterator), while the stream is open
+        self._closed = False
 
     def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
         """As `Client.observe_many`, on this stream."""
+        target = self.client._conf.target
         for session, _ in steps:
             if session.client is not self.client:
                 raise ClientError(f"session {session.id} belongs to another client")
-            session.open()
         with self._lock:
-            many = _ObserveMany(self.client._conf.target, steps)
+            if self._closed:
+                raise ClientError(f"{target}: this StreamBatch stream is closed", grpc.StatusCode.FAILED_PRECONDITION)
+            for session, _ in steps:
+                session.open()
+            many = _ObserveMany(target, steps)
             for final in (False, True):
                 request = many.request(final)
                 if request is None:
                     continue
+                if too_big := _oversized(target, request, self.client._conf.max_message_mb):
+                    many.failed(too_big)
+                    raise too_big
                 try:
                     reply = self._exchange(request)
                 except ClientError as e:
-                    many.failed(e)
+                    many.failed(_unknown(e))
+                    raise
+                except BaseException:  # an interrupt while waiting: the message may have been applied
+                    many.failed(ClientError(f"{target}: interrupted", grpc.StatusCode.CANCELLED))
                     raise
                 many.answered_message(reply, final)
             return many.out()
 
+    def _open(self) -> None:
+        requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] = queue.SimpleQueue()
+        self._requests = requests
+        metadata = self.client._conf.metadata(self.route)
+        self._answers = self.client.stub.StreamBatch(iter(requests.get, None), metadata=metadata)
+        # a stream never closed still ends grpc's thread reading its requests once this object is gone
+        weakref.finalize(self, requests.put, None)
+
+    def _end(self, cancel: bool) -> None:
+        """Forgets the call (the next message opens another) and ends its request reader."""
+        answers, requests = self._answers, self._requests
+        self._answers = self._requests = None
+        if requests is not None:
+            requests.put(None)
+        if cancel and answers is not None:
+            answers.cancel()
+
     def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
+        target = self.client._conf.target
+        if self._answers is not None and self._answers.done():  # ended while idle (a restart, an idle proxy)
+            self._end(cancel=False)
         if self._answers is None:
-            self._requests = queue.SimpleQueue()
-            metadata = self.client._conf.metadata(self.route)
-            self._answers = self.client.stub.StreamBatch(iter(self._requests.get, None), metadata=metadata)
-        requests = self._requests
-        assert requests is not None
-        requests.put(request)
+            self._open()
+        assert self._requests is not None
+        self._requests.put(request)
+        timeout = self.client._conf.timeout
+        late = threading.Timer(timeout, self._answers.cancel) if timeout is not None else None
+        if late is not None:
+            late.daemon = True
+            late.start()
         try:
             return next(self._answers)  # type: ignore[no-any-return]
         except grpc.RpcError as e:
-            self._answers = None
-            requests.put(None)  # grpc's thread reading the requests of the failed call stops
-            raise _error(self.client._conf.target, e) from None
+            self._end(cancel=False)
+            if late is not None and e.code() == grpc.StatusCode.CANCELLED and late.finished.is_set():  # type: ignore[attr-defined]
+                raise ClientError(
+                    f"{target}: DEADLINE_EXCEEDED: no StreamBatch answer within {timeout} s (the stream was cancelled)",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
+            raise _error(target, e) from None
         except StopIteration:
-            self._answers = None
-            requests.put(None)
+            self._end(cancel=False)
             raise ClientError(
-                f"{self.client._conf.target}: the StreamBatch stream ended before answering",
-                grpc.StatusCode.UNAVAILABLE,
+                f"{target}: the StreamBatch stream ended before answering", grpc.StatusCode.UNAVAILABLE
             ) from None
+        except BaseException:  # KeyboardInterrupt, a signal handler's exception: the stream is not usable
+            self._end(cancel=True)
+            raise
+        finally:
+            if late is not None:
+                late.cancel()
 
     def close(self) -> None:
-        """Ends the stream (after the answer being waited for, if any)."""
+        """Ends the stream; later `observe_many` calls raise."""
         with self._lock:
-            if self._answers is not None and self._requests is not None:
-                self._requests.put(None)
+            self._closed = True
+            answers = self._answers
+            self._end(cancel=False)
+            if answers is not None:
                 with contextlib.suppress(grpc.RpcError):
-                    for _ in self._answers:
+                    for _ in answers:  # the server ends its side once it has read the end of ours
                         pass
-            self._answers = None
 
     def __enter__(self) -> BatchStream:
         return self
@@ -736,6 +809,15 @@ class AsyncClient(_ClientBase):
 
 class AsyncSession(_SessionState[AsyncClient]):
     async def open(self) -> AsyncSession:
+        """Opens the session unless it is open; concurrent calls share one open (a caller cancelled while
+        waiting leaves it to the others)."""
+        if not self.id:
+            if self._opening is None or self._opening.done():
+                self._opening = asyncio.ensure_future(self._open())
+            await asyncio.shield(self._opening)
+        return self
+
+    async def _open(self) -> None:
         if not self.id:
             info = await self.client.model_info(self.model, self.version)
             request = self._open_request(info)
@@ -748,7 +830,6 @@ class AsyncSession(_SessionState[AsyncClient]):
                 self.proposed = secrets.token_hex(16)
                 reply = await self.client._call("OpenSession", request, self.proposed)
             self._opened(reply)
-        return self
 
     async def observe(self, rows: Any) -> pd.DataFrame:
         await self.open()
@@ -786,9 +867,12 @@ class AsyncSession(_SessionState[AsyncClient]):
 
 
 class AsyncBatchStream:
-    """`BatchStream` for asyncio. Concurrent `observe_many` calls pipeline: each writes its message as soon
-    as none of its sessions has a step unanswered (such a call waits for that answer first), and the answers,
-    which come in message order, go to their calls in the order the messages were written."""
+    """`BatchStream` for asyncio. Concurrent `observe_many` calls pipeline: each writes its message once the
+    calls made before it that name any of its sessions are done (so each session's steps apply in call
+    order), and the answers, which come in message order, go to the calls in the order their messages were
+    written. A caller that is cancelled leaves its message to be written whole and its answer unread (its
+    steps are resent first by the next call naming them); a stream that fails, or an answer later than the
+    client's `timeout` (the stream is then cancelled), fails every call waiting on it."""
 
     def __init__(self, client: AsyncClient, route: str = "") -> None:
         self.client = client
@@ -796,29 +880,37 @@ class AsyncBatchStream:
         self._call: Any = None  # the open StreamBatch call
         self._reader: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[pb.ObserveBatchResponse]] = deque()  # written, not answered
-        self._write = asyncio.Lock()  # one write at a time, its future queued with it
+        self._write = asyncio.Lock()  # one write at a time, its answer's place queued with it
         self._sessions = _Sessions()
+        self._closed = False
+        self._sends: set[asyncio.Future[None]] = set()  # messages on their way to the stream
 
     async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]]) -> list[pd.DataFrame | ClientError]:
         """As `AsyncClient.observe_many`, on this stream."""
+        target = self.client._conf.target
         for session, _ in steps:
             if session.client is not self.client:
                 raise ClientError(f"session {session.id} belongs to another client")
-        await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
+        closed = ClientError(f"{target}: this StreamBatch stream is closed", grpc.StatusCode.FAILED_PRECONDITION)
         mine = await self._sessions.hold(steps)
         try:
-            many = _ObserveMany(self.client._conf.target, steps)
+            await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
+            many = _ObserveMany(target, steps)
             for final in (False, True):
                 request = many.request(final)
                 if request is None:
                     continue
+                if too_big := _oversized(target, request, self.client._conf.max_message_mb):
+                    many.failed(too_big)
+                    raise too_big
+                if self._closed:  # nothing of it sent: close() waits only for messages already on their way
+                    raise closed
                 try:
                     reply = await self._exchange(request)
                 except ClientError as e:
-                    many.failed(e)
+                    many.failed(_unknown(e))
                     raise
                 except asyncio.CancelledError:  # the caller gave up: the message may have been applied
-                    target = self.client._conf.target
                     many.failed(ClientError(f"{target}: cancelled", grpc.StatusCode.CANCELLED))
                     raise
                 many.answered_message(reply, final)
@@ -827,18 +919,51 @@ class AsyncBatchStream:
             self._sessions.let_go(steps, mine)
 
     async def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
-        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[pb.ObserveBatchResponse] = asyncio.get_running_loop().create_future()
+        # the write is never cut short by the caller: grpc would cancel the whole stream, or (while the stream
+        # opens) leave this answer's place queued for a message never sent, taking the next message's answer
+        send = asyncio.ensure_future(self._send(request, answer))
+        self._sends.add(send)
+        send.add_done_callback(self._sends.discard)
+        try:
+            await asyncio.shield(send)
+            timeout = self.client._conf.timeout
+            return await (answer if timeout is None else asyncio.wait_for(asyncio.shield(answer), timeout))
+        except TimeoutError:
+            self._late(answer)
+            return await answer  # failed by the reader, as the stream ends
+        except asyncio.CancelledError:
+            answer.cancel()  # the reader skips its answer
+            raise
+
+    def _late(self, answer: asyncio.Future[pb.ObserveBatchResponse]) -> None:
+        """No answer within the timeout: the stream is cancelled, and every call waiting on it fails."""
+        target, timeout = self.client._conf.target, self.client._conf.timeout
+        error = ClientError(
+            f"{target}: DEADLINE_EXCEEDED: no StreamBatch answer within {timeout} s (the stream was cancelled)",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        self._fail_waiting(error)
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    async def _send(self, request: pb.ObserveBatchRequest, answer: asyncio.Future[pb.ObserveBatchResponse]) -> None:
         async with self._write:
             if self._call is None:
                 self._call = self.client.stub.StreamBatch(metadata=self.client._conf.metadata(self.route))
                 self._reader = asyncio.create_task(self._read(self._call))
-            answer: asyncio.Future[pb.ObserveBatchResponse] = loop.create_future()
             self._waiting.append(answer)
             # a write to a stream that has failed raises here; the reader fails every waiting call with the
             # stream's own status, this one included
             with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                 await self._call.write(request)
-        return await answer
+
+    def _fail_waiting(self, error: ClientError) -> None:
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(error)
 
     async def _read(self, call: Any) -> None:
         """Hands each answer to the oldest call waiting; when the stream ends, fails those still waiting (a
@@ -847,6 +972,8 @@ class AsyncBatchStream:
         error = ClientError(f"{target}: the StreamBatch stream ended before answering", grpc.StatusCode.UNAVAILABLE)
         try:
             while (reply := await call.read()) is not grpc.aio.EOF:
+                if self._call is not call:  # given up on (a late answer): what is waiting is on a newer stream
+                    return
                 if self._waiting:
                     answer = self._waiting.popleft()
                     if not answer.done():  # a caller that gave up (cancelled) takes nothing
@@ -857,13 +984,14 @@ class AsyncBatchStream:
             error = ClientError(f"{target}: the StreamBatch stream was closed", grpc.StatusCode.CANCELLED)
         if self._call is call:
             self._call = None
-        while self._waiting:
-            answer = self._waiting.popleft()
-            if not answer.done():
-                answer.set_exception(error)
+            self._fail_waiting(error)
 
     async def close(self) -> None:
-        """Ends the stream once the messages written have their answers."""
+        """Ends the stream once the messages on their way have their answers; messages not yet on their way
+        (later calls, and calls still waiting for their sessions' calls before them) raise."""
+        self._closed = True
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
         call, reader = self._call, self._reader
         if call is None or reader is None:
             return

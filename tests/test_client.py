@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
@@ -190,6 +191,7 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
         self.seen: dict[str, list[Any]] = defaultdict(list)
         self.metadata: list[dict[str, str]] = []
         self.stream_metadata: list[dict[str, str]] = []  # of each StreamBatch call
+        self.stopped = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_ForecasterServicer_to_server(self, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
@@ -228,7 +230,8 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
         """Forwards each message on a stream of its own to the server; a fault applies to one message:
         ("before", code) ends the stream with code without forwarding it, ("after", code) forwards it and
         ends the stream with code instead of answering, ("refuse", code) answers it with a whole-message
-        error without forwarding it."""
+        error without forwarding it, ("hold", seconds) forwards it and answers that much later (never while
+        `seconds` is None: until the proxy stops)."""
         self.stream_metadata.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
         upstream: queue.SimpleQueue[Any] = queue.SimpleQueue()
         answers = self._up.StreamBatch(iter(upstream.get, None))
@@ -244,6 +247,10 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
                     continue
                 upstream.put(request)
                 reply = next(answers)
+                if when == "hold":
+                    self.stopped.wait(code)  # type: ignore[arg-type]
+                    if self.stopped.is_set():
+                        return
                 if when == "after":
                     context.abort(code, f"injected {code.name} after the server answered")
                 yield reply
@@ -252,6 +259,7 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
             answers.cancel()
 
     def stop(self) -> None:
+        self.stopped.set()
         self.server.stop(None)
         self._channel.close()
 
@@ -635,3 +643,196 @@ def test_an_async_batch_stream_that_fails_fails_every_waiting_call_and_resends_o
     for frame in (last_a, last_b):
         assert isinstance(frame, pd.DataFrame)
         np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
+# --- batch streams: what a careless or unlucky caller does (found in review) ----------------------------
+
+
+def _fresh(raw: pb_grpc.ForecasterStub, *steps: Any) -> list[np.ndarray]:
+    return _reference(raw, "taylor", [np.asarray(x) for x in steps])
+
+
+def test_a_batch_stream_call_cancelled_at_once_never_takes_another_calls_answer(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """The first call on a fresh stream cancelled right away (a wait_for timeout): its message is written
+    whole or not at all and its answer, if any, is skipped; the next calls get their own answers (a cancel
+    inside grpc's first write used to leave a place queued that took the next answer, and the last call
+    hung)."""
+    x, y = taylor.iloc[0:2], taylor.iloc[100:104]
+
+    async def run(turns: int) -> tuple[Any, Any]:
+        async with AsyncClient(server.address) as client:
+            a, b, c = [await client.session("taylor").open() for _ in range(3)]
+            async with client.stream_batch() as stream:
+                first = asyncio.create_task(stream.observe_many([(a, x)]))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                got = await asyncio.wait_for(
+                    asyncio.gather(stream.observe_many([(b, x)]), stream.observe_many([(c, y)])), 20
+                )
+            for s in (a, b, c):
+                await s.close()
+            return got[0][0], got[1][0]
+
+    want_x, want_y = _fresh(raw, x)[0], _fresh(raw, y)[0]
+    for turns in range(6):
+        got_b, got_c = asyncio.run(run(turns))
+        np.testing.assert_allclose(got_b.to_numpy(), want_x, rtol=1e-5)
+        np.testing.assert_allclose(got_c.to_numpy(), want_y, rtol=1e-5)
+
+
+def test_overlapping_batch_stream_calls_keep_each_sessions_call_order(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """Call 1 names a (its answer held back), call 2 names a and b, call 3 names b: call 3 goes after call 2
+    (it used to overtake it, b applying call 3's rows before call 2's)."""
+    r = [taylor.iloc[k : k + 2] for k in (0, 10, 20)]
+
+    async def run() -> Any:
+        async with AsyncClient(proxy.address) as client:
+            a, b = await client.session("taylor").open(), await client.session("taylor").open()
+            proxy.faults["StreamBatch"] = [("hold", 0.5)]  # type: ignore[list-item]
+            async with client.stream_batch() as stream:
+                out = await asyncio.gather(
+                    stream.observe_many([(a, r[0])]),
+                    stream.observe_many([(a, r[1]), (b, r[1])]),
+                    stream.observe_many([(b, r[2])]),
+                )
+            await a.close()
+            await b.close()
+            return out
+
+    (a1,), (a2, b2), (b3,) = asyncio.run(run())
+    a_want, b_want = _fresh(raw, r[0], r[1]), _fresh(raw, r[1], r[2])
+    for got, want in ((a1, a_want[0]), (a2, a_want[1]), (b2, b_want[0]), (b3, b_want[1])):
+        np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-5)
+
+
+def test_concurrent_opens_of_one_async_session_open_it_once(server: RunningServer, taylor: pd.DataFrame) -> None:
+    """Two calls naming a session not yet open: one OpenSession (the second used to find the proposed id
+    taken, close the first's session and open another, splitting the steps over two server sessions)."""
+
+    async def run() -> tuple[int, int, int]:
+        async with AsyncClient(server.address) as client:
+            s = client.session("taylor")
+            async with client.stream_batch() as stream:
+                await asyncio.gather(
+                    stream.observe_many([(s, taylor.iloc[0:2])]), stream.observe_many([(s, taylor.iloc[2:4])])
+                )
+            t = client.session("taylor")
+            await asyncio.gather(t.open(), t.open(), t.open())
+            opened = await t.close()
+            return s.next_sequence, await s.close(), opened
+
+    assert asyncio.run(run()) == (3, 4, 0)  # both steps on one session: 4 rows applied
+
+
+def test_a_stream_that_fails_with_any_status_leaves_its_written_steps_to_resend(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """The stream ends with INTERNAL after the server applied the message: the steps are resent (as for
+    UNAVAILABLE), not numbered as failed, which left the session refused for good ('already applied with
+    different rows')."""
+    rows = [taylor.iloc[k : k + 2].to_numpy() for k in (0, 2)]
+    with Client(proxy.address, retry=FAST) as client:
+        a = client.session("taylor").open()
+        with client.stream_batch() as stream:
+            proxy.faults["StreamBatch"] = [("after", grpc.StatusCode.INTERNAL)]
+            with pytest.raises(ClientError, match="INTERNAL") as e:
+                stream.observe_many([(a, rows[0])])
+            assert e.value.code == grpc.StatusCode.INTERNAL and a.next_sequence == 1 and a._pending is not None
+            (last,) = stream.observe_many([(a, rows[1])])
+        a.close()
+    assert isinstance(last, pd.DataFrame)
+    np.testing.assert_allclose(last.to_numpy(), _fresh(raw, np.concatenate(rows))[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+def test_a_batch_stream_answer_later_than_the_timeout_fails_and_is_resent_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame, flavour: str
+) -> None:
+    """No answer within the client's timeout: DEADLINE_EXCEEDED (the stream is cancelled; calls used to wait
+    for ever), the step stays to resend, and the next call, on a new stream, applies it once."""
+    rows = [taylor.iloc[k : k + 2].to_numpy() for k in (0, 2)]
+    proxy.faults["StreamBatch"] = [("hold", None)]  # type: ignore[list-item]
+
+    def blocking() -> tuple[ClientError, Any]:
+        with Client(proxy.address, timeout=1.0, retry=FAST) as client:
+            a = client.session("taylor").open()
+            with client.stream_batch() as stream:
+                with pytest.raises(ClientError) as late:
+                    stream.observe_many([(a, rows[0])])
+                (last,) = stream.observe_many([(a, rows[1])])
+            a.close()
+            return late.value, last
+
+    async def asyncio_() -> tuple[ClientError, Any]:
+        async with AsyncClient(proxy.address, timeout=1.0, retry=FAST) as client:
+            a = await client.session("taylor").open()
+            async with client.stream_batch() as stream:
+                with pytest.raises(ClientError) as late:
+                    await stream.observe_many([(a, rows[0])])
+                (last,) = await stream.observe_many([(a, rows[1])])
+            await a.close()
+            return late.value, last
+
+    late, last = blocking() if flavour == "blocking" else asyncio.run(asyncio_())
+    assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED and "within 1.0 s" in str(late)
+    assert len(proxy.stream_metadata) == 2  # the late stream was given up; the resend went on a new one
+    np.testing.assert_allclose(last.to_numpy(), _fresh(raw, np.concatenate(rows))[0], rtol=1e-5)
+
+
+def test_a_batch_stream_message_over_the_size_limit_fails_alone_and_a_closed_stream_refuses(
+    server: RunningServer, taylor: pd.DataFrame
+) -> None:
+    with Client(server.address, max_message_mb=1) as client:
+        a = client.session("taylor").open()
+        stream = client.stream_batch()
+        with pytest.raises(ClientError, match="over max_message_mb") as big:
+            stream.observe_many([(a, np.full((300_000, 1), 30_000.0))])  # 1.2 MB of values
+        assert big.value.code == grpc.StatusCode.INVALID_ARGUMENT and a._pending is None and a.next_sequence == 1
+        (ok,) = stream.observe_many([(a, taylor.iloc[0:2])])  # not sent: the stream was never touched
+        assert isinstance(ok, pd.DataFrame) and a.next_sequence == 2
+        stream.close()
+        stream.close()
+        with pytest.raises(ClientError, match="stream is closed"):
+            stream.observe_many([(a, taylor.iloc[2:4])])
+        assert a.next_sequence == 2 and a._pending is None
+        a.close()
+
+
+def test_an_interrupt_while_a_blocking_batch_stream_waits_leaves_the_step_to_resend(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """A signal handler's exception (a Ctrl-C) while waiting for an answer: the stream is dropped, the step
+    stays to resend and the next call applies it once (the stream used to be left unusable, every later
+    call raising ValueError from grpc while its message was applied)."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def alarm(*_: object) -> None:
+        raise Alarm
+
+    rows = [taylor.iloc[k : k + 2].to_numpy() for k in (0, 2)]
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        with Client(proxy.address, retry=FAST) as client:
+            a = client.session("taylor").open()
+            with client.stream_batch() as stream:
+                proxy.faults["StreamBatch"] = [("hold", 1.0)]  # type: ignore[list-item]
+                signal.setitimer(signal.ITIMER_REAL, 0.3)
+                with pytest.raises(Alarm):
+                    stream.observe_many([(a, rows[0])])
+                assert a._pending is not None and a.next_sequence == 1
+                (last,) = stream.observe_many([(a, rows[1])])
+            a.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert isinstance(last, pd.DataFrame)
+    np.testing.assert_allclose(last.to_numpy(), _fresh(raw, np.concatenate(rows))[0], rtol=1e-5)
