@@ -32,7 +32,7 @@ import secrets
 import threading
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -360,16 +360,13 @@ class Client(_ClientBase):
                 raise ClientError(f"session {session.id} belongs to another client")
             session.open()
         many = _ObserveMany(self._conf.target, steps)
-        for final in (False, True):
-            request = many.request(final)
-            if request is None:
-                continue
+        for request in many.messages():
             try:
                 reply = self._call("ObserveBatch", request)
             except ClientError as e:
                 many.failed(e)
                 raise
-            many.answered(reply, final)
+            many.answered(reply)
         return many.out()
 
     def stream_batch(self, *, route: str = "") -> BatchStream:
@@ -468,6 +465,26 @@ class _ObserveMany:
         self.steps = [(session, session._step(rows)[0]) for session, rows in steps]
         self.results: list[pd.DataFrame | ClientError | None] = [None] * len(steps)
         self._items: list[tuple[int, _SessionState[Any], int, np.ndarray]] = []
+        self._final = False
+
+    def messages(self, limit_mb: int | None = None) -> Iterator[pb.ObserveBatchRequest]:
+        """The resends, then the new rows: each message to send, once the one before is `answered` (or has
+        `failed`). With `limit_mb` (a stream's), a message over it fails by itself, unsent (sent, it would end
+        the stream)."""
+        for final in (False, True):
+            request = self.request(final)
+            if request is None:
+                continue
+            if limit_mb is not None and (size := request.ByteSize()) > limit_mb * 1024 * 1024:
+                too_big = ClientError(
+                    f"{self.target}: a StreamBatch message of {size} bytes is over max_message_mb ({limit_mb} "
+                    "MiB): send fewer steps or rows per call",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+                self.failed(too_big)
+                raise too_big
+            self._final = final
+            yield request
 
     def request(self, final: bool) -> pb.ObserveBatchRequest | None:
         """The resends (`final` False) or the new rows (True) as one message; None when there are none."""
@@ -484,13 +501,13 @@ class _ObserveMany:
         for _, s, seq, x in self._items:
             s._sent(seq, x, error)
 
-    def answered(self, reply: pb.ObserveBatchResponse, final: bool) -> None:
+    def answered(self, reply: pb.ObserveBatchResponse) -> None:
         if len(reply.results) != len(self._items):
             raise ClientError(f"{self.target}: {len(reply.results)} results for {len(self._items)} steps")
         for (k, s, seq, x), r in zip(self._items, reply.results, strict=True):
             if r.WhichOneof("result") == "forecast":
                 s._sent(seq, x, None)
-                if final:
+                if self._final:
                     self.results[k] = s._answer(r)
             else:
                 error = _step_error(self.target, s.id, seq, r.error)
@@ -502,7 +519,7 @@ class _ObserveMany:
         assert len(done) == len(self.results), "every step is answered once both calls are"
         return done
 
-    def answered_message(self, reply: pb.ObserveBatchResponse, final: bool) -> None:
+    def answered_message(self, reply: pb.ObserveBatchResponse) -> None:
         """A StreamBatch answer: a message refused as a whole fails its steps as a failed call would (and
         raises); otherwise `answered`."""
         if reply.HasField("error"):
@@ -510,7 +527,7 @@ class _ObserveMany:
             error = ClientError(f"{self.target}: StreamBatch message refused: {code.name}: {reply.error.message}", code)
             self.failed(error)
             raise error
-        self.answered(reply, final)
+        self.answered(reply)
 
 
 class _Sessions:
@@ -540,18 +557,6 @@ class _Sessions:
                 del self.last[id(s)]
         if not mine.done():
             mine.set_result(None)
-
-
-def _oversized(target: str, request: pb.ObserveBatchRequest, limit_mb: int) -> ClientError | None:
-    """A message over the channel's limit fails by itself, before it is sent (sent, it would end the stream)."""
-    size = request.ByteSize()
-    if size <= limit_mb * 1024 * 1024:
-        return None
-    return ClientError(
-        f"{target}: a StreamBatch message of {size} bytes is over max_message_mb ({limit_mb} MiB): send fewer "
-        "steps or rows per call",
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
 
 
 def _unknown(error: ClientError) -> ClientError:
@@ -646,13 +651,7 @@ class BatchStream:
             for session, _ in steps:
                 session.open()
             many = _ObserveMany(target, steps)
-            for final in (False, True):
-                request = many.request(final)
-                if request is None:
-                    continue
-                if too_big := _oversized(target, request, self.client._conf.max_message_mb):
-                    many.failed(too_big)
-                    raise too_big
+            for request in many.messages(self.client._conf.max_message_mb):
                 try:
                     reply = self._exchange(request)
                 except ClientError as e:
@@ -661,7 +660,7 @@ class BatchStream:
                 except BaseException:  # an interrupt while waiting: the message may have been applied
                     many.failed(ClientError(f"{target}: interrupted", grpc.StatusCode.CANCELLED))
                     raise
-                many.answered_message(reply, final)
+                many.answered_message(reply)
             return many.out()
 
     def _open(self) -> None:
@@ -781,16 +780,13 @@ class AsyncClient(_ClientBase):
                 raise ClientError(f"session {session.id} belongs to another client")
         await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
         many = _ObserveMany(self._conf.target, steps)
-        for final in (False, True):
-            request = many.request(final)
-            if request is None:
-                continue
+        for request in many.messages():
             try:
                 reply = await self._call("ObserveBatch", request)
             except ClientError as e:
                 many.failed(e)
                 raise
-            many.answered(reply, final)
+            many.answered(reply)
         return many.out()
 
     def stream_batch(self, *, route: str = "") -> AsyncBatchStream:
@@ -896,13 +892,7 @@ class AsyncBatchStream:
         try:
             await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
             many = _ObserveMany(target, steps)
-            for final in (False, True):
-                request = many.request(final)
-                if request is None:
-                    continue
-                if too_big := _oversized(target, request, self.client._conf.max_message_mb):
-                    many.failed(too_big)
-                    raise too_big
+            for request in many.messages(self.client._conf.max_message_mb):
                 if self._closed:  # nothing of it sent: close() waits only for messages already on their way
                     raise closed
                 try:
@@ -913,7 +903,7 @@ class AsyncBatchStream:
                 except asyncio.CancelledError:  # the caller gave up: the message may have been applied
                     many.failed(ClientError(f"{target}: cancelled", grpc.StatusCode.CANCELLED))
                     raise
-                many.answered_message(reply, final)
+                many.answered_message(reply)
             return many.out()
         finally:
             self._sessions.let_go(steps, mine)

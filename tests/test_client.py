@@ -351,11 +351,15 @@ def test_observe_many_gives_a_bad_step_its_own_error_and_answers_the_rest(
     np.testing.assert_array_equal(ok.to_numpy(), _reference(raw, "taylor", [rows])[0])
 
 
+def _three_steps(taylor: pd.DataFrame, start: int) -> list[np.ndarray]:
+    """Three steps of two rows each, from row `start` on."""
+    return [taylor.iloc[i : i + 2].to_numpy() for i in range(start, start + 6, 2)]
+
+
 def test_a_lost_observe_many_answer_is_resent_with_the_same_numbers_and_applied_once(
     proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
 ) -> None:
-    a_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
-    b_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(10, 16, 2)]
+    a_rows, b_rows = _three_steps(taylor, 0), _three_steps(taylor, 10)
     with Client(proxy.address, retry=FAST) as client:
         a, b = client.session("taylor").open(), client.session("taylor").open()
         client.observe_many([(a, a_rows[0]), (b, b_rows[0])])
@@ -405,8 +409,7 @@ def test_a_batch_stream_answers_as_observe_many_would_and_a_bad_step_fails_alone
 def test_a_batch_stream_that_fails_resends_on_a_new_stream_and_applies_each_step_once(
     proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
 ) -> None:
-    a_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(0, 6, 2)]
-    b_rows = [taylor.iloc[i : i + 2].to_numpy() for i in range(10, 16, 2)]
+    a_rows, b_rows = _three_steps(taylor, 0), _three_steps(taylor, 10)
     with Client(proxy.address, retry=FAST) as client:
         a, b = client.session("taylor").open(), client.session("taylor").open()
         with client.stream_batch(route=a.id) as stream:
