@@ -504,15 +504,20 @@ class _ObserveMany:
     def answered(self, reply: pb.ObserveBatchResponse) -> None:
         if len(reply.results) != len(self._items):
             raise ClientError(f"{self.target}: {len(reply.results)} results for {len(self._items)} steps")
-        for (k, s, seq, x), r in zip(self._items, reply.results, strict=True):
+        # every step numbered first (cheap), the frames after (most of the time): an interrupt while the frames
+        # are built leaves no applied step unnumbered
+        pairs = list(zip(self._items, reply.results, strict=True))
+        for (k, s, seq, x), r in pairs:
             if r.WhichOneof("result") == "forecast":
                 s._sent(seq, x, None)
-                if self._final:
-                    self.results[k] = s._answer(r)
             else:
                 error = _step_error(self.target, s.id, seq, r.error)
                 s._sent(seq, x, error)
                 self.results[k] = error
+        if self._final:
+            for (k, s, _, _), r in pairs:
+                if r.WhichOneof("result") == "forecast":
+                    self.results[k] = s._answer(r)
 
     def out(self) -> list[pd.DataFrame | ClientError]:
         done = [r for r in self.results if r is not None]
@@ -557,6 +562,22 @@ class _Sessions:
                 del self.last[id(s)]
         if not mine.done():
             mine.set_result(None)
+
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()  # tasks nobody awaits, kept alive until they end
+
+
+def _background(work: Any) -> None:
+    """Runs a coroutine to its end without a caller (its failure is logged by asyncio, not raised)."""
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def _retrieved(answer: asyncio.Future[Any]) -> None:
+    """Reads a future's exception, so that one whose caller has gone is not reported as never retrieved."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _unknown(error: ClientError) -> ClientError:
@@ -637,6 +658,7 @@ class BatchStream:
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] | None = None
         self._answers: Any = None  # the call (its answers' iterator), while the stream is open
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
 
     def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
@@ -669,12 +691,15 @@ class BatchStream:
         metadata = self.client._conf.metadata(self.route)
         self._answers = self.client.stub.StreamBatch(iter(requests.get, None), metadata=metadata)
         # a stream never closed still ends grpc's thread reading its requests once this object is gone
-        weakref.finalize(self, requests.put, None)
+        self._finalizer = weakref.finalize(self, requests.put, None)
 
     def _end(self, cancel: bool) -> None:
         """Forgets the call (the next message opens another) and ends its request reader."""
         answers, requests = self._answers, self._requests
         self._answers = self._requests = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if requests is not None:
             requests.put(None)
         if cancel and answers is not None:
@@ -689,15 +714,23 @@ class BatchStream:
         assert self._requests is not None
         self._requests.put(request)
         timeout = self.client._conf.timeout
-        late = threading.Timer(timeout, self._answers.cancel) if timeout is not None else None
-        if late is not None:
+        fired = threading.Event()
+        late = None
+        if timeout is not None:
+            answers = self._answers
+
+            def give_up() -> None:
+                fired.set()  # before the cancel: the waiting thread, woken by it, must see why
+                answers.cancel()
+
+            late = threading.Timer(timeout, give_up)
             late.daemon = True
             late.start()
         try:
             return next(self._answers)  # type: ignore[no-any-return]
         except grpc.RpcError as e:
             self._end(cancel=False)
-            if late is not None and e.code() == grpc.StatusCode.CANCELLED and late.finished.is_set():  # type: ignore[attr-defined]
+            if fired.is_set() and e.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
                 raise ClientError(
                     f"{target}: DEADLINE_EXCEEDED: no StreamBatch answer within {timeout} s (the stream was cancelled)",
                     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -714,6 +747,7 @@ class BatchStream:
         finally:
             if late is not None:
                 late.cancel()
+                late.join()  # a timer that fired has cancelled the call before the next message looks at it
 
     def close(self) -> None:
         """Ends the stream; later `observe_many` calls raise."""
@@ -844,6 +878,10 @@ class AsyncSession(_SessionState[AsyncClient]):
         return reply
 
     async def close(self) -> int:
+        """`Session.close`; an open still under way (its caller gone) is waited for, then closed."""
+        if self._opening is not None and not self._opening.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._opening)
         if not self.id:
             return 0
         session_id, self.id = self.id, ""
@@ -856,7 +894,11 @@ class AsyncSession(_SessionState[AsyncClient]):
             raise
 
     async def __aenter__(self) -> AsyncSession:
-        return await self.open()
+        try:
+            return await self.open()
+        except asyncio.CancelledError:  # the open goes on (shared): what it opens is closed, as __aexit__ would
+            _background(self.close())
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -909,45 +951,63 @@ class AsyncBatchStream:
             self._sessions.let_go(steps, mine)
 
     async def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
-        answer: asyncio.Future[pb.ObserveBatchResponse] = asyncio.get_running_loop().create_future()
-        # the write is never cut short by the caller: grpc would cancel the whole stream, or (while the stream
-        # opens) leave this answer's place queued for a message never sent, taking the next message's answer
+        """Sends a message and waits for its answer. The message and its answer belong to the stream, not to
+        the caller: a caller that goes away leaves the message to be written whole (cut short, grpc would
+        cancel the whole stream) and its answer to be read and dropped, and its deadline still holds."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[pb.ObserveBatchResponse] = loop.create_future()
+        answer.add_done_callback(_retrieved)
+        timeout = self.client._conf.timeout
+        if timeout is not None:  # from now: a message that cannot even be written in time fails too
+            timer = loop.call_later(timeout, self._late, answer)
+            answer.add_done_callback(lambda _: timer.cancel())
         send = asyncio.ensure_future(self._send(request, answer))
         self._sends.add(send)
         send.add_done_callback(self._sends.discard)
-        try:
-            await asyncio.shield(send)
-            timeout = self.client._conf.timeout
-            return await (answer if timeout is None else asyncio.wait_for(asyncio.shield(answer), timeout))
-        except TimeoutError:
-            self._late(answer)
-            return await answer  # failed by the reader, as the stream ends
-        except asyncio.CancelledError:
-            answer.cancel()  # the reader skips its answer
-            raise
+        await asyncio.wait({answer})  # a cancel of the caller ends this wait, never the answer or the send
+        return answer.result()
 
     def _late(self, answer: asyncio.Future[pb.ObserveBatchResponse]) -> None:
-        """No answer within the timeout: the stream is cancelled, and every call waiting on it fails."""
+        """No answer within the timeout: the stream it was written on (or is waiting to be written on) is
+        cancelled, and every message waiting on it fails; a message not yet written is not sent."""
+        if answer.done():
+            return
         target, timeout = self.client._conf.target, self.client._conf.timeout
         error = ClientError(
             f"{target}: DEADLINE_EXCEEDED: no StreamBatch answer within {timeout} s (the stream was cancelled)",
             grpc.StatusCode.DEADLINE_EXCEEDED,
         )
+        call, self._call = self._call, None
         self._fail_waiting(error)
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        if not answer.done():
+            answer.set_exception(error)
+        if call is not None:
+            call.cancel()
 
     async def _send(self, request: pb.ObserveBatchRequest, answer: asyncio.Future[pb.ObserveBatchResponse]) -> None:
-        async with self._write:
-            if self._call is None:
-                self._call = self.client.stub.StreamBatch(metadata=self.client._conf.metadata(self.route))
-                self._reader = asyncio.create_task(self._read(self._call))
-            self._waiting.append(answer)
-            # a write to a stream that has failed raises here; the reader fails every waiting call with the
-            # stream's own status, this one included
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self._call.write(request)
+        """Writes the message and queues its answer's place; never leaves the answer unresolved."""
+        try:
+            async with self._write:
+                if answer.done():  # timed out before its turn to be written: not sent
+                    return
+                if self._call is None:
+                    self._call = self.client.stub.StreamBatch(metadata=self.client._conf.metadata(self.route))
+                    self._reader = asyncio.create_task(self._read(self._call))
+                call = self._call
+                self._waiting.append(answer)
+                try:
+                    await call.write(request)
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    pass  # the stream has failed: the reader fails every waiting message with its status
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    # grpc cancelled the call under the write (a timeout): the waiting messages are failed
+        except Exception as e:  # opening the stream failed: this message fails by itself
+            if not answer.done():
+                target = self.client._conf.target
+                answer.set_exception(ClientError(f"{target}: StreamBatch: {e}", grpc.StatusCode.UNAVAILABLE))
 
     def _fail_waiting(self, error: ClientError) -> None:
         while self._waiting:
@@ -956,39 +1016,52 @@ class AsyncBatchStream:
                 answer.set_exception(error)
 
     async def _read(self, call: Any) -> None:
-        """Hands each answer to the oldest call waiting; when the stream ends, fails those still waiting (a
-        later message opens a new stream)."""
+        """Hands each answer to the oldest message waiting; when the stream ends, fails those still waiting
+        (a later message opens a new stream)."""
         target = self.client._conf.target
         error = ClientError(f"{target}: the StreamBatch stream ended before answering", grpc.StatusCode.UNAVAILABLE)
         try:
             while (reply := await call.read()) is not grpc.aio.EOF:
-                if self._call is not call:  # given up on (a late answer): what is waiting is on a newer stream
+                if self._call is not call:  # given up on (a late answer): what waits is on a newer stream
                     return
                 if self._waiting:
                     answer = self._waiting.popleft()
-                    if not answer.done():  # a caller that gave up (cancelled) takes nothing
+                    if not answer.done():
                         answer.set_result(reply)
         except grpc.RpcError as e:
             error = _error(target, e)
         except asyncio.CancelledError:
-            error = ClientError(f"{target}: the StreamBatch stream was closed", grpc.StatusCode.CANCELLED)
+            error = ClientError(f"{target}: the StreamBatch stream was cancelled", grpc.StatusCode.CANCELLED)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this task cancelled (the loop is ending): what waits
+                if self._call is call:  # fails, and the cancel goes on
+                    self._call = None
+                    self._fail_waiting(error)
+                raise
+            # else grpc's read of a call cancelled here (a late answer, a cancelled close): the stream's end
         if self._call is call:
             self._call = None
             self._fail_waiting(error)
 
     async def close(self) -> None:
-        """Ends the stream once the messages on their way have their answers; messages not yet on their way
-        (later calls, and calls still waiting for their sessions' calls before them) raise."""
+        """Ends the stream once the messages on their way have their answers (within the timeout each);
+        messages not yet on their way (later calls, and calls still waiting for their sessions' calls before
+        them) raise. Cancelled, it cancels the stream."""
         self._closed = True
-        if self._sends:
-            await asyncio.gather(*self._sends, return_exceptions=True)
-        call, reader = self._call, self._reader
-        if call is None or reader is None:
-            return
-        async with self._write:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await call.done_writing()
-        await reader
+        try:
+            if self._sends:
+                await asyncio.wait(set(self._sends))  # never cancels them
+            call, reader = self._call, self._reader
+            if call is None or reader is None:
+                return
+            async with self._write:
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await call.done_writing()
+            await asyncio.shield(reader)
+        except asyncio.CancelledError:
+            if self._call is not None:
+                self._call.cancel()
+            raise
 
     async def __aenter__(self) -> AsyncBatchStream:
         return self

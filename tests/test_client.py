@@ -4,6 +4,7 @@ a real gRPC server double in front of the real server that fails calls on purpos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
@@ -182,7 +184,8 @@ def test_a_session_opened_with_a_history_forecasts_at_once(server: RunningServer
 
 class FaultyProxy(pb_grpc.ForecasterServicer):
     """Forwards every unary call to the real server; `faults[method]` lists what the next calls suffer:
-    ("before", code) fails a call without forwarding it, ("after", code) forwards it and loses the answer."""
+    ("before", code) fails a call without forwarding it, ("after", code) forwards it and loses the answer,
+    ("delay", seconds) forwards it that much later."""
 
     def __init__(self, upstream: str) -> None:
         self._channel = grpc.insecure_channel(upstream)
@@ -203,6 +206,8 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
         when, code = self.faults[method].pop(0) if self.faults[method] else ("", grpc.StatusCode.OK)
         if when == "before":
             context.abort(code, f"injected {code.name}")
+        if when == "delay":
+            time.sleep(code)  # type: ignore[arg-type]
         reply = getattr(self._up, method)(request)
         if when == "after":
             context.abort(code, f"injected {code.name} after the server answered")
@@ -839,3 +844,123 @@ def test_an_interrupt_while_a_blocking_batch_stream_waits_leaves_the_step_to_res
         signal.signal(signal.SIGALRM, old)
     assert isinstance(last, pd.DataFrame)
     np.testing.assert_allclose(last.to_numpy(), _fresh(raw, np.concatenate(rows))[0], rtol=1e-5)
+
+
+def test_a_late_answer_fails_every_waiting_call_with_a_client_error_and_close_is_bounded(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """A message never answered whose caller gave up early still has its deadline: close() returns once it
+    runs out (it used to wait for ever). A call behind a message never answered fails with DEADLINE_EXCEEDED
+    (a ClientError, not a cancel it did not ask for). Both steps resend and apply once."""
+    rows = _three_steps(taylor, 0)
+
+    async def run() -> tuple[Any, float, Any, Any]:
+        async with AsyncClient(proxy.address, timeout=1.0, retry=FAST) as client:
+            a, b = await client.session("taylor").open(), await client.session("taylor").open()
+            stream = client.stream_batch()
+            proxy.faults["StreamBatch"] = [("hold", None)]  # type: ignore[list-item]
+            with contextlib.suppress(TimeoutError):  # the caller gives up; the message's deadline stays
+                await asyncio.wait_for(stream.observe_many([(a, rows[0])]), 0.3)
+            start = time.monotonic()
+            await asyncio.wait_for(stream.close(), 10)  # bounded by that deadline
+            took = time.monotonic() - start
+            stream = client.stream_batch()
+            proxy.faults["StreamBatch"] = [("hold", None)]  # type: ignore[list-item]
+            first = asyncio.create_task(stream.observe_many([(a, rows[0])]))  # a's resend, never answered
+            (failed,) = await asyncio.gather(stream.observe_many([(b, rows[0])]), return_exceptions=True)
+            await asyncio.gather(first, return_exceptions=True)
+            await stream.close()
+            again = client.stream_batch()
+            (last_a,), (last_b,) = [await again.observe_many([(s, rows[1])]) for s in (a, b)]
+            await again.close()
+            await a.close()
+            await b.close()
+            return failed, took, last_a, last_b
+
+    failed, took, last_a, last_b = asyncio.run(run())
+    assert isinstance(failed, ClientError) and failed.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 5
+    (want,) = _fresh(raw, np.concatenate(rows[:2]))
+    for frame in (last_a, last_b):
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
+def test_a_cancelled_close_cancels_the_stream_and_raises(proxy: FaultyProxy, taylor: pd.DataFrame) -> None:
+    async def run() -> tuple[Any, Any]:
+        async with AsyncClient(proxy.address, timeout=30.0) as client:
+            a = await client.session("taylor").open()
+            stream = client.stream_batch()
+            proxy.faults["StreamBatch"] = [("hold", None)]  # type: ignore[list-item]
+            waiting = asyncio.create_task(stream.observe_many([(a, taylor.iloc[0:2])]))
+            await asyncio.sleep(0.3)
+            closing: Any = None
+            try:
+                await asyncio.wait_for(stream.close(), 0.5)
+            except TimeoutError as e:
+                closing = e
+            (outcome,) = await asyncio.gather(waiting, return_exceptions=True)
+            await a.close()
+            return closing, outcome
+
+    closing, outcome = asyncio.run(run())
+    assert isinstance(closing, TimeoutError)  # the cancel was not swallowed
+    assert isinstance(outcome, ClientError) and outcome.code == grpc.StatusCode.CANCELLED
+
+
+def test_closing_an_async_session_whose_open_is_under_way_closes_what_it_opens(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """A call gives up during a slow OpenSession (the open goes on, shared); closing the session then waits
+    for the open and closes it (it used to see no id, return, and the open left a session on the server)."""
+
+    async def run() -> tuple[int, str]:
+        async with AsyncClient(proxy.address, timeout=10.0) as client:
+            s = client.session("taylor")
+            proxy.faults["OpenSession"] = [("delay", 1.0)]  # type: ignore[list-item]
+            async with client.stream_batch() as stream:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.observe_many([(s, taylor.iloc[0:2])]), 0.3)
+            steps = await s.close()
+            return steps, s.id
+
+    steps, sid = asyncio.run(run())
+    assert (steps, sid) == (0, "") and len(proxy.seen["OpenSession"]) == 1
+    (closed,) = [r.session_id for r in proxy.seen["CloseSession"]]  # the session the open made, closed
+    with pytest.raises(grpc.RpcError) as gone:
+        raw.CloseSession(pb.CloseSessionRequest(session_id=closed))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_an_interrupt_while_answers_become_frames_leaves_every_applied_step_numbered(
+    server: RunningServer, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the frames (most of a call's time) is interrupted at the second session: every session's
+    step was numbered before (they used to be left applied on the server and unnumbered, then refused for
+    good), so the next call goes on."""
+    from gatecast.client import _SessionState
+
+    real = _SessionState._answer
+    built: list[int] = []
+
+    def interrupted(self: Any, reply: Any) -> Any:
+        built.append(1)
+        if len(built) == 2:
+            raise KeyboardInterrupt
+        return real(self, reply)
+
+    rows = _three_steps(taylor, 0)
+    with Client(server.address) as client:
+        sessions = [client.session("taylor").open() for _ in range(3)]
+        with client.stream_batch() as stream:
+            monkeypatch.setattr(_SessionState, "_answer", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                stream.observe_many([(s, rows[0]) for s in sessions])
+            monkeypatch.setattr(_SessionState, "_answer", real)
+            assert [(s.next_sequence, s._pending) for s in sessions] == [(2, None)] * 3
+            frames = stream.observe_many([(s, rows[1]) for s in sessions])
+        for s in sessions:
+            s.close()
+    (want,) = _fresh(raw, np.concatenate(rows[:2]))
+    for frame in frames:
+        assert isinstance(frame, pd.DataFrame)
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
