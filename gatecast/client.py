@@ -259,6 +259,14 @@ def _frame(
     return frame
 
 
+def _values(info: pb.ModelInfo, forecast: pb.Matrix, quantiles: pb.Matrix | None) -> np.ndarray:
+    """What `_frame` holds, as one array [horizon, columns] in its column order (no pandas)."""
+    y = _array(forecast)
+    if quantiles is None or not quantiles.rows or not info.quantiles:
+        return y
+    return np.concatenate([y, _array(quantiles).reshape(y.shape[0], -1)], axis=1)  # target-major, as the frame
+
+
 def _forecast_request(model: str, version: int, series: Sequence[np.ndarray]) -> pb.ForecastRequest:
     return pb.ForecastRequest(model=model, version=version, series=[_matrix(x) for x in series])
 
@@ -349,17 +357,19 @@ class Client(_ClientBase):
         """A streaming session, opened on entering `with` (or at its first step) and closed on leaving it."""
         return Session(self, model, version, history)
 
-    def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
+    def observe_many(self, steps: Sequence[tuple[Session, Any]], *, arrays: bool = False) -> list[Any]:
         """New rows for many sessions of this client in one ObserveBatch call (what a gateway sends): in
         order, each session's forecast after its rows, or its step's own error as a ClientError (a bad step
         never fails the others). Each session numbers its step and resends an unanswered one first, as
         `observe` does. Raises ClientError when the call fails as a whole (each step then stands as
-        `observe` would leave it). Sessions not yet open are opened first."""
+        `observe` would leave it). Sessions not yet open are opened first. `arrays`: each forecast as an array
+        [horizon, columns], the frame's values in its column order, without building frames (most of the
+        client's time: about a quarter of the CPU per step)."""
         for session, _ in steps:
             if session.client is not self:
                 raise ClientError(f"session {session.id} belongs to another client")
             session.open()
-        many = _ObserveMany(self._conf.target, steps)
+        many = _ObserveMany(self._conf.target, steps, arrays)
         for request in many.messages():
             try:
                 reply = self._call("ObserveBatch", request)
@@ -441,8 +451,13 @@ class _SessionState(Generic[S]):
         elif error.code in OUTCOME_UNKNOWN:
             self._pending = (seq, x)
 
-    def _answer(self, reply: pb.ObserveResponse | pb.OpenSessionResponse | pb.StreamResponse) -> pd.DataFrame:
+    def _answer(
+        self, reply: pb.ObserveResponse | pb.OpenSessionResponse | pb.StreamResponse, arrays: bool = False
+    ) -> Any:
+        """The forecast as a timed frame, or (`arrays`) as that frame's values."""
         assert self.info is not None
+        if arrays:
+            return _values(self.info, reply.forecast, reply.quantile_forecast)
         return _frame(self.info, reply.forecast, reply.quantile_forecast, self._last_index, self._offset)
 
 
@@ -452,8 +467,9 @@ class _ObserveMany:
     does); a resend refused for good stands as the answer to that session's new rows, which are not sent.
     Then every other session's new rows go in one call, each numbered by its session."""
 
-    def __init__(self, target: str, steps: Sequence[tuple[_SessionState[Any], Any]]) -> None:
+    def __init__(self, target: str, steps: Sequence[tuple[_SessionState[Any], Any]], arrays: bool = False) -> None:
         self.target = target
+        self.arrays = arrays  # each forecast as an array, not a frame
         seen: set[int] = set()
         for session, _ in steps:
             if id(session) in seen:
@@ -517,7 +533,7 @@ class _ObserveMany:
         if self._final:
             for (k, s, _, _), r in pairs:
                 if r.WhichOneof("result") == "forecast":
-                    self.results[k] = s._answer(r)
+                    self.results[k] = s._answer(r, self.arrays)
 
     def out(self) -> list[pd.DataFrame | ClientError]:
         done = [r for r in self.results if r is not None]
@@ -661,7 +677,7 @@ class BatchStream:
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
 
-    def observe_many(self, steps: Sequence[tuple[Session, Any]]) -> list[pd.DataFrame | ClientError]:
+    def observe_many(self, steps: Sequence[tuple[Session, Any]], *, arrays: bool = False) -> list[Any]:
         """As `Client.observe_many`, on this stream."""
         target = self.client._conf.target
         for session, _ in steps:
@@ -672,7 +688,7 @@ class BatchStream:
                 raise ClientError(f"{target}: this StreamBatch stream is closed", grpc.StatusCode.FAILED_PRECONDITION)
             for session, _ in steps:
                 session.open()
-            many = _ObserveMany(target, steps)
+            many = _ObserveMany(target, steps, arrays)
             for request in many.messages(self.client._conf.max_message_mb):
                 try:
                     reply = self._exchange(request)
@@ -807,13 +823,13 @@ class AsyncClient(_ClientBase):
     def session(self, model: str, version: int = 0, *, history: Any = None) -> AsyncSession:
         return AsyncSession(self, model, version, history)
 
-    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]]) -> list[pd.DataFrame | ClientError]:
+    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]], *, arrays: bool = False) -> list[Any]:
         """`Client.observe_many`; sessions not yet open are opened concurrently."""
         for session, _ in steps:
             if session.client is not self:
                 raise ClientError(f"session {session.id} belongs to another client")
         await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
-        many = _ObserveMany(self._conf.target, steps)
+        many = _ObserveMany(self._conf.target, steps, arrays)
         for request in many.messages():
             try:
                 reply = await self._call("ObserveBatch", request)
@@ -923,7 +939,7 @@ class AsyncBatchStream:
         self._closed = False
         self._sends: set[asyncio.Future[None]] = set()  # messages on their way to the stream
 
-    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]]) -> list[pd.DataFrame | ClientError]:
+    async def observe_many(self, steps: Sequence[tuple[AsyncSession, Any]], *, arrays: bool = False) -> list[Any]:
         """As `AsyncClient.observe_many`, on this stream."""
         target = self.client._conf.target
         for session, _ in steps:
@@ -933,7 +949,7 @@ class AsyncBatchStream:
         mine = await self._sessions.hold(steps)
         try:
             await asyncio.gather(*(session.open() for session, _ in steps if not session.id))
-            many = _ObserveMany(target, steps)
+            many = _ObserveMany(target, steps, arrays)
             for request in many.messages(self.client._conf.max_message_mb):
                 if self._closed:  # nothing of it sent: close() waits only for messages already on their way
                     raise closed

@@ -867,7 +867,7 @@ def test_a_late_answer_fails_every_waiting_call_with_a_client_error_and_close_is
             stream = client.stream_batch()
             proxy.faults["StreamBatch"] = [("hold", None)]  # type: ignore[list-item]
             first = asyncio.create_task(stream.observe_many([(a, rows[0])]))  # a's resend, never answered
-            (failed,) = await asyncio.gather(stream.observe_many([(b, rows[0])]), return_exceptions=True)
+            failed: Any = (await asyncio.gather(stream.observe_many([(b, rows[0])]), return_exceptions=True))[0]
             await asyncio.gather(first, return_exceptions=True)
             await stream.close()
             again = client.stream_batch()
@@ -898,7 +898,7 @@ def test_a_cancelled_close_cancels_the_stream_and_raises(proxy: FaultyProxy, tay
                 await asyncio.wait_for(stream.close(), 0.5)
             except TimeoutError as e:
                 closing = e
-            (outcome,) = await asyncio.gather(waiting, return_exceptions=True)
+            outcome: Any = (await asyncio.gather(waiting, return_exceptions=True))[0]
             await a.close()
             return closing, outcome
 
@@ -964,3 +964,36 @@ def test_an_interrupt_while_answers_become_frames_leaves_every_applied_step_numb
     for frame in frames:
         assert isinstance(frame, pd.DataFrame)
         np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["taylor", "tiny_q"])
+def test_observe_many_as_arrays_gives_the_frames_values(
+    server: RunningServer, taylor: pd.DataFrame, model: str
+) -> None:
+    """arrays=True: each forecast as the frame's values in its column order (quantile columns included), on
+    ObserveBatch and on a batch stream, blocking and asyncio."""
+    rows = [taylor.iloc[k : k + 2].to_numpy() for k in (0, 2)]
+    with Client(server.address) as client:
+        twins = [client.session(model) for _ in range(2)]
+        frames = [client.observe_many([(s, r) for s in twins]) for r in rows]
+        mine = [client.session(model) for _ in range(2)]
+        got = [client.observe_many([(mine[0], rows[0])], arrays=True)]
+        with client.stream_batch() as stream:
+            got.append(stream.observe_many([(mine[0], rows[1])], arrays=True))
+        for s in twins + mine:
+            s.close()
+
+    async def run() -> list[Any]:
+        async with AsyncClient(server.address) as client:
+            s = client.session(model)
+            out = [await client.observe_many([(s, rows[0])], arrays=True)]
+            async with client.stream_batch() as stream:
+                out.append(await stream.observe_many([(s, rows[1])], arrays=True))
+            await s.close()
+            return out
+
+    for arrays in (got, asyncio.run(run())):
+        for (array_,), (frame, _) in zip(arrays, frames, strict=True):
+            assert isinstance(array_, np.ndarray) and isinstance(frame, pd.DataFrame)
+            assert array_.shape == frame.shape and (model == "taylor") == (frame.shape[1] == 1)
+            np.testing.assert_array_equal(array_, frame.to_numpy())
