@@ -30,6 +30,7 @@ import json
 import queue
 import secrets
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -376,6 +377,9 @@ class Client(_ClientBase):
             except ClientError as e:
                 many.failed(e)
                 raise
+            except BaseException:  # the caller gave up: the steps may have been applied
+                many.failed(_interrupted(self._conf.target))
+                raise
             many.answered(reply)
         return many.out()
 
@@ -523,13 +527,20 @@ class _ObserveMany:
         # every step numbered first (cheap), the frames after (most of the time): an interrupt while the frames
         # are built leaves no applied step unnumbered
         pairs = list(zip(self._items, reply.results, strict=True))
-        for (k, s, seq, x), r in pairs:
-            if r.WhichOneof("result") == "forecast":
-                s._sent(seq, x, None)
-            else:
-                error = _step_error(self.target, s.id, seq, r.error)
-                s._sent(seq, x, error)
-                self.results[k] = error
+        numbered = 0
+        try:
+            for (k, s, seq, x), r in pairs:
+                if r.WhichOneof("result") == "forecast":
+                    s._sent(seq, x, None)
+                else:
+                    error = _step_error(self.target, s.id, seq, r.error)
+                    s._sent(seq, x, error)
+                    self.results[k] = error
+                numbered += 1
+        except BaseException:  # interrupted: the steps not numbered yet are resent (answered from the store)
+            for (_, s, seq, x), _ in pairs[numbered:]:
+                s._sent(seq, x, _interrupted(self.target))
+            raise
         if self._final:
             for (k, s, _, _), r in pairs:
                 if r.WhichOneof("result") == "forecast":
@@ -596,6 +607,11 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
         answer.exception()
 
 
+def _interrupted(target: str) -> ClientError:
+    """What a step whose caller gave up while it was on its way stands as: its outcome unknown (resent)."""
+    return ClientError(f"{target}: interrupted while the step was on its way", grpc.StatusCode.CANCELLED)
+
+
 def _unknown(error: ClientError) -> ClientError:
     """The failure of a stream, as the outcome of each message written on it and not answered: unknown
     (the server may have applied it), so its steps are resent, whatever status ended the stream."""
@@ -637,6 +653,9 @@ class Session(_SessionState[Client]):
         except ClientError as e:
             self._sent(seq, x, e)
             raise
+        except BaseException:  # the caller gave up (a cancel, a Ctrl-C): the step may have been applied
+            self._sent(seq, x, _interrupted(self.client._conf.target))
+            raise
         self._sent(seq, x, None)
         return reply
 
@@ -660,6 +679,52 @@ class Session(_SessionState[Client]):
         self.close()
 
 
+class _Watchdog:
+    """One thread for a blocking stream that runs an action (cancels the call) when an answer is late: armed
+    before each wait and disarmed after, a lock and a notify each (a thread per message cost about 1 ms)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: float | None = None
+        self._action: Any = None
+        self._fired = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, timeout: float, action: Any) -> None:
+        with self._cond:
+            self._due, self._action, self._fired = time.monotonic() + timeout, action, False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gatecast-stream-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> bool:
+        """Whether the action ran since `arm`; once this returns it will not run."""
+        with self._cond:  # the action runs under the lock: it has finished, or will not start
+            self._due = self._action = None
+            return self._fired
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._due is None:
+                    self._cond.wait()
+                    continue
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                action, self._due, self._action, self._fired = self._action, None, None, True
+                with contextlib.suppress(Exception):
+                    action()
+
+
 class BatchStream:
     """`Client.observe_many` over one StreamBatch call instead of one ObserveBatch call per round: the same
     answers, numbering and resends, one message per round on a stream that stays open. A message refused as
@@ -675,6 +740,8 @@ class BatchStream:
         self._requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] | None = None
         self._answers: Any = None  # the call (its answers' iterator), while the stream is open
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._watchdog = _Watchdog()
+        weakref.finalize(self, self._watchdog.stop)
         self._closed = False
 
     def observe_many(self, steps: Sequence[tuple[Session, Any]], *, arrays: bool = False) -> list[Any]:
@@ -696,7 +763,7 @@ class BatchStream:
                     many.failed(_unknown(e))
                     raise
                 except BaseException:  # an interrupt while waiting: the message may have been applied
-                    many.failed(ClientError(f"{target}: interrupted", grpc.StatusCode.CANCELLED))
+                    many.failed(_interrupted(target))
                     raise
                 many.answered_message(reply)
             return many.out()
@@ -704,10 +771,10 @@ class BatchStream:
     def _open(self) -> None:
         requests: queue.SimpleQueue[pb.ObserveBatchRequest | None] = queue.SimpleQueue()
         self._requests = requests
-        metadata = self.client._conf.metadata(self.route)
-        self._answers = self.client.stub.StreamBatch(iter(requests.get, None), metadata=metadata)
         # a stream never closed still ends grpc's thread reading its requests once this object is gone
         self._finalizer = weakref.finalize(self, requests.put, None)
+        metadata = self.client._conf.metadata(self.route)
+        self._answers = self.client.stub.StreamBatch(iter(requests.get, None), metadata=metadata)
 
     def _end(self, cancel: bool) -> None:
         """Forgets the call (the next message opens another) and ends its request reader."""
@@ -722,31 +789,20 @@ class BatchStream:
             answers.cancel()
 
     def _exchange(self, request: pb.ObserveBatchRequest) -> pb.ObserveBatchResponse:
-        target = self.client._conf.target
-        if self._answers is not None and self._answers.done():  # ended while idle (a restart, an idle proxy)
-            self._end(cancel=False)
-        if self._answers is None:
-            self._open()
-        assert self._requests is not None
-        self._requests.put(request)
-        timeout = self.client._conf.timeout
-        fired = threading.Event()
-        late = None
-        if timeout is not None:
-            answers = self._answers
-
-            def give_up() -> None:
-                fired.set()  # before the cancel: the waiting thread, woken by it, must see why
-                answers.cancel()
-
-            late = threading.Timer(timeout, give_up)
-            late.daemon = True
-            late.start()
+        target, timeout = self.client._conf.target, self.client._conf.timeout
         try:
+            if self._answers is not None and self._answers.done():  # ended while idle (a restart, a proxy)
+                self._end(cancel=False)
+            if self._answers is None:
+                self._open()
+            assert self._requests is not None
+            if timeout is not None:
+                self._watchdog.arm(timeout, self._answers.cancel)
+            self._requests.put(request)
             return next(self._answers)  # type: ignore[no-any-return]
         except grpc.RpcError as e:
             self._end(cancel=False)
-            if fired.is_set() and e.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            if self._watchdog.disarm() and e.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
                 raise ClientError(
                     f"{target}: DEADLINE_EXCEEDED: no StreamBatch answer within {timeout} s (the stream was cancelled)",
                     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -761,20 +817,25 @@ class BatchStream:
             self._end(cancel=True)
             raise
         finally:
-            if late is not None:
-                late.cancel()
-                late.join()  # a timer that fired has cancelled the call before the next message looks at it
+            self._watchdog.disarm()  # a cancel that fired has been made before the next message looks
 
     def close(self) -> None:
-        """Ends the stream; later `observe_many` calls raise."""
+        """Ends the stream (waiting for the server's end of it no longer than the client's timeout); later
+        `observe_many` calls raise."""
         with self._lock:
             self._closed = True
             answers = self._answers
             self._end(cancel=False)
-            if answers is not None:
-                with contextlib.suppress(grpc.RpcError):
-                    for _ in answers:  # the server ends its side once it has read the end of ours
-                        pass
+            try:
+                if answers is not None:
+                    if (timeout := self.client._conf.timeout) is not None:
+                        self._watchdog.arm(timeout, answers.cancel)
+                    with contextlib.suppress(grpc.RpcError):
+                        for _ in answers:  # the server ends its side once it has read the end of ours
+                            pass
+            finally:
+                self._watchdog.disarm()
+                self._watchdog.stop()
 
     def __enter__(self) -> BatchStream:
         return self
@@ -836,6 +897,9 @@ class AsyncClient(_ClientBase):
             except ClientError as e:
                 many.failed(e)
                 raise
+            except BaseException:  # the caller gave up: the steps may have been applied
+                many.failed(_interrupted(self._conf.target))
+                raise
             many.answered(reply)
         return many.out()
 
@@ -889,6 +953,9 @@ class AsyncSession(_SessionState[AsyncClient]):
             reply = await self.client._call("Observe", self._request(seq, x), self.id)
         except ClientError as e:
             self._sent(seq, x, e)
+            raise
+        except BaseException:  # the caller gave up (a cancel, a Ctrl-C): the step may have been applied
+            self._sent(seq, x, _interrupted(self.client._conf.target))
             raise
         self._sent(seq, x, None)
         return reply
@@ -958,8 +1025,8 @@ class AsyncBatchStream:
                 except ClientError as e:
                     many.failed(_unknown(e))
                     raise
-                except asyncio.CancelledError:  # the caller gave up: the message may have been applied
-                    many.failed(ClientError(f"{target}: cancelled", grpc.StatusCode.CANCELLED))
+                except BaseException:  # the caller gave up (cancelled): the message may have been applied
+                    many.failed(_interrupted(target))
                     raise
                 many.answered_message(reply)
             return many.out()
@@ -1060,9 +1127,10 @@ class AsyncBatchStream:
             self._fail_waiting(error)
 
     async def close(self) -> None:
-        """Ends the stream once the messages on their way have their answers (within the timeout each);
-        messages not yet on their way (later calls, and calls still waiting for their sessions' calls before
-        them) raise. Cancelled, it cancels the stream."""
+        """Ends the stream once the messages on their way have their answers (within the timeout each), and
+        waits for the server's end of it no longer than the timeout; messages not yet on their way (later
+        calls, and calls still waiting for their sessions' calls before them) raise. Cancelled, it cancels
+        the stream."""
         self._closed = True
         try:
             if self._sends:
@@ -1073,7 +1141,12 @@ class AsyncBatchStream:
             async with self._write:
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await call.done_writing()
-            await asyncio.shield(reader)
+            timeout = self.client._conf.timeout
+            try:  # the server ends its side once it has read the end of ours: a peer that never does is left
+                await asyncio.wait_for(asyncio.shield(reader), timeout)
+            except TimeoutError:
+                call.cancel()
+                await reader
         except asyncio.CancelledError:
             if self._call is not None:
                 self._call.cancel()

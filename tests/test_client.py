@@ -195,6 +195,7 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
         self.metadata: list[dict[str, str]] = []
         self.stream_metadata: list[dict[str, str]] = []  # of each StreamBatch call
         self.stopped = threading.Event()
+        self.linger_s = 0.0  # how long a StreamBatch stays open after the client has ended its side
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_ForecasterServicer_to_server(self, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
@@ -259,6 +260,7 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
                 if when == "after":
                     context.abort(code, f"injected {code.name} after the server answered")
                 yield reply
+            self.stopped.wait(self.linger_s)  # the client's side has ended; this side ends this much later
         finally:
             upstream.put(None)
             answers.cancel()
@@ -942,11 +944,11 @@ def test_an_interrupt_while_answers_become_frames_leaves_every_applied_step_numb
     real = _SessionState._answer
     built: list[int] = []
 
-    def interrupted(self: Any, reply: Any) -> Any:
+    def interrupted(self: Any, reply: Any, arrays: bool = False) -> Any:
         built.append(1)
         if len(built) == 2:
             raise KeyboardInterrupt
-        return real(self, reply)
+        return real(self, reply, arrays)
 
     rows = _three_steps(taylor, 0)
     with Client(server.address) as client:
@@ -997,3 +999,62 @@ def test_observe_many_as_arrays_gives_the_frames_values(
             assert isinstance(array_, np.ndarray) and isinstance(frame, pd.DataFrame)
             assert array_.shape == frame.shape and (model == "taylor") == (frame.shape[1] == 1)
             np.testing.assert_array_equal(array_, frame.to_numpy())
+
+
+def test_a_step_whose_caller_gives_up_is_resent_and_applied_once(
+    proxy: FaultyProxy, raw: pb_grpc.ForecasterStub, taylor: pd.DataFrame
+) -> None:
+    """Observe and ObserveBatch answered late (the server applied the step) while the caller gives up (an
+    asyncio timeout): the step stays to resend, and the next step applies once (the session used to reuse the
+    applied number with new rows and be refused for good)."""
+    rows = _three_steps(taylor, 0)
+
+    async def run() -> list[Any]:
+        async with AsyncClient(proxy.address, retry=FAST) as client:
+            one, many = await client.session("taylor").open(), await client.session("taylor").open()
+            proxy.faults["Observe"] = [("delay", 0.6)]  # type: ignore[list-item]
+            proxy.faults["ObserveBatch"] = [("delay", 0.6)]  # type: ignore[list-item]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(one.observe(rows[0]), 0.2)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.observe_many([(many, rows[0])]), 0.2)
+            await asyncio.sleep(0.6)  # the server has applied both
+            out = [await one.observe(rows[1]), (await client.observe_many([(many, rows[1])]))[0]]
+            await one.close()
+            await many.close()
+            return out
+
+    (want,) = _fresh(raw, np.concatenate(rows[:2]))
+    for frame in asyncio.run(run()):
+        np.testing.assert_allclose(frame.to_numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+def test_closing_a_batch_stream_whose_server_never_ends_it_takes_no_longer_than_the_timeout(
+    proxy: FaultyProxy, taylor: pd.DataFrame, flavour: str
+) -> None:
+    proxy.linger_s = 30.0
+
+    def blocking() -> float:
+        with Client(proxy.address, timeout=1.0) as client:
+            a = client.session("taylor").open()
+            stream = client.stream_batch()
+            stream.observe_many([(a, taylor.iloc[0:2])])
+            start = time.monotonic()
+            stream.close()
+            took = time.monotonic() - start
+            a.close()
+            return took
+
+    async def asyncio_() -> float:
+        async with AsyncClient(proxy.address, timeout=1.0) as client:
+            a = await client.session("taylor").open()
+            stream = client.stream_batch()
+            await stream.observe_many([(a, taylor.iloc[0:2])])
+            start = time.monotonic()
+            await stream.close()
+            took = time.monotonic() - start
+            await a.close()
+            return took
+
+    assert (blocking() if flavour == "blocking" else asyncio.run(asyncio_())) < 10
