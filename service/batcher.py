@@ -65,9 +65,10 @@ DEFAULT_LIMITS = {
 
 class Output(NamedTuple):
     """One item's answer: y [horizon, targets] and, for a quantile model, q [horizon, targets, quantiles].
-    `before`: for a session step run in one piece, where its slot's (a block's: its slots') state before the
-    step is: the run's input states and the item's first row and row count (read only by `restore`, when a
-    recording fails, so that the step is not applied without being recorded; no slicing on the hot path)."""
+    `before`: for a session step, where its slot's (a block's: its slots') state before the step is: the
+    run's input states and the item's first row and row count, or for a step run in pieces the state its
+    first piece found, kept (read only by `restore`, when a recording fails, so that the step is not applied
+    without being recorded; no slicing on the hot path)."""
 
     y: np.ndarray
     q: np.ndarray | None = None
@@ -107,6 +108,7 @@ class WorkItem:
     pos: int = 0  # rows already run
     chunk: int = 0  # rows of the piece being run
     state: list[np.ndarray] | None = None  # carried between pieces, [dim0, 1, dim1] each
+    first: list[np.ndarray] | None = None  # a session's state before its first piece, kept for `restore`
     n: int = 1  # sessions: a block (`submit_block`) is n session steps of one piece each, slot [n]
 
     @property
@@ -320,7 +322,7 @@ class Batcher:
         """Bookkeeping for an item leaving for good (answered, failed or abandoned)."""
         self._rows -= it.remaining * it.n
         it.pos = int(it.x.shape[-2])
-        it.state = None
+        it.state = it.first = None
         flow, it.flow = it.flow, None
         if flow is not None and not flow.items and not flow.running:
             self._n_flows -= 1
@@ -505,9 +507,7 @@ class Batcher:
         """Puts back the state a step found (`Output.before`), for a step whose recording failed: its turn
         is still held, so nothing has run on the slot since. Never raises (logs)."""
         if out.before is None:
-            log.error(
-                "a step of %s was applied but not recorded (it ran in pieces: no state to put back)", self.runtime.path
-            )
+            log.error("a step of %s was applied but not recorded (no state kept to put back)", self.runtime.path)
             return
         try:
             states, first, n = out.before
@@ -565,11 +565,15 @@ class Batcher:
                         it.state = None
                         n = it.n if it.block else 1
                         before = (states, r, n) if whole and it.slot is not None else None
+                        if it.first is not None:  # ran in pieces: the state its first piece found
+                            before, it.first = (it.first, 0, 1), None
                         if it.block:
                             results[i] = Output(y[r : r + n], None if q is None else q[r : r + n], before)
                         else:
                             results[i] = Output(y[r], None if q is None else q[r], before)
                     else:
+                        if whole and it.slot is not None:  # a session step going on in pieces
+                            it.first = [np.array(s[:, r : r + 1, :]) for s in states]
                         it.state = [np.array(s[:, r : r + 1, :]) for s in new_states]
                         results[i] = None
             except Exception as e:  # a failed run fails its items, never the batcher

@@ -401,3 +401,38 @@ def test_a_recording_that_fails_partway_records_nothing_and_a_resend_applies_onc
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # row 1 applied exactly once
     finally:
         srv.stop()
+
+
+def test_a_step_run_in_pieces_whose_recording_fails_is_put_back_and_applies_once(
+    repo: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten rows with chunk_rows 4 run in three pieces; the store's save raises once: the state the first piece
+    found is put back (it was kept, where a step run in pieces had none and a resend applied the rows twice)."""
+    from gatecast.service.store import SessionStore
+
+    real = SessionStore.save
+    calls: list[int] = []
+
+    def flaky(self: SessionStore, mv: object, sessions: list[object]) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected: the store could not queue the record")
+        real(self, mv, sessions)  # type: ignore[arg-type]
+
+    rows = matrix(VALUES[480:490])
+    srv = replica(repo, redis_server.url, chunk_rows=4)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            mine, twin = opened(stub), opened(stub)
+            monkeypatch.setattr(SessionStore, "save", flaky)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Observe(pb.ObserveRequest(session_id=mine, sequence=1, rows=rows))
+            monkeypatch.setattr(SessionStore, "save", real)
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            for seq in (1, 2):
+                got = array(stub.Observe(pb.ObserveRequest(session_id=mine, sequence=seq, rows=rows)).forecast)
+                want = array(stub.Observe(pb.ObserveRequest(session_id=twin, sequence=seq, rows=rows)).forecast)
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # the ten rows applied once
+    finally:
+        srv.stop()
