@@ -636,6 +636,8 @@ class Session(_SessionState[Client]):
                     self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
                     self.proposed = secrets.token_hex(16)
                     reply = self.client._call("OpenSession", request, self.proposed)
+                if reply.version != info.version:  # another version became the default since info was cached
+                    self.info = self.client.model_info(self.model, reply.version)
                 self._opened(reply)
         return self
 
@@ -939,6 +941,8 @@ class AsyncSession(_SessionState[AsyncClient]):
                 await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.proposed), self.proposed)
                 self.proposed = secrets.token_hex(16)
                 reply = await self.client._call("OpenSession", request, self.proposed)
+            if reply.version != info.version:  # another version became the default since info was cached
+                self.info = await self.client.model_info(self.model, reply.version)
             self._opened(reply)
 
     async def observe(self, rows: Any) -> pd.DataFrame:

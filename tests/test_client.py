@@ -1058,3 +1058,32 @@ def test_closing_a_batch_stream_whose_server_never_ends_it_takes_no_longer_than_
             return took
 
     assert (blocking() if flavour == "blocking" else asyncio.run(asyncio_())) < 10
+
+
+def test_a_session_opened_on_a_newer_default_version_reads_that_versions_columns(
+    tmp_path: Path, taylor: pd.DataFrame
+) -> None:
+    """The client cached version 1's info; version 2 (its feature and target renamed) becomes the default: a
+    session opened then is on version 2 and takes version 2's columns (it used to keep version 1's info)."""
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "taylor")
+    srv = RunningServer(server_settings(tmp_path))
+    try:
+        with Client(srv.address) as client:
+            with client.session("taylor") as first:
+                first.observe(taylor.iloc[0:3])  # version 1's info is cached now
+            v2 = tmp_path / "taylor" / "2"
+            shutil.copytree(tmp_path / "taylor" / "1", v2)
+            manifest = json.loads((v2 / "manifest.json").read_text())
+            manifest.update(version=2, targets=["load_mw"], features=["load_mw"])
+            (v2 / "manifest.json").write_text(json.dumps(manifest))
+            deadline = time.monotonic() + 30
+            while client.model_info("taylor", refresh=True).version != 2:
+                assert time.monotonic() < deadline, "version 2 was not loaded"
+                time.sleep(0.2)
+            client._info[("taylor", 0)] = client.model_info("taylor", 1)  # as a client that cached it before
+            with client.session("taylor") as second:
+                frame = second.observe(taylor.rename(columns={"demand_mw": "load_mw"}).iloc[0:3])
+                assert second.info is not None and (second.version, second.info.version) == (2, 2)
+            assert list(frame.columns) == ["load_mw"]
+    finally:
+        srv.stop()
