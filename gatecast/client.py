@@ -447,13 +447,17 @@ class _SessionState(Generic[S]):
     def _request(self, seq: int, x: np.ndarray) -> pb.ObserveRequest:
         return pb.ObserveRequest(session_id=self.id, sequence=seq, rows=_matrix(x))
 
-    def _sent(self, seq: int, x: np.ndarray, error: ClientError | None) -> None:
-        """Bookkeeping after a step: the next number, or the step to resend when its outcome is unknown."""
+    def _sent(self, seq: int, x: np.ndarray, error: ClientError | None, whole: bool = False) -> None:
+        """Bookkeeping after a step: the next number, or the step to resend when its outcome is unknown. A
+        step's own refusal of a resend says the step was never applied (the same rows were refused before):
+        it is not resent again; a refusal of a `whole` call or message of steps says nothing of that."""
         if error is None:
             self._pending = None
             self.next_sequence = seq + 1
         elif error.code in OUTCOME_UNKNOWN:
             self._pending = (seq, x)
+        elif not whole and self._pending is not None and self._pending[0] == seq:
+            self._pending = None
 
     def _answer(
         self, reply: pb.ObserveResponse | pb.OpenSessionResponse | pb.StreamResponse, arrays: bool = False
@@ -519,7 +523,7 @@ class _ObserveMany:
     def failed(self, error: ClientError) -> None:
         """The call failed as a whole: each step's outcome is what the call's status says."""
         for _, s, seq, x in self._items:
-            s._sent(seq, x, error)
+            s._sent(seq, x, error, whole=True)
 
     def answered(self, reply: pb.ObserveBatchResponse) -> None:
         if len(reply.results) != len(self._items):
@@ -625,7 +629,8 @@ class Session(_SessionState[Client]):
         """Opens the session unless it is open (one open at a time: two threads opening it open it once)."""
         with self._opening_lock:
             if not self.id:
-                info = self.client.model_info(self.model, self.version)
+                # a history is read in the columns of the version that opens: the newest info for it
+                info = self.client.model_info(self.model, self.version, refresh=self.history is not None)
                 request = self._open_request(info)
                 try:
                     reply = self.client._call("OpenSession", request, self.proposed)
@@ -637,6 +642,7 @@ class Session(_SessionState[Client]):
                     self.proposed = secrets.token_hex(16)
                     reply = self.client._call("OpenSession", request, self.proposed)
                 if reply.version != info.version:  # another version became the default since info was cached
+                    self.client.model_info(self.model, self.version, refresh=True)
                     self.info = self.client.model_info(self.model, reply.version)
                 self._opened(reply)
         return self
@@ -931,7 +937,8 @@ class AsyncSession(_SessionState[AsyncClient]):
 
     async def _open(self) -> None:
         if not self.id:
-            info = await self.client.model_info(self.model, self.version)
+            # a history is read in the columns of the version that opens: the newest info for it
+            info = await self.client.model_info(self.model, self.version, refresh=self.history is not None)
             request = self._open_request(info)
             try:
                 reply = await self.client._call("OpenSession", request, self.proposed)
@@ -942,6 +949,7 @@ class AsyncSession(_SessionState[AsyncClient]):
                 self.proposed = secrets.token_hex(16)
                 reply = await self.client._call("OpenSession", request, self.proposed)
             if reply.version != info.version:  # another version became the default since info was cached
+                await self.client.model_info(self.model, self.version, refresh=True)
                 self.info = await self.client.model_info(self.model, reply.version)
             self._opened(reply)
 

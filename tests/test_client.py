@@ -209,7 +209,10 @@ class FaultyProxy(pb_grpc.ForecasterServicer):
             context.abort(code, f"injected {code.name}")
         if when == "delay":
             time.sleep(code)  # type: ignore[arg-type]
-        reply = getattr(self._up, method)(request)
+        try:
+            reply = getattr(self._up, method)(request)
+        except grpc.RpcError as e:  # the server's own refusal goes back as it is
+            context.abort(e.code(), e.details())  # type: ignore[attr-defined]
         if when == "after":
             context.abort(code, f"injected {code.name} after the server answered")
         return reply
@@ -1081,9 +1084,42 @@ def test_a_session_opened_on_a_newer_default_version_reads_that_versions_columns
                 assert time.monotonic() < deadline, "version 2 was not loaded"
                 time.sleep(0.2)
             client._info[("taylor", 0)] = client.model_info("taylor", 1)  # as a client that cached it before
+            renamed = taylor.rename(columns={"demand_mw": "load_mw"})
             with client.session("taylor") as second:
-                frame = second.observe(taylor.rename(columns={"demand_mw": "load_mw"}).iloc[0:3])
+                frame = second.observe(renamed.iloc[0:3])
                 assert second.info is not None and (second.version, second.info.version) == (2, 2)
             assert list(frame.columns) == ["load_mw"]
+            client._info[("taylor", 0)] = client.model_info("taylor", 1)
+            with client.session("taylor", history=renamed.iloc[:96]) as warmed:  # read in version 2's columns
+                assert warmed.info is not None and (warmed.version, warmed.info.version) == (2, 2)
+                assert list(warmed.observe(renamed.iloc[96:97]).columns) == ["load_mw"]
     finally:
         srv.stop()
+
+
+def test_a_step_refused_after_its_caller_gave_up_is_refused_once(proxy: FaultyProxy, taylor: pd.DataFrame) -> None:
+    """A step of NaN rows answered late (refused INVALID_ARGUMENT) while its caller gives up: it stands to
+    resend, its resend is refused once (reported to the next call), and the session goes on (the refused
+    resend stayed pending, and every later step resent it and failed)."""
+    x = taylor.to_numpy().astype(np.float32)
+    bad = x[0:1].copy()
+    bad[0, 0] = np.nan
+
+    async def run() -> list[str]:
+        outcomes = []
+        async with AsyncClient(proxy.address, retry=FAST) as client:
+            s = await client.session("taylor").open()
+            proxy.faults["Observe"] = [("delay", 0.6)]  # type: ignore[list-item]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(s.observe(bad), 0.2)
+            await asyncio.sleep(0.6)
+            for i in range(1, 4):
+                try:
+                    await s.observe(x[i : i + 1])
+                    outcomes.append("ok")
+                except ClientError as e:
+                    outcomes.append(e.code.name if e.code else "")
+            await s.close()
+        return outcomes
+
+    assert asyncio.run(run()) == ["INVALID_ARGUMENT", "ok", "ok"]
