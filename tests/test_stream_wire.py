@@ -24,7 +24,7 @@ from gatecast.v1 import forecaster_pb2 as pb
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, array, matrix, taylor_values
 from tests.test_observe_batch import last_sequences
-from tests.test_reliability_engine import serve, taylor_repo
+from tests.test_reliability_engine import RuntimeDouble, serve, taylor_repo, version
 from tests.test_wire import _open, mutated
 
 __all__ = ["taylor_repo"]  # the module fixture, shared
@@ -293,8 +293,12 @@ def test_a_cancelled_pipelined_stream_leaves_every_session_consistent(
                 await call.read()
             call.cancel()
 
-    asyncio.run(run())
-    time.sleep(0.5)  # the steps the server had started finish (and are recorded)
+    # every model run slowed to 20 ms: the 20 rounds need at least 400 ms, the client goes away after about
+    # two rounds (on a fast machine the server used to apply all of them before the cancel arrived)
+    with RuntimeDouble(version(srv)) as rt:
+        rt.delay = 0.02
+        asyncio.run(run())
+        time.sleep(0.5)  # the steps the server had started finish (and are recorded)
     applied = last_sequences(srv, streamed)
     assert all(1 <= s <= rounds for s in applied) and min(applied) < rounds, applied  # not all of them
     for k, (sid, twin) in enumerate(zip(streamed, twins, strict=True)):
