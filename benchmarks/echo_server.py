@@ -2,18 +2,21 @@
 
 `Unary` answers each request with `unary` bytes; `Bidi` answers each message of a stream with `bidi`
 bytes (benchmarks/throughput.py passes gatecast's own answers). No parsing, no model: what gRPC and the
-event loop alone cost for gatecast's payloads. Prints `listening on <port>` once bound.
+event loop alone cost for gatecast's payloads. It runs on the kind of event loop `--loop` names, chosen as
+gatecast's `event_loop` setting chooses (benchmarks/throughput.py gives both the same). Prints
+`listening on <port>` once bound.
 
-    python -m benchmarks.echo_server --unary-hex 0a0562656e6368 --bidi-hex 0a20...
+    python -m benchmarks.echo_server --unary-hex 0a0562656e6368 --bidi-hex 0a20... [--loop asyncio]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+
+from gatecast.service import loops
 
 SERVICE = "bench.Echo"
 
@@ -49,8 +52,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--unary-hex", required=True, help="every unary answer, hex encoded")
     ap.add_argument("--bidi-hex", required=True, help="every stream answer, hex encoded")
+    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="the event loop")
     args = ap.parse_args()
-    asyncio.run(serve(bytes.fromhex(args.unary_hex), bytes.fromhex(args.bidi_hex)))
+    loops.run(serve(bytes.fromhex(args.unary_hex), bytes.fromhex(args.bidi_hex)), args.loop)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from benchmarks.bytes_client import observe_head, read_varint, rows_field, strea
 from benchmarks.load import ort_ceiling, start_server
 from benchmarks.throughput import MODEL, bench_repo, split, stop, tree_cpu_s
 from gatecast.manifest import Manifest
+from gatecast.service import loops
 from gatecast.v1 import forecaster_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -354,6 +355,7 @@ def main() -> None:
         "share them",
         "load_average_before": os.getloadavg()[0],
         "server_settings": f"defaults, {env}",
+        "event_loop": loops.resolve(os.environ.get("GATECAST_EVENT_LOOP", "auto")),
         "seconds": a.seconds,
         "stream_batch": points,
         "onnxruntime_in_process": ort,

@@ -28,7 +28,8 @@ side's protobuf version matters), both checking every answer:
   messages need rising sequence numbers and a read between writes).
 
 - echo: benchmarks/echo_server.py answers each call (each stream message) with as many bytes as gatecast
-  answers the same request;
+  answers the same request, on the same kind of event loop as gatecast (`--loop`: uvloop by default when
+  installed, as gatecast's `event_loop` setting);
 - triton: benchmarks/triton_peer.py in its own virtual environment (PyTriton and tritonclient pin protobuf
   below 7, gatecast needs 7), created under ~/.cache/gatecast-bench/triton-venv when missing; onnxruntime
   inside the PyTriton callable runs the same graph, dynamic batching on, two instances;
@@ -76,6 +77,7 @@ from benchmarks.load import free_port, ort_ceiling, start_server
 from deploy.packages import ensure_installed
 from gatecast.errors import UserError
 from gatecast.manifest import Manifest
+from gatecast.service import loops
 from gatecast.v1 import forecaster_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,8 +348,9 @@ def _listening(proc: subprocess.Popen[str], pattern: str, what: str, timeout: fl
     raise RuntimeError(f"{what} did not start (exit code {proc.wait()}):\n{''.join(lines[-30:])}")
 
 
-def start_echo(unary: bytes, bidi: bytes) -> tuple[subprocess.Popen[str], int]:
+def start_echo(unary: bytes, bidi: bytes, loop: str = "auto") -> tuple[subprocess.Popen[str], int]:
     cmd = [sys.executable, "-m", "benchmarks.echo_server", f"--unary-hex={unary.hex()}", f"--bidi-hex={bidi.hex()}"]
+    cmd.append(f"--loop={loop}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     return proc, _listening(proc, r"listening on (\d+)", "the echo server")
 
@@ -423,6 +426,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ]
     row = pb.Matrix(rows=1, cols=1, values=[float(values[0, 0])]).SerializeToString()
     env = {"GATECAST_MAX_SESSIONS": str(a.sessions + 10), "GATECAST_MAX_QUEUE_SIZE": str(a.sessions + 1024)}
+    env["GATECAST_EVENT_LOOP"] = a.loop
     h2load, client = unary_client(a)
     result: dict[str, Any] = {
         "model": f"{m.name} ({m.cell} {m.layers}x{m.hidden_size}, window {ctx}, horizon {m.horizon}, {m.input_form})",
@@ -432,6 +436,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": a.warmup,
         "concurrency": a.concurrency,
         "client": {"unary": client, "stream": PYTHON_CLIENT},
+        "event_loop": loops.resolve(a.loop),  # gatecast's and the echo's
         "servers": {},
     }
     servers: dict[str, Any] = result["servers"]
@@ -448,7 +453,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if "gatecast" in a.servers:
             peers.append(Peer("gatecast", gproc.pid, gaddr, FORECAST, forecast, STREAM))
         if "echo" in a.servers:
-            eproc, eport = start_echo(unary_answer, bidi_answer)
+            eproc, eport = start_echo(unary_answer, bidi_answer, a.loop)
             stack.callback(stop, eproc)
             peers.append(Peer("echo", eproc.pid, f"127.0.0.1:{eport}", ECHO_UNARY, forecast, ECHO_BIDI))
         if "triton" in a.servers:
@@ -661,6 +666,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--servers", nargs="+", default=["echo", "triton", "gatecast"], choices=["echo", "triton", "gatecast"]
     )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    ap.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="the event loop of gatecast (GATECAST_EVENT_LOOP) and of the echo server alike",
+    )
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring, per point")
     ap.add_argument(

@@ -7,10 +7,11 @@ as they are; the worker decodes and checks them with the same code as the main p
 its other requests in its own Batcher, runs onnxruntime and sends back the ForecastResponse's bytes (or
 the status and message of a refusal), which the main process sends on as they are.
 
-Each worker is `python -m gatecast.service.forecast_worker FD`, started with spawn semantics (fork and
-exec: nothing of the main process's grpc threads is inherited), joined to the main process by a Unix
-socket pair read by the event loop. Frames are HEAD (kind, id, arg, deadline, length) and `length` bytes;
-frames written during one pass of the event loop go in one write.
+Each worker is `python -m gatecast.service.forecast_worker FD LOOP` (LOOP: the main process's kind of event
+loop), started with spawn semantics (fork and exec: nothing of the main process's grpc threads is
+inherited), joined to the main process by a Unix socket pair read by the event loop. Frames are HEAD (kind,
+id, arg, deadline, length) and `length` bytes; frames written during one pass of the event loop go in one
+write.
 
 - Models follow the repository: after each scan the main process tells the workers which versions to
   load (folder and the graph's sha256) and which to drop. A request goes to a worker only for a version
@@ -49,6 +50,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from . import loops
 from .errors import MalformedRequest, ServiceError, Unavailable
 from .metrics import Metrics, observe_many
 from .repository import ModelVersion
@@ -227,7 +229,13 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gatecast.service.forecast_worker", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "gatecast.service.forecast_worker",
+                    str(theirs.fileno()),
+                    loops.resolve(pool.settings.event_loop),  # the main process's kind of loop
+                ],
                 pass_fds=(theirs.fileno(),),
                 env=worker_env(),
                 stdin=subprocess.DEVNULL,

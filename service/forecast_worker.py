@@ -1,4 +1,5 @@
-"""A forecast worker process (service.forecast_pool): `python -m gatecast.service.forecast_worker FD`.
+"""A forecast worker process (service.forecast_pool): `python -m gatecast.service.forecast_worker FD LOOP`,
+on an event loop of the kind LOOP names (service.loops; the main process's own).
 
 It reads frames from the main process on socket FD: the settings first, then versions to load or drop and
 Forecast requests as their bytes. Each request is decoded and checked as in the main process
@@ -43,6 +44,7 @@ import numpy as np
 
 from gatecast.v1 import forecaster_pb2 as pb
 
+from . import loops
 from .batcher import PAST_DEADLINE, Batcher, Output
 from .convert import Malformed
 from .errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
@@ -409,7 +411,7 @@ def main(argv: list[str]) -> int:
     gc.freeze()
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     with contextlib.closing(sock):
-        return asyncio.run(Worker(sock).serve())
+        return loops.run(Worker(sock).serve(), argv[1] if len(argv) > 1 else "auto")
 
 
 if __name__ == "__main__":

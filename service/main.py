@@ -11,15 +11,15 @@ import logging
 import signal
 from pathlib import Path
 
+from . import loops
 from .server import create_server
-from .settings import load_settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-async def _serve(settings_file: Path | None, **overrides: object) -> int:
-    settings = load_settings(settings_file, **overrides)
+async def _serve(settings: Settings) -> int:
     app = create_server(settings)
     stop = asyncio.Event()
     received: list[str] = []
@@ -43,4 +43,5 @@ async def _serve(settings_file: Path | None, **overrides: object) -> int:
 
 
 def serve(settings_file: Path | None = None, **overrides: object) -> int:
-    return asyncio.run(_serve(settings_file, **overrides))
+    settings = load_settings(settings_file, **overrides)
+    return loops.run(_serve(settings), settings.event_loop)

@@ -72,6 +72,12 @@ class Metrics:
         PlatformCollector(registry=registry)
         self.threads = Gauge("gatecast_process_threads", "Threads of the server process", registry=registry)
         self.threads.set_function(_thread_count)
+        self.event_loop = Gauge(
+            "gatecast_event_loop",
+            "1 for the kind of event loop the server runs on (uvloop, asyncio)",
+            ["loop"],
+            registry=registry,
+        )
         self.requests = Counter(
             "gatecast_requests",
             "Requests (stream messages count one each) by RPC, model and gRPC status code",

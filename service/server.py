@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from gatecast.errors import UserError
 from gatecast.v1 import forecaster_pb2
 
-from . import kserve
+from . import kserve, loops
 from .auth import BearerTokens, TokenFile, metrics_tls, server_credentials
 from .forecast_pool import ForecastPool
 from .metrics import Metrics
@@ -142,6 +142,7 @@ class App:
         settle_heap()
         await self._update_health()
         loop = asyncio.get_running_loop()
+        self.metrics.event_loop.labels(loops.kind(loop)).set(1)
         self._tasks = [
             loop.create_task(self._every(s.repo_poll_s, self._poll_repo), name="repo-poll"),
             loop.create_task(self._every(s.session_sweep_s, self._sweep), name="session-sweep"),
@@ -151,11 +152,12 @@ class App:
                 loop.create_task(self._every(s.snapshot_interval_s, self._snapshot), name="session-snapshot")
             )
         log.info(
-            "gatecast listening on %s:%d (metrics on %s), %d model version(s)",
+            "gatecast listening on %s:%d (metrics on %s), %d model version(s), event loop %s",
             self.settings.host,
             self.port,
             self.metrics_port,
             len(self.repo.versions()),
+            loops.kind(loop),
         )
 
     async def _update_health(self) -> None:

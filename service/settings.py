@@ -14,6 +14,8 @@ from pydantic_settings import SettingsError as EnvParseError
 
 from gatecast.errors import UserError
 
+from .loops import LoopChoice, uvloop_installed
+
 
 class SettingsError(UserError):
     """A setting is invalid; the server does not start."""
@@ -37,6 +39,11 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads; 0: onnxruntime's choice")
     allow_spinning: bool = Field(False, description="onnxruntime thread spin-wait (burns an idle core)")
+    event_loop: LoopChoice = Field(
+        "auto",
+        description="the event loop of the server and its forecast workers: uvloop (less CPU per call), asyncio "
+        "(the standard one); auto: uvloop when installed",
+    )
     # batching
     max_batch_size: int = Field(
         512,
@@ -154,6 +161,11 @@ class Settings(BaseSettings):
                     f"{needs_tls} needs TLS: set tls_cert_file and tls_key_file "
                     "(GATECAST_TLS_CERT_FILE, GATECAST_TLS_KEY_FILE) too"
                 )
+        if self.event_loop == "uvloop" and not uvloop_installed():
+            raise ValueError(
+                "event_loop is uvloop but uvloop is not installed: pip install uvloop, or set event_loop to auto "
+                "or asyncio (GATECAST_EVENT_LOOP)"
+            )
         if self.initial_session_slots > self.max_sessions:
             object.__setattr__(self, "initial_session_slots", self.max_sessions)
         return self

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from gatecast.service import loops
 from gatecast.service.server import App, create_server
 from gatecast.service.settings import Settings, load_settings
 from gatecast.v1 import forecaster_pb2_grpc as pb_grpc
@@ -63,7 +64,7 @@ class RunningServer:
     """The real server on its own event loop in a thread, bound to port 0 on loopback."""
 
     def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loops.loop_factory(settings.event_loop)()  # uvloop unless the settings say asyncio
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.app: App = self.call(self._create(settings))  # grpc.aio wants its loop running

@@ -179,6 +179,7 @@ def test_serve_without_a_gpu_starts_quietly_and_names_its_provider_once(tmp_path
         _, rest = proc.communicate(timeout=30)
     log = "".join(lines) + rest
     assert "listening on" in log, log
+    assert re.search(r"listening on .*, event loop uvloop$", log, re.M), log  # the default where installed
     assert proc.returncode == 0, log
     assert "[E:onnxruntime" not in log and "Failed to create CUDAExecutionProvider" not in log, log
     assert not re.search(r" (ERROR|CRITICAL) ", log), log
