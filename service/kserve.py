@@ -3,10 +3,12 @@
 A gatecast model is a KServe model of the same name; its version is the gatecast version as a decimal
 string (empty: the default, highest loaded version). ModelInfer is Forecast in tensor form: the input
 (named as the graph's window input, FP32 [batch, time, features]) holds one series per batch row, each run
-from a zero state by the same batcher as Forecast, so KServe and Forecast requests share model runs and
-get the same answers. The outputs are the point forecast [batch, horizon, targets] and, for a quantile
-model, the quantile output [batch, horizon, targets, quantiles], answered as raw little-endian bytes (what
-tritonclient reads). Recurrent state is neither taken nor returned: sessions are gatecast's own API.
+from a zero state as a Forecast of those series runs: in a forecast worker that holds the version (the
+request handed over as a Forecast's bytes, service.forecast_pool), else by the same batcher as Forecast in
+this process. Either way KServe and Forecast requests share model runs and get the same answers. The
+outputs are the point forecast [batch, horizon, targets] and, for a quantile model, the quantile output
+[batch, horizon, targets, quantiles], answered as raw little-endian bytes (what tritonclient reads).
+Recurrent state is neither taken nor returned: sessions are gatecast's own API.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from gatecast.manifest import Manifest
 
 from .convert import quote
 from .errors import InvalidArgument, NotFound, ServiceError
+from .forecast_pool import ForecastPool
 from .metrics import Metrics
+from .oneshot import forecast_arrays, forecast_request_bytes
 from .repository import ModelVersion, Repository
 from .servicer import Front, _Call, _deadline
 from .settings import Settings
@@ -162,10 +166,14 @@ def wanted_outputs(req: kpb.ModelInferRequest, m: Manifest) -> list[str]:
 
 
 class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, settings: Settings, repo: Repository, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, repo: Repository, metrics: Metrics, forecasts: ForecastPool | None = None
+    ) -> None:
         super().__init__(metrics)  # counting, timing and error mapping as gatecast's own API does them
         self.settings = settings
         self.repo = repo
+        self.forecasts = forecasts  # the forecast workers, when there are any
+        self._in_process = metrics.forecast_path.labels("process")
 
     def _resolve(self, name: str, version: str) -> ModelVersion:
         if len(name) > MAX_NAME:
@@ -225,10 +233,11 @@ class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"sequence parameters ({', '.join(_SEQUENCE)}) are not supported: {NO_STATE}")
             x = read_input(request, mv, self.settings)
             names = wanted_outputs(request, m)
-            outs = await mv.batcher.forecast(list(x), _deadline(context))
-            tensors = {m.onnx.output: np.stack([o.y for o in outs])}
+            y, q = await self._forecast(mv, x, _deadline(context))
+            tensors = {m.onnx.output: y}
             if m.onnx.quantile_output:
-                tensors[m.onnx.quantile_output] = np.stack([o.q for o in outs if o.q is not None])
+                assert q is not None
+                tensors[m.onnx.quantile_output] = q
             response = kpb.ModelInferResponse(model_name=mv.name, model_version=str(mv.version), id=request.id)
             for name in names:
                 t = tensors[name]
@@ -237,6 +246,21 @@ class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
             return response
 
         return await self._call("ModelInfer", context, handle)
+
+    async def _forecast(
+        self, mv: ModelVersion, x: np.ndarray, deadline: float | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The forecasts of windows x [batch, time, features] and, for a quantile model, the quantiles: from a
+        forecast worker that holds the version, else run here (as `Forecast` chooses)."""
+        if self.forecasts is not None:
+            m = mv.runtime.manifest
+            answer = await self.forecasts.forecast(mv, forecast_request_bytes(m.name, m.version, x), deadline)
+            if answer is not None:
+                return forecast_arrays(answer, m)
+        self._in_process.inc()
+        outs = await mv.batcher.forecast(list(x), deadline)
+        q = [o.q for o in outs if o.q is not None]
+        return np.stack([o.y for o in outs]), np.stack(q) if q else None
 
 
 def add_to_server(servicer: KServeServicer, server: Any) -> None:

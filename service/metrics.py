@@ -166,8 +166,9 @@ class Metrics:
         )
         self.forecast_path = Counter(
             "gatecast_forecast_path",
-            "Forecast requests by where they ran: path=worker (a forecast worker process) or path=process (the "
-            "main process: no worker up, or none holding the version, or the request not readable without decoding)",
+            "Forecast and KServe ModelInfer requests by where they ran: path=worker (a forecast worker process) or "
+            "path=process (the main process: no worker up, or none holding the version, or the request not readable "
+            "without decoding)",
             ["path"],
             registry=registry,
         )

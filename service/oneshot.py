@@ -14,8 +14,8 @@ from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 from .batcher import Batcher, Output
+from .convert import _values, to_array, to_matrix, to_quantile_matrix
 from .convert import _varint as _varint_bytes
-from .convert import to_array, to_matrix, to_quantile_matrix
 from .errors import InvalidArgument
 from .settings import Settings
 
@@ -177,3 +177,23 @@ def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes
                 h, t, n = o.q.shape
                 parts.append(_field(0x2A, _matrix_bytes(h, t * n, o.q)))
     return b"".join(parts)
+
+
+def forecast_request_bytes(model: str, version: int, windows: np.ndarray) -> bytes:
+    """The wire form of a ForecastRequest for `windows` [batch, time, features] of `model` `version`, one
+    series each: what a forecast worker takes (KServe's ModelInfer is a Forecast in tensor form)."""
+    parts = [_field(0x0A, model.encode()), b"\x10" + _varint_bytes(version) if version else b""]
+    parts += [_field(0x1A, _matrix_bytes(w.shape[0], w.shape[1], w)) for w in windows]
+    return b"".join(parts)
+
+
+def forecast_arrays(data: bytes, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
+    """A ForecastResponse's wire form as arrays: the forecasts [batch, horizon, targets] and, for a quantile
+    model, the quantile forecasts [batch, horizon, targets, quantiles] (else None)."""
+    response = pb.ForecastResponse.FromString(data)
+    h, t = manifest.horizon, manifest.n_targets
+    y = np.stack([_values(m).reshape(h, t) for m in response.forecasts])
+    if not manifest.onnx.quantile_output:
+        return y, None
+    n = len(manifest.quantiles)
+    return y, np.stack([_values(m).reshape(h, t, n) for m in response.quantile_forecasts])

@@ -312,7 +312,7 @@ def create_server(settings: Settings, registry: CollectorRegistry | None = None)
     forecasts = ForecastPool(settings, metrics, workers) if workers else None
     servicer = ForecasterServicer(settings, repo, sessions, metrics, forecasts)
     add_to_server(servicer, generic)  # malformed: INVALID_ARGUMENT
-    kserve.add_to_server(kserve.KServeServicer(settings, repo, metrics), generic)  # KServe v2, same batchers
+    kserve.add_to_server(kserve.KServeServicer(settings, repo, metrics, forecasts), generic)  # KServe v2, same engine
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, generic)
     reflection.enable_server_reflection(

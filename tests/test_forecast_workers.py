@@ -43,6 +43,7 @@ from tests.test_reliability_api import _quantile_model
 from tests.test_reliability_engine import wait_for
 
 FORECAST = "/gatecast.v1.Forecaster/Forecast"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 LIMITS: dict[str, Any] = {"max_series": 8, "max_rows": 1000, "max_request_rows": 2000, "chunk_rows": 64}
 Answer = tuple[str, Any]  # ("OK", bytes) or (status code name, details)
 
@@ -676,3 +677,58 @@ def test_the_workers_own_line_is_bounded_as_the_batchers_queue(repo: Path) -> No
         assert worker.close() == 0
     finally:
         worker.proc.kill()
+
+
+def infer(srv: RunningServer, x: np.ndarray, model: str = "taylor", timeout: float | None = 30) -> Answer:
+    """A KServe ModelInfer of windows x [batch, time, features]: ("OK", the answer's bytes) or the status."""
+    from gatecast.inference import grpc_predict_v2_pb2 as kpb
+
+    name = srv.app.repo.resolve(model, 0).runtime.manifest.onnx.input
+    tensor = kpb.ModelInferRequest.InferInputTensor(name=name, datatype="FP32", shape=list(x.shape))
+    req = kpb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[x.astype("<f4").tobytes()])
+    with grpc.insecure_channel(srv.address) as ch:
+        try:
+            return "OK", ch.unary_unary(INFER)(req.SerializeToString(), timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code().name, e.details()
+
+
+def test_kserve_infer_runs_in_the_worker_and_answers_the_same_bytes(pair: tuple[RunningServer, RunningServer]) -> None:
+    """ModelInfer is a Forecast in tensor form: with a worker up it runs there, answered byte for byte as in
+    the main process (the same forecasts, quantiles, output order and shapes)."""
+    pooled, plain = pair
+    values = taylor_values()
+    cases = [
+        ("taylor", np.stack([values[:432], values[500:932], values[7:439]])),
+        ("taylor", values[:300][None]),  # longer than chunk_rows (64): the worker's batcher, in pieces
+        ("tiny_lstm", np.stack([values[:48], values[48:96]])),
+        ("qsum", np.stack([np.arange(12, dtype=np.float32)[:, None], np.ones((12, 1), np.float32)])),  # quantiles
+    ]
+    worker, here = path_count(pooled, "worker"), path_count(plain, "process")
+    for model, x in cases:
+        got, want = infer(pooled, x, model), infer(plain, x, model)
+        assert got[0] == "OK" and got == want, model
+    assert path_count(pooled, "worker") == worker + len(cases)
+    assert path_count(plain, "process") == here + len(cases)
+
+
+def test_kserve_infer_in_the_worker_keeps_deadlines_and_failed_runs(pair: tuple[RunningServer, RunningServer]) -> None:
+    pooled, plain = pair
+    bad = np.array([[[1.0], [-2.0], [3.0]]], np.float32)  # the failing model's run raises for it
+    for srv in pair:
+        code, details = infer(srv, bad, "fails")
+        assert code == "INTERNAL" and re.fullmatch(r"internal error \(request id [0-9a-f]{12}\)", details)
+    x = taylor_values()[:432][None]
+    pid = worker_pid(pooled)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            late = ex.submit(infer, pooled, x, "taylor", 0.5)  # its deadline passes while the worker holds it
+            wait_for(lambda: pending(pooled) == 1)
+            assert late.result(timeout=30)[0] == "DEADLINE_EXCEEDED"
+            wait_for(lambda: pending(pooled) == 0)  # the call let go of it while the worker is still stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    before = path_count(pooled, "worker")
+    assert infer(pooled, x) == infer(plain, x)
+    assert path_count(pooled, "worker") == before + 1
