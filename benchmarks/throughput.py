@@ -33,7 +33,9 @@ side's protobuf version matters), both checking every answer:
 - triton: benchmarks/triton_peer.py in its own virtual environment (PyTriton and tritonclient pin protobuf
   below 7, gatecast needs 7), created under ~/.cache/gatecast-bench/triton-venv when missing; onnxruntime
   inside the PyTriton callable runs the same graph, dynamic batching on, two instances;
-- gatecast: `gatecast serve` with its defaults.
+- gatecast: `gatecast serve` with its defaults, driven through its own API (`Forecast`, `Stream`);
+- kserve: the same gatecast server driven through its KServe v2 front (`ModelInfer`, one window per request:
+  the protocol and request shape the Triton peer is driven with).
 
 Reach: the graph's own CPU per window is measured in process (one thread, the servers' setting; at
 batches 8 to 64, the least kept) before the unary points and after them. At each concurrency, the echo's
@@ -452,6 +454,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         peers = []
         if "gatecast" in a.servers:
             peers.append(Peer("gatecast", gproc.pid, gaddr, FORECAST, forecast, STREAM))
+        if "kserve" in a.servers:  # gatecast's KServe front: the protocol Triton's peer is driven with
+            peers.append(Peer("kserve", gproc.pid, gaddr, TRITON_INFER, kserve_requests(a.model, m.onnx.input, windows)))
         if "echo" in a.servers:
             eproc, eport = start_echo(unary_answer, bidi_answer, a.loop)
             stack.callback(stop, eproc)
@@ -527,6 +531,18 @@ def reach(result: dict[str, Any]) -> None:
             row["two_x_triton_within_reach"] = 2 * t <= row["per_s"]
         rows.append(row)
     result["reach"] = rows
+
+
+def kserve_requests(model: str, input_name: str, windows: list[np.ndarray]) -> list[bytes]:
+    """ModelInferRequests for gatecast's KServe front, one window each (FP32 [1, time, 1], raw contents)."""
+    from gatecast.inference import grpc_predict_v2_pb2 as kpb
+
+    out = []
+    for w in windows:
+        x = kpb.ModelInferRequest.InferInputTensor(name=input_name, datatype="FP32", shape=[1, len(w), 1])
+        req = kpb.ModelInferRequest(model_name=model, inputs=[x], raw_input_contents=[w.astype("<f4").tobytes()])
+        out.append(req.SerializeToString())
+    return out
 
 
 @dataclass
@@ -605,12 +621,13 @@ def ratios(result: dict[str, Any]) -> None:
             r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None
         if "stream" in s:
             s["stream"]["of_echo"] = s["stream"]["per_s"] / echo["stream"]["per_s"]
-    g, t = servers.get("gatecast"), servers.get("triton")
-    if g and t and "unary" in t:
+    t = servers.get("triton")
+    if t and "unary" in t:
         tri = {r["concurrency"]: r for r in t["unary"]}
-        for r in g["unary"]:
-            if (o := tri.get(r["concurrency"])) and o["per_s"]:
-                r["of_triton"] = r["per_s"] / o["per_s"]
+        for g in (servers.get("gatecast"), servers.get("kserve")):
+            for r in g["unary"] if g else []:
+                if (o := tri.get(r["concurrency"])) and o["per_s"]:
+                    r["of_triton"] = r["per_s"] / o["per_s"]
 
 
 def _progress(name: str, row: dict[str, Any]) -> None:
@@ -663,7 +680,11 @@ def print_table(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--servers", nargs="+", default=["echo", "triton", "gatecast"], choices=["echo", "triton", "gatecast"]
+        "--servers",
+        nargs="+",
+        default=["echo", "triton", "gatecast", "kserve"],
+        choices=["echo", "triton", "gatecast", "kserve"],
+        help="kserve: gatecast's KServe v2 front (ModelInfer, the protocol the Triton peer is driven with)",
     )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument(
