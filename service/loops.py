@@ -1,10 +1,10 @@
 """The event loop the server and its Forecast workers run on (the `event_loop` setting).
 
-uvloop (libuv under asyncio's interface) runs the loop's own machinery (scheduling callbacks, futures'
-wake-ups, polling) in compiled code. gRPC's aio layer and the batchers run on it unchanged. On the benchmark
-machine it took a unary `Forecast` from about 1,030 to 860 us of server CPU at concurrency 128 (README,
-Benchmarks). `auto` takes it when it is installed (it is a dependency on Linux and macOS), else asyncio's own
-loop; `asyncio` forces the standard loop, `uvloop` refuses to start without it.
+uvloop (libuv under asyncio's interface) runs the loop's own machinery (scheduling callbacks, waking
+futures, polling) in compiled code; gRPC's aio layer and the batchers run on it unchanged. In A/Bs on the
+benchmark machine it took 7-15% off the server's CPU per unary `Forecast` (README, Benchmarks). `auto`
+takes it when it is installed (a dependency on Linux and macOS), else asyncio's own loop; `asyncio` forces
+the standard loop; `uvloop` refuses to start without it.
 """
 
 from __future__ import annotations
