@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -334,11 +335,13 @@ class Batcher:
             self._wake.clear()
             await self._wake.wait()
         head = self._flows[0].items[0].enqueued if self._flows[0].items else time.monotonic()
-        remaining = head + self.delay - time.monotonic()
-        if self._carried == 0 and not self._is_full() and remaining > 0:
+        closes = head + self.delay
+        while self._carried == 0 and not self._is_full() and (remaining := closes - time.monotonic()) > 0:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), remaining)
+                # in whole milliseconds, rounded up, and the clock read again after: uvloop's timers count
+                # milliseconds (one under half a millisecond runs at once) and may run up to one early
+                await asyncio.wait_for(self._full.wait(), math.ceil(remaining * 1000) / 1000)
 
     def _take(self, batch: list[WorkItem]) -> None:
         """Moves runnable pieces from the queue into the batch, round robin over requests: not cancelled,

@@ -234,11 +234,15 @@ class _Worker:
                     "-m",
                     "gatecast.service.forecast_worker",
                     str(theirs.fileno()),
-                    loops.resolve(pool.settings.event_loop),  # the main process's kind of loop
+                    loops.kind(self.loop),  # the main process's kind of loop
                 ],
                 pass_fds=(theirs.fileno(),),
                 env=worker_env(),
                 stdin=subprocess.DEVNULL,
+                # a process group of its own: a Ctrl-C (SIGINT to the terminal's foreground group) reaches the
+                # main process only, which drains and then closes the worker's socket; a worker still importing
+                # would die of it before it ignores the signals
+                process_group=0,
             )
         finally:
             theirs.close()

@@ -18,8 +18,9 @@ runs it in chunks in its own thread, so it holds the small ones up for no more t
 The end of its input (the main process is stopping, or gone) makes it finish what it holds, answer it, and
 exit.
 
-It ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a service manager signals the whole process group, and
-the main process, which drains on those, decides when its workers stop (by closing their input)."""
+It runs in a process group of its own (a Ctrl-C reaches the main process only) and ignores SIGINT, SIGTERM
+and SIGHUP: a service manager may signal every process of the service, and the main process, which drains
+on those, decides when its workers stop (by closing their input)."""
 
 from __future__ import annotations
 

@@ -10,23 +10,50 @@ the standard loop; `uvloop` refuses to start without it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import functools
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 LoopChoice = Literal["auto", "uvloop", "asyncio"]
 
 
+@functools.cache
+def uvloop_problem() -> str | None:
+    """Why uvloop cannot run here, or None when it can."""
+    try:
+        import uvloop  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name == "uvloop":
+            return "uvloop is not installed"
+        return f"uvloop cannot be imported: {e}"
+    except Exception as e:  # installed but broken: built for another Python, a missing library, ...
+        return f"uvloop cannot be imported: {type(e).__name__}: {e}"
+    return None
+
+
 def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
+    return uvloop_problem() is None
 
 
 def resolve(choice: str) -> str:
-    """The loop `choice` runs on: "uvloop" or "asyncio" (`auto`: uvloop when installed)."""
-    if choice == "auto":
-        return "uvloop" if uvloop_installed() else "asyncio"
-    return choice
+    """The loop `choice` runs on: "uvloop" or "asyncio" (`auto`: uvloop when it can run, else asyncio's, with
+    a warning when uvloop is installed but broken)."""
+    if choice != "auto":
+        return choice
+    problem = uvloop_problem()
+    if problem is None:
+        return "uvloop"
+    if problem != "uvloop is not installed":
+        _warn_once(f"event_loop auto: {problem}; running on asyncio's loop")
+    return "asyncio"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:

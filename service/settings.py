@@ -14,7 +14,7 @@ from pydantic_settings import SettingsError as EnvParseError
 
 from gatecast.errors import UserError
 
-from .loops import LoopChoice, uvloop_installed
+from .loops import LoopChoice, uvloop_problem
 
 
 class SettingsError(UserError):
@@ -161,10 +161,10 @@ class Settings(BaseSettings):
                     f"{needs_tls} needs TLS: set tls_cert_file and tls_key_file "
                     "(GATECAST_TLS_CERT_FILE, GATECAST_TLS_KEY_FILE) too"
                 )
-        if self.event_loop == "uvloop" and not uvloop_installed():
+        if self.event_loop == "uvloop" and (problem := uvloop_problem()):
             raise ValueError(
-                "event_loop is uvloop but uvloop is not installed: pip install uvloop, or set event_loop to auto "
-                "or asyncio (GATECAST_EVENT_LOOP)"
+                f"event_loop is uvloop but {problem}: pip install uvloop, or set event_loop to auto or asyncio "
+                "(GATECAST_EVENT_LOOP)"
             )
         if self.initial_session_slots > self.max_sessions:
             object.__setattr__(self, "initial_session_slots", self.max_sessions)

@@ -732,3 +732,11 @@ def test_kserve_infer_in_the_worker_keeps_deadlines_and_failed_runs(pair: tuple[
     before = path_count(pooled, "worker")
     assert infer(pooled, x) == infer(plain, x)
     assert path_count(pooled, "worker") == before + 1
+
+
+def test_workers_run_in_a_process_group_of_their_own(pair: tuple[RunningServer, RunningServer]) -> None:
+    """A Ctrl-C (SIGINT to the terminal's foreground process group) must reach the main process only: a worker
+    still importing would die of it; the main process drains and then closes the workers' sockets."""
+    pooled, _ = pair
+    pid = worker_pid(pooled)
+    assert os.getpgid(pid) == pid != os.getpgid(0)
