@@ -455,7 +455,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if "gatecast" in a.servers:
             peers.append(Peer("gatecast", gproc.pid, gaddr, FORECAST, forecast, STREAM))
         if "kserve" in a.servers:  # gatecast's KServe front: the protocol Triton's peer is driven with
-            peers.append(Peer("kserve", gproc.pid, gaddr, TRITON_INFER, kserve_requests(a.model, m.onnx.input, windows)))
+            peers.append(
+                Peer("kserve", gproc.pid, gaddr, TRITON_INFER, kserve_requests(a.model, m.onnx.input, windows))
+            )
         if "echo" in a.servers:
             eproc, eport = start_echo(unary_answer, bidi_answer, a.loop)
             stack.callback(stop, eproc)
@@ -613,14 +615,13 @@ def ratios(result: dict[str, Any]) -> None:
     """Each server's req/s as a share of the echo's at the same concurrency (and streaming)."""
     servers = result["servers"]
     echo = servers.get("echo")
-    if not echo:
-        return
-    ceiling = {r["concurrency"]: r["per_s"] for r in echo["unary"]}
-    for s in servers.values():
-        for r in s.get("unary", []):
-            r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None
-        if "stream" in s:
-            s["stream"]["of_echo"] = s["stream"]["per_s"] / echo["stream"]["per_s"]
+    if echo:
+        ceiling = {r["concurrency"]: r["per_s"] for r in echo["unary"]}
+        for s in servers.values():
+            for r in s.get("unary", []):
+                r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None
+            if "stream" in s and "stream" in echo:
+                s["stream"]["of_echo"] = s["stream"]["per_s"] / echo["stream"]["per_s"]
     t = servers.get("triton")
     if t and "unary" in t:
         tri = {r["concurrency"]: r for r in t["unary"]}
@@ -640,16 +641,17 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['model']} | {result['machine']}")
     clients = result.get("client", {})
     print(f"\nunary, one series per request ({result['seconds_per_point']} s per point; {clients.get('unary', '')})")
-    head = f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"
+    head = f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}{'x Triton':>9}"
     print(f"{head}{'srv us':>8}{'cli us':>8}{'errors':>8}")
     for name, s in result["servers"].items():
         if "unavailable" in s:
             print(f"{name:>10}  unavailable: {s['unavailable'].splitlines()[0][:200]}")
         for r in s.get("unary", []):
             share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
+            times = f"{r['of_triton']:.2f}" if r.get("of_triton") is not None else "-"
             print(
-                f"{name:>10}{r['concurrency']:>7}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                f"{share:>9}{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}{r['errors']:>8}"
+                f"{name:>10}{r['concurrency']:>7}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{share:>9}"
+                f"{times:>9}{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}{r['errors']:>8}"
             )
     print(f"\nstreaming, one row per message ({clients.get('stream', '')})")
     head = f"{'server':>10}{'streams':>9}{'sessions':>9}{'steps/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"

@@ -404,7 +404,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", stream=sys.stderr
     )
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # SIGTTOU too: in a process group of its own, a worker is a background job of the terminal it logs to,
+    # which stops it at its first line when the terminal is set to (`stty tostop`)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     # as service.server.settle_heap: start-up's objects out of the collector's sight, fewer young passes

@@ -256,7 +256,7 @@ class KServeServicer(Front, kpb_grpc.GRPCInferenceServiceServicer):
             m = mv.runtime.manifest
             answer = await self.forecasts.forecast(mv, forecast_request_bytes(m.name, m.version, x), deadline)
             if answer is not None:
-                return forecast_arrays(answer, m)
+                return forecast_arrays(answer, m, len(x))
         self._in_process.inc()
         outs = await mv.batcher.forecast(list(x), deadline)
         q = [o.q for o in outs if o.q is not None]

@@ -14,7 +14,7 @@ from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 from .batcher import Batcher, Output
-from .convert import _values, to_array, to_matrix, to_quantile_matrix
+from .convert import _head, _values, to_array, to_matrix, to_quantile_matrix
 from .convert import _varint as _varint_bytes
 from .errors import InvalidArgument
 from .settings import Settings
@@ -163,11 +163,7 @@ def _matrix_bytes(rows: int, cols: int, values: np.ndarray) -> bytes:
 def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes:
     """`forecast_response(manifest, outs).SerializeToString()`, written directly: protobuf writes fields in
     number order, leaves out zero scalars and empty repeated fields, and packs repeated floats."""
-    name = manifest.name.encode()
-    parts = [
-        _field(0x0A, name) if name else b"",
-        b"\x10" + _varint_bytes(manifest.version) if manifest.version else b"",
-    ]
+    parts = [_response_prefix(manifest)]
     parts += [_field(0x1A, _matrix_bytes(o.y.shape[0], o.y.shape[1], o.y)) for o in outs]
     if manifest.quantiles:
         parts.append(_field(0x22, np.asarray(manifest.quantiles, "<f4").tobytes()))
@@ -179,21 +175,67 @@ def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes
     return b"".join(parts)
 
 
+def _matrix_fields(tag: int, a: np.ndarray) -> bytes:
+    """Fields `tag` holding one Matrix each, for a [batch, rows, cols] array (rows and cols at least 1): every
+    field's bytes up to its values are the same, so all are written as one array, not one piece each."""
+    batch, rows, cols = a.shape
+    head = _head(rows, cols, rows * cols)
+    head = bytes((tag,)) + _varint_bytes(len(head) + 4 * rows * cols) + head
+    records = np.empty((batch, len(head) + 4 * rows * cols), np.uint8)
+    records[:, : len(head)] = np.frombuffer(head, np.uint8)
+    records[:, len(head) :] = np.ascontiguousarray(a, "<f4").reshape(batch, -1).view(np.uint8)
+    return records.tobytes()
+
+
+def _response_prefix(manifest: Manifest) -> bytes:
+    name = manifest.name.encode()
+    return (_field(0x0A, name) if name else b"") + (
+        b"\x10" + _varint_bytes(manifest.version) if manifest.version else b""
+    )
+
+
 def forecast_request_bytes(model: str, version: int, windows: np.ndarray) -> bytes:
     """The wire form of a ForecastRequest for `windows` [batch, time, features] of `model` `version`, one
     series each: what a forecast worker takes (KServe's ModelInfer is a Forecast in tensor form)."""
-    parts = [_field(0x0A, model.encode()), b"\x10" + _varint_bytes(version) if version else b""]
-    parts += [_field(0x1A, _matrix_bytes(w.shape[0], w.shape[1], w)) for w in windows]
-    return b"".join(parts)
+    head = (_field(0x0A, model.encode()) if model else b"") + (b"\x10" + _varint_bytes(version) if version else b"")
+    return head + _matrix_fields(0x1A, windows)
 
 
-def forecast_arrays(data: bytes, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
-    """A ForecastResponse's wire form as arrays: the forecasts [batch, horizon, targets] and, for a quantile
-    model, the quantile forecasts [batch, horizon, targets, quantiles] (else None)."""
-    response = pb.ForecastResponse.FromString(data)
+def forecast_arrays(data: bytes, manifest: Manifest, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The `n` series of a ForecastResponse's wire form as arrays: the forecasts [n, horizon, targets] and, for
+    a quantile model, the quantile forecasts [n, horizon, targets, quantiles] (else None). The answer of a
+    worker is read as `forecast_response_bytes` lays it out, as arrays at known offsets; any other layout is
+    decoded by protobuf."""
     h, t = manifest.horizon, manifest.n_targets
+    nq = len(manifest.quantiles)
+    parts: list[tuple[int, int]] = [(0x1A, t)]  # (tag, columns) of each block of n matrices of h rows
+    if manifest.onnx.quantile_output:
+        parts.append((0x2A, t * nq))
+    quantiles = _field(0x22, np.asarray(manifest.quantiles, "<f4").tobytes()) if manifest.quantiles else b""
+    at = len(prefix := _response_prefix(manifest))
+    blocks: list[np.ndarray] = []
+    readable = data.startswith(prefix)
+    for k, (tag, cols) in enumerate(parts):
+        head = _head(h, cols, h * cols)
+        head = bytes((tag,)) + _varint_bytes(len(head) + 4 * h * cols) + head
+        size = len(head) + 4 * h * cols
+        if not readable or len(data) < at + n * size:
+            readable = False
+            break
+        records = np.frombuffer(data, np.uint8, n * size, at).reshape(n, size)
+        if not (records[:, : len(head)] == np.frombuffer(head, np.uint8)).all():
+            readable = False
+            break
+        blocks.append(records[:, len(head) :].copy().view("<f4").reshape(n, h, cols))
+        at += n * size
+        if k == 0 and quantiles:  # the quantile levels, after the forecasts
+            readable = data.startswith(quantiles, at)
+            at += len(quantiles)
+    if readable and at == len(data):
+        y = blocks[0].astype(np.float32, copy=False)
+        return y, blocks[1].reshape(n, h, t, nq).astype(np.float32, copy=False) if len(blocks) > 1 else None
+    response = pb.ForecastResponse.FromString(data)
     y = np.stack([_values(m).reshape(h, t) for m in response.forecasts])
     if not manifest.onnx.quantile_output:
         return y, None
-    n = len(manifest.quantiles)
-    return y, np.stack([_values(m).reshape(h, t, n) for m in response.quantile_forecasts])
+    return y, np.stack([_values(m).reshape(h, t, nq) for m in response.quantile_forecasts])

@@ -54,15 +54,16 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         0.0,
         ge=0,
-        description="a batch closes when its oldest request has waited this long; 0: once the worker is free "
-        "(what arrived during a run forms the next batch)",
+        description="a batch closes when its oldest request has waited this long (on uvloop in whole milliseconds, "
+        "rounded up); 0: once the worker is free (what arrived during a run forms the next batch)",
     )
     forecast_workers: int | None = Field(
         None,
         ge=0,
         le=64,
-        description="processes beside the main one that run unary Forecast requests (sessions stay in the main "
-        "process); 0: Forecast runs in the main process; unset: 1 on a machine with 2 or more cores, else 0",
+        description="processes beside the main one that run unary Forecast and KServe ModelInfer requests "
+        "(sessions stay in the main process); 0: they run in the main process; unset: 1 on a machine with 2 or "
+        "more cores, else 0",
     )
     forecast_worker_stall_s: float = Field(
         30.0,

@@ -740,3 +740,46 @@ def test_workers_run_in_a_process_group_of_their_own(pair: tuple[RunningServer, 
     pooled, _ = pair
     pid = worker_pid(pooled)
     assert os.getpgid(pid) == pid != os.getpgid(0)
+    # a background job of the terminal it logs to: SIGTTOU ignored, or `stty tostop` would stop it at its first line
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTOU):
+        assert ignored & (1 << (sig - 1)), sig
+
+
+def test_kserves_hand_over_writes_and_reads_what_protobuf_does(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ModelInfer's windows become a ForecastRequest's bytes as one array, not one piece per window, and a
+    worker's answer is read at known offsets (a 4,096-window request held the event loop for 67 ms when each
+    window was written and read by itself); both equal protobuf's, and any other layout of an answer is
+    decoded by protobuf."""
+    from gatecast.service.oneshot import forecast_arrays, forecast_request_bytes, forecast_response_bytes
+
+    rng = np.random.default_rng(0)
+    for batch, rows, features in [(1, 1, 1), (3, 432, 1), (5, 7, 3), (200, 2, 2)]:
+        x = rng.standard_normal((batch, rows, features)).astype(np.float32)
+        for model, version in [("taylor", 0), ("m", 3), ("", 0), ("x" * 64, 300)]:
+            want = pb.ForecastRequest(model=model, version=version, series=[matrix(w) for w in x])
+            assert forecast_request_bytes(model, version, x) == want.SerializeToString()
+    for name in ("taylor", "qsum", "tiny_lstm"):
+        m = Manifest.read(max((p for p in (repo / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)))
+        n, h, t = 4, m.horizon, m.n_targets
+        y = rng.standard_normal((n, h, t)).astype(np.float32)
+        q = rng.standard_normal((n, h, t, len(m.quantiles))).astype(np.float32) if m.onnx.quantile_output else None
+        outs = [Output(y[i], None if q is None else q[i]) for i in range(n)]
+        data = forecast_response_bytes(m, outs)
+        for answer in (data, data + b"\x30\x01"):  # the second with an unknown field: decoded by protobuf
+            got_y, got_q = forecast_arrays(answer, m, n)
+            np.testing.assert_array_equal(got_y, y)
+            assert got_y.dtype == np.float32 and got_y.shape == (n, h, t)
+            if q is None:
+                assert got_q is None
+            else:
+                assert got_q is not None
+                np.testing.assert_array_equal(got_q, q)
+        with monkeypatch.context() as patch:  # the worker's own layout is read without protobuf
+            from gatecast.service import oneshot
+
+            patch.setattr(oneshot.pb.ForecastResponse, "FromString", None)
+            np.testing.assert_array_equal(forecast_arrays(data, m, n)[0], y)
+            with pytest.raises(TypeError):
+                forecast_arrays(data + b"\x30\x01", m, n)
