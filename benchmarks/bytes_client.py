@@ -40,8 +40,10 @@ class Load:
     channels: int = 4
     # streaming: `concurrency` streams, each carrying these session ids (one row each per round)
     sessions: list[list[str]] = field(default_factory=list)
-    rows: bytes = b""  # a serialized Matrix of one row, for stream messages
+    rows: bytes = b""  # a serialized Matrix of one row, for stream messages and stepped sessions
     start_at: float = 0.0  # time.time() at which every client process begins
+    # unary Observe: loop i steps session stepping[i] (one row a call, sequence 1, 2, ...) instead of payloads
+    stepping: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,11 +137,12 @@ async def _drive(load: Load) -> Counts:
         nonlocal errors, answered_all
         call = channels[i % len(channels)].unary_unary(load.method)  # no serializers: bytes both ways
         payloads, k, step = load.payloads, i, load.concurrency
+        head, tail = (observe_head(load.stepping[i]), rows_field(load.rows)) if load.stepping else (b"", b"")
         clock = time.perf_counter
         while (t := clock()) < end:
             k += step
             try:
-                await call(payloads[k % len(payloads)])
+                await call(head + varint(k // step) + tail if head else payloads[k % len(payloads)])
             except grpc.aio.AioRpcError:
                 errors += 1
                 continue

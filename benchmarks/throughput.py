@@ -37,6 +37,10 @@ side's protobuf version matters), both checking every answer:
 - kserve: the same gatecast server driven through its KServe v2 front (`ModelInfer`, one window per request:
   the protocol and request shape the Triton peer is driven with).
 
+Unary `Observe` (`--observe`, loops in flight, 8 and 64 by default): the Python client, each loop stepping a
+session of its own, one row a call, against gatecast and against a second echo that answers with gatecast's
+own Observe answer.
+
 Reach: the graph's own CPU per window is measured in process (one thread, the servers' setting; at
 batches 8 to 64, the least kept) before the unary points and after them. At each concurrency, the echo's
 server and client CPU per call plus that figure is what any server on grpc.aio must spend per answer, so
@@ -88,6 +92,7 @@ CACHE = Path(os.environ.get("GATECAST_BENCH_CACHE", Path.home() / ".cache" / "ga
 MODEL = "bench"
 FORECAST = "/gatecast.v1.Forecaster/Forecast"
 STREAM = "/gatecast.v1.Forecaster/Stream"
+OBSERVE = "/gatecast.v1.Forecaster/Observe"
 ECHO_UNARY = "/bench.Echo/Unary"
 ECHO_BIDI = "/bench.Echo/Bidi"
 TRITON_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -216,6 +221,18 @@ def unary_point(
     loads = [
         Load(address, method, payloads, c, a.seconds, a.warmup, a.channels) for c in split(concurrency, a.client_procs)
     ]
+    return {"concurrency": concurrency, **measured(pid, loads)}
+
+
+def observe_point(
+    pid: int, address: str, method: str, ids: list[str], rows: bytes, concurrency: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    """Unary Observe: `concurrency` closed loops, each stepping a session of its own (one row a call)."""
+    loads, first = [], 0
+    for c in split(concurrency, a.client_procs):
+        mine = ids[first : first + c]
+        first += c
+        loads.append(Load(address, method, [], c, a.seconds, a.warmup, a.channels, rows=rows, stepping=mine))
     return {"concurrency": concurrency, **measured(pid, loads)}
 
 
@@ -427,7 +444,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for w in windows
     ]
     row = pb.Matrix(rows=1, cols=1, values=[float(values[0, 0])]).SerializeToString()
-    env = {"GATECAST_MAX_SESSIONS": str(a.sessions + 10), "GATECAST_MAX_QUEUE_SIZE": str(a.sessions + 1024)}
+    stepped = 2 * sum(a.observe) + 1  # the Observe points' sessions (opened for the echo's points too)
+    env = {"GATECAST_MAX_SESSIONS": str(a.sessions + stepped + 10), "GATECAST_MAX_QUEUE_SIZE": str(a.sessions + 1024)}
     env["GATECAST_EVENT_LOOP"] = a.loop
     h2load, client = unary_client(a)
     result: dict[str, Any] = {
@@ -493,9 +511,34 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for s in servers.values():
             if runs := s.pop("stream_runs", None):
                 s["stream"] = runs[0] if len(runs) == 1 else _mean_point(runs)
+        if a.observe and "gatecast" in a.servers:
+            observe_points(stack, result, gproc.pid, gaddr, a, row)
     ratios(result)
     reach(result)
     return result
+
+
+def observe_points(
+    stack: contextlib.ExitStack, result: dict[str, Any], pid: int, address: str, a: argparse.Namespace, row: bytes
+) -> None:
+    """Unary Observe against gatecast, and the same client against an echo that answers with gatecast's own
+    Observe answer (started for these points): fresh sessions for each point (their next sequence is 1)."""
+    servers = result["servers"]
+    probe = open_sessions(address, a.model, 1)[0]
+    with grpc.insecure_channel(address) as ch:
+        answer = ch.unary_unary(OBSERVE)(observe_bytes(probe, 1, row), timeout=30)
+    result["payload_bytes"] |= {"observe_request": len(observe_bytes(probe, 1, row)), "observe_answer": len(answer)}
+    eproc, eport = start_echo(answer, answer, a.loop)
+    stack.callback(stop, eproc)
+    for c in a.observe:
+        for name, p, addr, method in (
+            ("echo", eproc.pid, f"127.0.0.1:{eport}", ECHO_UNARY),
+            ("gatecast", pid, address, OBSERVE),
+        ):
+            ids = open_sessions(address, a.model, c)  # the echo ignores them; gatecast steps them from 1
+            point = observe_point(p, addr, method, ids, row, c, a)
+            servers.setdefault(name, {}).setdefault("observe", []).append(point)
+            _progress(name, point)
 
 
 def model_cpu(folder: Path, window: int, seconds: float) -> dict[str, Any]:
@@ -622,6 +665,10 @@ def ratios(result: dict[str, Any]) -> None:
                 r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None
             if "stream" in s and "stream" in echo:
                 s["stream"]["of_echo"] = s["stream"]["per_s"] / echo["stream"]["per_s"]
+        observed = {r["concurrency"]: r["per_s"] for r in echo.get("observe", [])}
+        for s in servers.values():
+            for r in s.get("observe", []):
+                r["of_echo"] = r["per_s"] / observed[r["concurrency"]] if observed.get(r["concurrency"]) else None
     t = servers.get("triton")
     if t and "unary" in t:
         tri = {r["concurrency"]: r for r in t["unary"]}
@@ -664,6 +711,17 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['p99_ms']:>9.2f}{share:>9}{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}"
                 f"{r['errors']:>8}"
             )
+    if any("observe" in s for s in result["servers"].values()):
+        print("\nunary Observe, one row a call, each loop stepping a session of its own (python client)")
+        head = f"{'server':>10}{'conc.':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of echo':>9}"
+        print(f"{head}{'srv us':>8}{'cli us':>8}{'errors':>8}")
+        for name, s in result["servers"].items():
+            for r in s.get("observe", []):
+                share = f"{r['of_echo']:.2f}" if r.get("of_echo") is not None else "-"
+                print(
+                    f"{name:>10}{r['concurrency']:>7}{r['per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{share:>9}"
+                    f"{r['server_cpu_us']:>8.0f}{r.get('client_cpu_us', float('nan')):>8.0f}{r['errors']:>8}"
+                )
     print("srv us, cli us: CPU time per answer (per step) of the server and of the client, warm-up included")
     if rows := result.get("reach"):
         print(
@@ -706,6 +764,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--connections", type=int, default=2, help="h2load: connections (concurrency split over them)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (coroutines split over them)")
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per client process")
+    ap.add_argument(
+        "--observe",
+        type=int,
+        nargs="*",
+        default=[8, 64],
+        help="unary Observe points (Python client): loops in flight, each stepping a session of its own; none: off",
+    )
     ap.add_argument("--streams", type=int, default=16, help="streams (bidirectional calls)")
     ap.add_argument("--sessions", type=int, default=512, help="sessions, spread over the streams")
     ap.add_argument(
@@ -718,6 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup, a.concurrency, a.streams, a.sessions, a.client_procs = 0.5, 0.2, [8], 2, 8, 1
+        a.observe = [4] if a.observe else []
         a.model_seconds = 0.1
     return a
 
