@@ -34,10 +34,6 @@ def uvloop_problem() -> str | None:
     return None
 
 
-def uvloop_installed() -> bool:
-    return uvloop_problem() is None
-
-
 def resolve(choice: str) -> str:
     """The loop `choice` runs on: "uvloop" or "asyncio" (`auto`: uvloop when it can run, else asyncio's, with
     a warning when uvloop is installed but broken)."""

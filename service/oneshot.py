@@ -163,7 +163,7 @@ def _matrix_bytes(rows: int, cols: int, values: np.ndarray) -> bytes:
 def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes:
     """`forecast_response(manifest, outs).SerializeToString()`, written directly: protobuf writes fields in
     number order, leaves out zero scalars and empty repeated fields, and packs repeated floats."""
-    parts = [_response_prefix(manifest)]
+    parts = [_model_fields(manifest.name, manifest.version)]
     parts += [_field(0x1A, _matrix_bytes(o.y.shape[0], o.y.shape[1], o.y)) for o in outs]
     if manifest.quantiles:
         parts.append(_field(0x22, np.asarray(manifest.quantiles, "<f4").tobytes()))
@@ -175,30 +175,33 @@ def forecast_response_bytes(manifest: Manifest, outs: Sequence[Output]) -> bytes
     return b"".join(parts)
 
 
+def _model_fields(model: str, version: int) -> bytes:
+    """A ForecastRequest's or ForecastResponse's model (1) and version (2) fields, as protobuf writes them."""
+    name = model.encode()
+    return (_field(0x0A, name) if name else b"") + (b"\x10" + _varint_bytes(version) if version else b"")
+
+
+def _matrix_field_head(tag: int, rows: int, cols: int) -> bytes:
+    """A field `tag` holding a Matrix of rows x cols (each at least 1), up to its values."""
+    head = _head(rows, cols, rows * cols)
+    return bytes((tag,)) + _varint_bytes(len(head) + 4 * rows * cols) + head
+
+
 def _matrix_fields(tag: int, a: np.ndarray) -> bytes:
     """Fields `tag` holding one Matrix each, for a [batch, rows, cols] array (rows and cols at least 1): every
     field's bytes up to its values are the same, so all are written as one array, not one piece each."""
     batch, rows, cols = a.shape
-    head = _head(rows, cols, rows * cols)
-    head = bytes((tag,)) + _varint_bytes(len(head) + 4 * rows * cols) + head
+    head = _matrix_field_head(tag, rows, cols)
     records = np.empty((batch, len(head) + 4 * rows * cols), np.uint8)
     records[:, : len(head)] = np.frombuffer(head, np.uint8)
     records[:, len(head) :] = np.ascontiguousarray(a, "<f4").reshape(batch, -1).view(np.uint8)
     return records.tobytes()
 
 
-def _response_prefix(manifest: Manifest) -> bytes:
-    name = manifest.name.encode()
-    return (_field(0x0A, name) if name else b"") + (
-        b"\x10" + _varint_bytes(manifest.version) if manifest.version else b""
-    )
-
-
 def forecast_request_bytes(model: str, version: int, windows: np.ndarray) -> bytes:
     """The wire form of a ForecastRequest for `windows` [batch, time, features] of `model` `version`, one
     series each: what a forecast worker takes (KServe's ModelInfer is a Forecast in tensor form)."""
-    head = (_field(0x0A, model.encode()) if model else b"") + (b"\x10" + _varint_bytes(version) if version else b"")
-    return head + _matrix_fields(0x1A, windows)
+    return _model_fields(model, version) + _matrix_fields(0x1A, windows)
 
 
 def forecast_arrays(data: bytes, manifest: Manifest, n: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -212,12 +215,11 @@ def forecast_arrays(data: bytes, manifest: Manifest, n: int) -> tuple[np.ndarray
     if manifest.onnx.quantile_output:
         parts.append((0x2A, t * nq))
     quantiles = _field(0x22, np.asarray(manifest.quantiles, "<f4").tobytes()) if manifest.quantiles else b""
-    at = len(prefix := _response_prefix(manifest))
+    at = len(prefix := _model_fields(manifest.name, manifest.version))
     blocks: list[np.ndarray] = []
     readable = data.startswith(prefix)
     for k, (tag, cols) in enumerate(parts):
-        head = _head(h, cols, h * cols)
-        head = bytes((tag,)) + _varint_bytes(len(head) + 4 * h * cols) + head
+        head = _matrix_field_head(tag, h, cols)
         size = len(head) + 4 * h * cols
         if not readable or len(data) < at + n * size:
             readable = False
@@ -231,9 +233,8 @@ def forecast_arrays(data: bytes, manifest: Manifest, n: int) -> tuple[np.ndarray
         if k == 0 and quantiles:  # the quantile levels, after the forecasts
             readable = data.startswith(quantiles, at)
             at += len(quantiles)
-    if readable and at == len(data):
-        y = blocks[0].astype(np.float32, copy=False)
-        return y, blocks[1].reshape(n, h, t, nq).astype(np.float32, copy=False) if len(blocks) > 1 else None
+    if readable and at == len(data):  # "<f4" is float32 on the little-endian machines this runs on
+        return blocks[0], blocks[1].reshape(n, h, t, nq) if len(blocks) > 1 else None
     response = pb.ForecastResponse.FromString(data)
     y = np.stack([_values(m).reshape(h, t) for m in response.forecasts])
     if not manifest.onnx.quantile_output:

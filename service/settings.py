@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         0.0,
         ge=0,
-        description="a batch closes when its oldest request has waited this long (on uvloop in whole milliseconds, "
-        "rounded up); 0: once the worker is free (what arrived during a run forms the next batch)",
+        description="a batch closes when its oldest request has waited this long (waited in whole milliseconds, "
+        "rounded up, on either event loop); 0: once the worker is free (what arrived during a run forms the next "
+        "batch)",
     )
     forecast_workers: int | None = Field(
         None,
