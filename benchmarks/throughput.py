@@ -280,13 +280,26 @@ def h2load_run(h2load: str, url: str, body: Path, answer_len: int, conns: int, s
     if done.returncode != 0 or req is None or data is None:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
     n_done, ok_http = int(req.group(3)), int(req.group(4))
-    per = 5 + answer_len
-    good = min(ok_http, int(data.group(1)) // per)
-    if int(data.group(1)) != good * per:  # some answer of another size: none of them can be trusted
-        good = 0
+    good = good_answers(ok_http, int(data.group(1)), 5 + answer_len)
     # the log: start time (us since the epoch), HTTP status, duration (us); one line a request done
     lat = [int(f[2]) / 1e6 for f in (ln.split() for ln in lines) if len(f) == 3 and f[1] == "200"]
     return H2Run(n_done, good, n_done - good, lat if good == n_done else [])
+
+
+def good_answers(ok_http: int, data: int, per: int) -> int:
+    """How many of `ok_http` answers carried one message of `per` bytes (framing included), from the `data`
+    bytes received in all: the rest carried none (a gRPC error). Data that is not a whole number of such
+    messages means some answer was of another size, and then none is counted good. Nor when the data is a
+    whole number of messages of another size for every answer: that total can also divide into fewer of the
+    expected size (1,428 answers of 118 bytes are 1,416 of 119), so it is read as what it also is, every
+    answer the wrong size (a run with real errors whose total happens to divide so is counted all bad:
+    never a wrong answer counted good)."""
+    good = min(ok_http, data // per)
+    if data != good * per:
+        return 0
+    if good < ok_http and data and data % ok_http == 0:
+        return 0
+    return good
 
 
 NAN = float("nan")

@@ -105,6 +105,18 @@ def test_h2load_counts_answers_by_their_size(echo: tuple[str, int], tmp_path: Pa
     assert other.done > 0 and other.good == 0 and other.errors == other.done
 
 
+def test_answers_of_another_size_are_never_counted_good_even_when_their_total_divides() -> None:
+    """Found when the echo got faster: 1,428 answers of 118 bytes expected at 119 read as 1,416 good ones
+    and 12 errors, because 1,428 x 118 = 1,416 x 119."""
+    from benchmarks.throughput import good_answers
+
+    assert good_answers(1428, 1428 * 118, 119) == 0  # every answer one byte short
+    assert good_answers(100, 100 * 118, 119) == 0  # not a whole number of expected messages
+    assert good_answers(100, 100 * 119, 119) == 100  # all good
+    assert good_answers(100, 97 * 119, 119) == 97  # three errors: HTTP 200, no message
+    assert good_answers(100, 0, 119) == 0  # every call an error
+
+
 def test_h2load_point_of_a_server_that_is_gone_has_no_figures() -> None:
     h2load = ensure_installed("h2load", "nghttp2-client")
     a = argparse.Namespace(connections=2, warmup=0.2, seconds=0.5)
