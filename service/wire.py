@@ -30,6 +30,7 @@ _HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _ID = slice(4, 36)  # a record's id characters: 0x0a len | 0x0a 0x20 <32 characters> | 0x10 <sequence> ...
 _SEQ_AT = 37
 MAX_SEQ_BYTES = 9  # a longer varint (a sequence of 2**63 or more) is read by protobuf
+_SEQ_WEIGHTS = np.uint64(1) << np.arange(0, 7 * MAX_SEQ_BYTES, 7, dtype=np.uint64)  # a varint byte's place
 
 
 def _varint_len(data: bytes, at: int) -> int:
@@ -165,14 +166,12 @@ class Uniform(NamedTuple):
                 known.ids, known.words = chars.tobytes(), words
                 known.forget()
         seq = records[:, layout.seq]
-        if seq.shape[1] > 1 and not seq[:, -1].all():
+        if seq.shape[1] > 1 and np.count_nonzero(seq[:, -1]) < len(records):
             return None  # a sequence written longer than it needs: the answer would not be protobuf's bytes
         if seq.shape[1] == 1:
             seqs = seq[:, 0].astype(np.uint64)
-        else:
-            seqs = np.zeros(len(records), np.uint64)
-            for j in range(seq.shape[1]):
-                seqs |= (seq[:, j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        else:  # each byte's 7 bits at their place: one product for all records (a loop over bytes took 3x)
+            seqs = (seq & 0x7F).astype(np.uint64) @ _SEQ_WEIGHTS[: seq.shape[1]]
         x = np.ascontiguousarray(records[:, layout.values]).view("<f4").astype(np.float32, copy=False)
         return Uniform(records, layout, words, seqs, x.reshape(len(records), 1, layout.cols))
 
