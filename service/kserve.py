@@ -136,9 +136,8 @@ def read_input(req: kpb.ModelInferRequest, mv: ModelVersion, settings: Settings)
             )
         x = np.array(values, np.float32)
     x = x.reshape(batch, rows, n_f)
-    bad = ~np.isfinite(x).all(axis=2)
-    if bad.any():
-        series, row = (int(i) for i in np.argwhere(bad)[0])
+    if np.count_nonzero(np.isfinite(x)) < x.size:  # a count first: a third of the time of locating one
+        series, row = (int(i) for i in np.argwhere(~np.isfinite(x).all(axis=2))[0])
         raise InvalidArgument(
             f"input {name}: series {series}, row {row} holds NaN or infinity; expected finite numbers"
         )
