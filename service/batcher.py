@@ -50,12 +50,12 @@ from .runtime import ModelRuntime
 log = logging.getLogger(__name__)
 
 PAST_DEADLINE = "the deadline passed while the request was queued"  # what a request dropped unrun is told
-# a full batch is handed to the worker while it runs another only when runs take at most this long, so that
-# the latency a request arriving meanwhile pays for it is one run of one-row pieces, never a long one. 512 one-row
-# steps of an LSTM 2x64 take 1.3-1.7 ms alone but 3-10 ms with the event loop and a client on the same two
-# cores: a 5 ms bound turned the hand-over off in about half of those runs (StreamBatch 32 streams, depth 2,
-# six runs each, alternating: 63,467-81,429 steps/s at 5 ms against 80,661-92,384 at 25-50 ms). A model whose
-# 512-step run takes longer than this is not handed over early
+# a full batch (of one-row pieces only) is handed to the worker while it runs another only when the last run
+# took at most this long: a request arriving meanwhile may wait one run more, up to about this, and never one
+# of a long window's pieces. 512 one-row steps of an LSTM 2x64 take 1.3-1.7 ms alone but 3-10 ms with the event
+# loop and a client on the same two cores: a 5 ms bound turned the hand-over off in about half of those runs
+# (StreamBatch 32 streams, depth 2, six runs each, alternating: 63,467-81,429 steps/s at 5 ms against
+# 80,661-92,384 at 25-50 ms). Once a run has taken longer (a heavy model), the next batch waits for the worker
 PREFETCH_MAX_RUN_S = 0.05
 
 # limits used when the runtime carries no settings (test doubles); the server passes its Settings
