@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--unary-hex", required=True, help="every unary answer, hex encoded")
     ap.add_argument("--bidi-hex", required=True, help="every stream answer, hex encoded")
-    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="the event loop")
+    ap.add_argument("--loop", choices=loops.LOOP_CHOICES, default="auto", help="the event loop")
     args = ap.parse_args()
     loops.run(serve(bytes.fromhex(args.unary_hex), bytes.fromhex(args.bidi_hex)), args.loop)
 

@@ -762,7 +762,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument(
         "--loop",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=loops.LOOP_CHOICES,
         default="auto",
         help="the event loop of gatecast (GATECAST_EVENT_LOOP) and of the echo server alike",
     )

@@ -13,11 +13,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LoopChoice = Literal["auto", "uvloop", "asyncio"]
+LOOP_CHOICES: tuple[str, ...] = get_args(LoopChoice)  # for command lines that take the same choice
 
 
 @functools.cache
