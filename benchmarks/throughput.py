@@ -575,7 +575,7 @@ def reach(result: dict[str, Any]) -> None:
     triton = {r["concurrency"]: r["per_s"] for r in servers.get("triton", {}).get("unary", [])}
     cores = os.cpu_count() or 1
     rows = []
-    for r in echo["unary"]:
+    for r in echo.get("unary", []):
         per_call = r["server_cpu_us"] + model_us + r["client_cpu_us"]
         row = {
             "concurrency": r["concurrency"],
@@ -672,7 +672,7 @@ def ratios(result: dict[str, Any]) -> None:
     servers = result["servers"]
     echo = servers.get("echo")
     if echo:
-        ceiling = {r["concurrency"]: r["per_s"] for r in echo["unary"]}
+        ceiling = {r["concurrency"]: r["per_s"] for r in echo.get("unary", [])}
         for s in servers.values():
             for r in s.get("unary", []):
                 r["of_echo"] = r["per_s"] / ceiling[r["concurrency"]] if ceiling.get(r["concurrency"]) else None

@@ -166,3 +166,26 @@ def test_reach_is_the_cores_over_the_echos_cpu_plus_the_graphs_and_flags_a_targe
     bare: dict[str, Any] = {"model_cpu": result["model_cpu"], "servers": {"gatecast": {"unary": []}}}
     reach(bare)
     assert "reach" not in bare
+
+
+def test_a_run_whose_echo_answered_only_observe_points_still_gets_its_ratios() -> None:
+    """Found running `--servers gatecast --observe 64`: the Observe points bring an echo of their own, with
+    no unary points, and the ratios and the reach then failed with KeyError 'unary' after the whole run."""
+    from benchmarks.throughput import ratios, reach
+
+    result: dict[str, Any] = {
+        "model_cpu": [{"cpu_us_per_window": 200.0}],
+        "servers": {
+            "echo": {"observe": [{"concurrency": 64, "per_s": 2000.0}]},
+            "gatecast": {
+                "unary": [{"concurrency": 128, "per_s": 1900.0}],
+                "observe": [{"concurrency": 64, "per_s": 1000.0}],
+            },
+        },
+    }
+    ratios(result)
+    reach(result)
+    gatecast = result["servers"]["gatecast"]
+    assert gatecast["observe"][0]["of_echo"] == 0.5
+    assert gatecast["unary"][0]["of_echo"] is None  # no unary echo in this run: no share of it
+    assert result["reach"] == []
