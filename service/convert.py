@@ -93,6 +93,14 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
+# the .proto a client's code is generated from, by the package of the request's type (the others: health and
+# reflection, grpc's own)
+_PROTOS = (
+    ("gatecast.v1.", "proto/gatecast/v1/forecaster.proto"),
+    ("inference.", "proto/inference/grpc_predict_v2.proto"),
+)
+
+
 class Malformed:
     """A request whose bytes did not decode."""
 
@@ -103,7 +111,8 @@ class Malformed:
         self.error = error
 
     def problem(self) -> MalformedRequest:
+        where = next((f for prefix, f in _PROTOS if self.type_name.startswith(prefix)), "the service's .proto file")
         return MalformedRequest(
             f"the request is not a valid {self.type_name} message ({quote(self.error, 120)}); "
-            "check the client's generated code against proto/gatecast/v1"
+            f"check the client's generated code against {where}"
         )

@@ -132,14 +132,17 @@ class TolerantDecoding(grpc.aio.ServerInterceptor):
             return await continuation(details)
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            wrapped = self._wrapped[method] = self._wrap(method, await continuation(details))
+            wrapped = self._wrap(method, await continuation(details))
+            if wrapped is not None:  # only methods that exist: a client naming new ones must not grow the cache
+                self._wrapped[method] = wrapped
         return wrapped
 
     @staticmethod
     def _wrap(method: str, handler: Any) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
-        tolerant = _tolerant(handler.request_deserializer, method.rsplit("/", 1)[-1] + " request")
+        # "inference.GRPCInferenceService.ModelInfer request": the package says which .proto to check against
+        tolerant = _tolerant(handler.request_deserializer, method.strip("/").replace("/", ".") + " request")
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, Malformed):

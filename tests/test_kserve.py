@@ -312,6 +312,8 @@ def test_malformed_bytes_are_invalid_argument_and_the_server_goes_on(srv: Runnin
         with pytest.raises(grpc.RpcError) as e:
             call(data, timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in str(e.value.details())
+        # the .proto a KServe client is generated from, not gatecast's own
+        assert "against proto/inference/grpc_predict_v2.proto" in str(e.value.details()), e.value.details()
         reply = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request(windows(batch=1)), timeout=10)
         assert outputs(reply)["y"].shape == (1, 48, 1)
 
