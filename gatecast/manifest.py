@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -169,13 +170,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def version_dirs(model_dir: Path) -> dict[int, Path]:
+_VERSION_DIR = re.compile(r"[1-9][0-9]*")  # ASCII digits, no leading zero: one spelling per version
+
+
+def version_dirs(model_dir: Path, odd: list[Path] | None = None) -> dict[int, Path]:
     """The version folders of one model, <repo>/<name>/<integer>/, by version (empty when there is no such
-    model). Staging folders (".name") and other files are not versions. Raises OSError when the model
-    folder cannot be listed."""
+    model). Staging folders (".name") and other files are not versions, nor are folders whose names only
+    read as numbers loosely ("0", "01", "²", "١"): "01" beside "1" would be two folders for one version, and
+    int() refuses "²". Those are appended to `odd` when it is given, for the caller to warn about. Raises
+    OSError when the model folder cannot be listed."""
     if not model_dir.is_dir():
         return {}
-    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    found: dict[int, Path] = {}
+    for p in model_dir.iterdir():
+        if not p.is_dir():
+            continue
+        if _VERSION_DIR.fullmatch(p.name):
+            found[int(p.name)] = p
+        elif odd is not None and p.name.isdigit():
+            odd.append(p)
+    return found
 
 
 def next_version(repo: Path, name: str) -> int:

@@ -70,13 +70,25 @@ def scan(repo: Path) -> list[tuple[str, int, Path]]:
     for model_dir in sorted(repo.iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
+        odd: list[Path] = []
         try:
-            for version, vdir in version_dirs(model_dir).items():
+            for version, vdir in version_dirs(model_dir, odd).items():
                 if (vdir / MANIFEST_FILE).is_file():
                     found.append((model_dir.name, version, vdir))
         except OSError as e:
             log.error("cannot list %s: %s", model_dir, e)
+        for p in odd:
+            if p not in _odd_warned:  # once per folder, not at every scan
+                _odd_warned.add(p)
+                log.warning(
+                    "%s is not a version folder and is skipped: versions are named 1, 2, 3, ... in ASCII digits "
+                    "without a leading zero",
+                    p,
+                )
     return found
+
+
+_odd_warned: set[Path] = set()
 
 
 def folder_signature(folder: Path) -> tuple[tuple[str, int, int, int], ...] | None:

@@ -446,3 +446,31 @@ def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_folders_that_only_loosely_read_as_versions_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a hostile operator: a folder named "²" (str.isdigit() but not int()) stopped the start with a
+    traceback and, appearing later, failed every scan of the repository; "01" beside "1" are two folders for
+    one version, and whichever was listed last won (a stale "01" holding only a manifest hid a complete "1")."""
+    from gatecast.manifest import version_dirs
+
+    repo = _taylor_repo(tmp_path)
+    model = repo / "taylor"
+    (model / "01").mkdir()
+    shutil.copy(model / "1" / "manifest.json", model / "01" / "manifest.json")  # a stale, incomplete copy
+    for name in ("0", "²", "١"):
+        (model / name).mkdir()
+    odd: list[Path] = []
+    assert version_dirs(model, odd) == {1: model / "1"}
+    assert sorted(p.name for p in odd) == sorted(["01", "0", "²", "١"])
+    srv = RunningServer(server_settings(repo))
+    try:
+        assert _listed(srv.address) == [("taylor", 1)]
+        _copy_version(DEFAULT_MODEL / "1", model / "2", version=2)  # later versions are still found
+        _wait(lambda: _listed(srv.address) == [("taylor", 1), ("taylor", 2)], "v2 is loaded")
+        warned = [r.getMessage() for r in caplog.records if "is not a version folder" in r.getMessage()]
+        assert sorted(Path(w.split(" is not")[0]).name for w in warned) == sorted(p.name for p in odd)  # once each
+    finally:
+        srv.stop()
