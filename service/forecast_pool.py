@@ -20,8 +20,13 @@ write.
   whose batch queue refuses them RESOURCE_EXHAUSTED when full, as without workers.
 - A caller that goes away (cancel, deadline) cancels its request in the worker; the worker drops what is
   past its deadline, like the main process's batcher.
-- A worker that holds requests and answers none of them for `forecast_worker_stall_s` (hung, or stopped)
-  is killed: a request without a deadline must not wait on it for ever.
+- A worker that owes answers and sends none for `forecast_worker_stall_s` (hung, or stopped) is killed: a
+  request without a deadline must not wait on it for ever. Every request sent gets exactly one ANSWER frame
+  back, a cancelled one too (the worker acknowledges the cancel), so a worker that only ever sees requests
+  whose callers gave up first is still found out.
+- A worker serves a version only with the manifest the main process loaded (sent with the load and compared
+  with what the worker reads), so a manifest edited on disk after the main process loaded it cannot make a
+  restarted worker answer differently.
 - A worker that exits answers the requests it held UNAVAILABLE (a request that crashed its worker must not
   be retried in the process holding every session) and is started again, after a backoff that doubles
   while workers keep dying young; meanwhile Forecasts run in the main process.
@@ -65,6 +70,7 @@ HELLO, FORECAST, CANCEL, LOAD, UNLOAD = 0, 1, 2, 3, 4
 ANSWER, LOADED, BATCHES = 1, 3, 5
 UNDECODABLE = 255
 NO_DEADLINE = -1.0
+ID_LIMIT = 2**32 - 1  # request ids fill HEAD's unsigned 32-bit field
 READ_SIZE = 1 << 18
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 YOUNG_S = 10.0  # a worker that dies younger than this doubles the backoff before the next one
@@ -247,8 +253,9 @@ class _Worker:
         finally:
             theirs.close()
         self.started = time.monotonic()
-        self.ids = itertools.count(1)
+        self._next_id = 0
         self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.owed = 0  # requests sent and not yet answered, cancelled ones included (the stall watchdog's count)
         self.ready: dict[ModelVersion, int] = {}  # versions it has loaded, with their key
         self.asked: dict[int, ModelVersion] = {}  # key -> version, loads sent and not yet confirmed
         self.failed: set[int] = set()  # keys it could not load: not asked again (their Forecasts stay here)
@@ -262,9 +269,16 @@ class _Worker:
     def alive(self) -> bool:
         return self.channel.reading
 
+    def next_id(self) -> int:
+        """A request id for the frame's 32-bit field: 1, 2, ... and round again after 2**32 - 1 (ids in
+        flight at once number at most max_queue_size)."""
+        self._next_id = self._next_id % ID_LIMIT + 1
+        return self._next_id
+
     def _frame(self, kind: int, ident: int, arg: int, deadline: float, payload: bytes) -> None:
         if kind == ANSWER:
             self.last_answer = time.monotonic()
+            self.owed = max(0, self.owed - 1)
             fut = self.pending.pop(ident, None)
             if fut is not None and not fut.done():
                 fut.set_result((arg, payload))
@@ -349,13 +363,13 @@ class ForecastPool:
             now = time.monotonic()
             for w in self.workers:
                 quiet = now - max(w.busy_since, w.last_answer)
-                if w.alive and w.pending and not w.closing and quiet > self.stall_s:
+                if w.alive and w.owed and not w.closing and quiet > self.stall_s:
                     log.error(
                         "forecast worker %d (pid %d) answered none of its %d request(s) for %.1f s "
                         "(GATECAST_FORECAST_WORKER_STALL_S): killed",
                         w.index,
                         w.proc.pid,
-                        len(w.pending),
+                        w.owed,
                         quiet,
                     )
                     with contextlib.suppress(ProcessLookupError):
@@ -390,7 +404,7 @@ class ForecastPool:
                 continue
             w.asked[key] = mv
             m = mv.runtime.manifest
-            spec = {"folder": str(mv.runtime.path), "name": m.name, "version": m.version, "sha256": m.onnx.sha256}
+            spec = {"folder": str(mv.runtime.path), "manifest": m.model_dump_json()}
             w.channel.send(LOAD, 0, key, NO_DEADLINE, json.dumps(spec).encode())
 
     def _check_ready(self) -> None:
@@ -417,11 +431,12 @@ class ForecastPool:
         if best is None:
             return None
         w = best
-        ident = next(w.ids)
+        ident = w.next_id()
         fut: asyncio.Future[tuple[int, bytes]] = w.loop.create_future()
-        if not w.pending:
+        if not w.owed:
             w.busy_since = time.monotonic()
         w.pending[ident] = fut
+        w.owed += 1
         w.channel.send(FORECAST, ident, w.ready[mv], NO_DEADLINE if deadline is None else deadline, data)
         self._to_worker.inc()
         try:

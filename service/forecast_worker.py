@@ -7,9 +7,11 @@ Forecast requests as their bytes. Each request is decoded and checked as in the 
 forecast_inputs, which refuse it with the main process's words) and answered with the ForecastResponse's
 bytes or the status and message of its refusal.
 
-A request whose series each run in one piece (at most chunk_rows rows) takes the lean path: its series wait
-in their model's line and run in this thread (onnxruntime releases the GIL) as batches bounded as the
-batcher bounds a run (max_batch_size series, max_batch_rows rows; one onnxruntime run per series length),
+A request whose series each run in one piece (at most chunk_rows rows) takes the lean path: it waits in its
+model's line and its series run in this thread (onnxruntime releases the GIL) as batches bounded as the
+batcher bounds a run (max_batch_size series, max_batch_rows rows; one onnxruntime run per series length) and
+shared as the batcher shares them (requests in turn, each at most half a batch while others wait, so a small
+request is not held behind a big one's many batches),
 after the frames of the current read have been taken, so what arrives during a run forms the next batch
 (no waiting for more: an idle worker runs a lone request at once). Deadlines, cancels, failed runs and the
 batch metrics are kept as the batcher keeps them. A longer request goes to a Batcher of its version, which
@@ -43,6 +45,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 from . import loops
@@ -61,6 +64,7 @@ log = logging.getLogger("gatecast.service.forecast_worker")
 METRICS_EVERY_S = 0.5
 _REQUEST = pb.ForecastRequest.DESCRIPTOR.full_name
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
+_CANCELLED = 1  # grpc.StatusCode.CANCELLED
 
 
 class _Record:
@@ -105,17 +109,20 @@ class _BatchMetrics:
 
 
 class _Lean:
-    """A request on the lean path: each series fits in one piece; its series wait in their model's line."""
+    """A request on the lean path: each series fits in one piece; it waits in its model's line."""
 
-    __slots__ = ("deadline", "enqueued", "ident", "left", "model", "outs")
+    __slots__ = ("deadline", "enqueued", "ident", "left", "model", "next", "outs", "rows", "xs")
 
-    def __init__(self, ident: int, model: _Model, deadline: float | None, n: int) -> None:
+    def __init__(self, ident: int, model: _Model, deadline: float | None, xs: list[Any]) -> None:
         self.ident = ident
         self.model = model
         self.deadline = deadline
         self.enqueued = time.monotonic()
-        self.outs: list[Output | None] = [None] * n
-        self.left = n  # series not yet run; -1: dropped (cancelled, failed, past its deadline)
+        self.xs = xs
+        self.next = 0  # its first series not yet taken into a batch
+        self.rows = sum(int(x.shape[0]) for x in xs)  # rows of its series not yet taken
+        self.outs: list[Output | None] = [None] * len(xs)
+        self.left = len(xs)  # series not yet run; -1: dropped (cancelled, failed, past its deadline)
 
 
 @dataclass(eq=False)
@@ -123,7 +130,7 @@ class _Model:
     runtime: ModelRuntime
     batcher: Batcher
     metrics: _BatchMetrics
-    held: deque[tuple[_Lean, int, Any]] = field(default_factory=deque)  # lean series waiting to run
+    held: deque[_Lean] = field(default_factory=deque)  # lean requests with series waiting to run, in turn
     held_rows: int = 0
     held_requests: int = 0
 
@@ -164,11 +171,14 @@ class Worker:
         if kind == FORECAST:
             self._forecast(ident, arg, None if deadline < 0 else deadline, payload)
         elif kind == CANCEL:
-            for fut in self.inflight.pop(ident, ()):
+            futures = self.inflight.pop(ident, None)
+            for fut in futures or ():
                 fut.cancel()  # the batcher drops a cancelled item before it runs
             lean = self.lean.pop(ident, None)
             if lean is not None:
                 self._drop(lean)  # its series are skipped when their turn comes
+            if futures is not None or lean is not None:  # not answered yet: acknowledged, so each request sent
+                self.channel.send(ANSWER, ident, _CANCELLED, payload=b"cancelled")  # gets one answer (stall watch)
         elif kind == HELLO:
             self.settings = Settings.model_validate_json(payload)
         elif kind == LOAD:
@@ -184,10 +194,12 @@ class Worker:
         try:
             runtime = await asyncio.to_thread(ModelRuntime.load, Path(spec["folder"]), s)
             m = runtime.manifest
-            if (m.name, m.version, m.onnx.sha256) != (spec["name"], spec["version"], spec["sha256"]):
+            served = Manifest.model_validate_json(spec["manifest"])
+            if m != served:  # the graph's sha256 is in the manifest: a replaced graph differs too
+                changed = sorted(k for k in type(m).model_fields if getattr(m, k) != getattr(served, k))
                 raise RuntimeError(
-                    f"{spec['folder']} holds {m.name} v{m.version} with graph sha256 {m.onnx.sha256[:12]}, not "
-                    f"the graph the main process serves ({spec['sha256'][:12]})"
+                    f"{spec['folder']} holds a manifest for {m.name} v{m.version} that differs from the one the "
+                    f"main process serves (changed on disk since it loaded: {', '.join(changed)})"
                 )
         except Exception as e:
             self.channel.send(LOADED, 0, key, payload=str(e).encode())
@@ -241,19 +253,17 @@ class Worker:
         """The lean path: a request whose series each run in one piece waits, series by series, in its
         model's line; `_run_lean` runs what is held as batches in this thread, after the frames of the
         current read have been taken (what arrives during a run forms the next batch)."""
-        b = model.batcher
-        rows = sum(int(x.shape[0]) for x in xs)
-        try:
-            b.admit(rows, model.held_rows, model.held_requests)  # the lean line and the batcher's share its bounds
+        lean = _Lean(ident, model, deadline, xs)
+        try:  # the lean line and the batcher's share its bounds
+            model.batcher.admit(lean.rows, model.held_rows, model.held_requests)
         except ResourceExhausted as e:
             self._refuse(ident, e)
             return
-        lean = _Lean(ident, model, deadline, len(xs))
         self.lean[ident] = lean
-        model.held.extend((lean, i, x) for i, x in enumerate(xs))
-        model.held_rows += rows
+        model.held.append(lean)
+        model.held_rows += lean.rows
         model.held_requests += 1
-        if len(model.held) == len(xs):  # the line was empty
+        if len(model.held) == 1:  # the line was empty
             self.busy.append(model)
         if not self.scheduled:
             self.scheduled = True
@@ -284,29 +294,47 @@ class Worker:
             asyncio.get_running_loop().call_soon(self._run_lean)
 
     def _run_batch(self, model: _Model) -> None:
+        """One batch from the model's line, taken as the batcher takes one (`Batcher._take`): requests in
+        turn, in a first pass each at most half of the batch's series and rows, then what is left to fill it;
+        a request partly taken goes to the back of the line."""
         b, held, metrics = model.batcher, model.held, model.metrics
         batch: list[tuple[_Lean, int, Any]] = []
         rows = 0
         now = time.monotonic()
-        while held and len(batch) < b.max_batch_size:
-            lean, i, x = held[0]
-            n = int(x.shape[0])
-            if lean.left < 0:  # dropped
-                held.popleft()
-                model.held_rows -= n
-                continue
-            if lean.deadline is not None and now > lean.deadline:
-                held.popleft()
-                model.held_rows -= n
-                self._fail(lean, DeadlineExceeded(PAST_DEADLINE))
-                continue
-            if batch and rows + n > b.max_batch_rows:
-                break
-            held.popleft()
-            model.held_rows -= n
-            batch.append((lean, i, x))
-            rows += n
-            metrics.queue_wait.observe(now - lean.enqueued)
+        quota_rows = max(b.chunk_rows, b.max_batch_rows // 2)
+        quota_items = max(1, b.max_batch_size // 2)
+        for quota in (True, False):
+            rotated: list[_Lean] = []
+            for _ in range(len(held)):
+                if len(batch) >= b.max_batch_size or rows >= b.max_batch_rows:
+                    break
+                lean = held.popleft()
+                if lean.left < 0:  # dropped: its series are not run
+                    model.held_rows -= lean.rows
+                    continue
+                if lean.deadline is not None and now > lean.deadline:
+                    model.held_rows -= lean.rows
+                    self._fail(lean, DeadlineExceeded(PAST_DEADLINE))
+                    continue
+                taken = taken_rows = 0
+                while lean.next < len(lean.xs) and len(batch) < b.max_batch_size:
+                    x = lean.xs[lean.next]
+                    n = int(x.shape[0])
+                    if quota and taken and (taken_rows + n > quota_rows or taken >= quota_items):
+                        break
+                    if batch and rows + n > b.max_batch_rows:
+                        break
+                    batch.append((lean, lean.next, x))
+                    lean.next += 1
+                    lean.rows -= n
+                    model.held_rows -= n
+                    rows += n
+                    taken += 1
+                    taken_rows += n
+                    metrics.queue_wait.observe(now - lean.enqueued)
+                if lean.next < len(lean.xs):
+                    rotated.append(lean)  # series left: to the back of the line
+            held.extend(rotated)
         if not batch:
             return
         metrics.batch_size.observe(len(batch))

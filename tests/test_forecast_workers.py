@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -291,6 +292,90 @@ def test_a_worker_that_answers_nothing_is_killed_and_its_calls_answered(tmp_path
         assert ready(srv) and worker_pid(srv) != pid
         before = path_count(srv, "worker")
         assert call(srv, data)[0] == "OK" and path_count(srv, "worker") == before + 1
+    finally:
+        srv.stop()
+
+
+def test_a_hung_worker_is_found_out_when_every_caller_gives_up_first(tmp_path: Path) -> None:
+    """Found by a hostile client: callers with deadlines shorter than forecast_worker_stall_s each cancel their
+    request before the stall is reached, the worker's line looked empty again, and the next request started
+    the count afresh: a stopped worker was never killed. Cancelled requests still count until the worker
+    acknowledges them."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    srv = RunningServer(server_settings(repo, forecast_workers=1, forecast_worker_stall_s=1.0))
+    try:
+        assert ready(srv)
+        data = request("taylor", taylor_values()[:432])
+        pid = worker_pid(srv)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            codes = []
+            deadline = time.monotonic() + 30
+            while worker_pid(srv) == pid and time.monotonic() < deadline:
+                codes.append(call(srv, data, 0.4)[0])  # each gives up well before the 1 s stall
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert worker_pid(srv) != pid, f"the stopped worker was never replaced ({len(codes)} calls: {set(codes)})"
+        assert codes.count("DEADLINE_EXCEEDED") >= 2  # callers gave up before the stall was reached
+        assert ready(srv)
+        before = path_count(srv, "worker")
+        assert call(srv, data)[0] == "OK" and path_count(srv, "worker") == before + 1
+    finally:
+        srv.stop()
+
+
+def test_request_ids_go_round_after_the_frames_32_bits(tmp_path: Path) -> None:
+    """Found by a hostile review: ids counted on past 2**32 - 1 (weeks of traffic) failed to pack into the
+    frame, and every Forecast through the worker answered INTERNAL from then on."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    srv = RunningServer(server_settings(repo, forecast_workers=1))
+    try:
+        assert ready(srv)
+        assert srv.app.forecasts is not None
+        w = srv.app.forecasts.workers[0]
+        w._next_id = 2**32 - 3
+        data = request("taylor", taylor_values()[:100])
+        before = path_count(srv, "worker")
+        expected = call(srv, data)
+        assert expected[0] == "OK"
+        assert all(call(srv, data) == expected for _ in range(5))
+        assert path_count(srv, "worker") == before + 6 and 1 <= w._next_id <= 4  # went round, through the worker
+    finally:
+        srv.stop()
+
+
+def test_a_small_request_is_not_held_behind_a_big_ones_many_batches(tmp_path: Path) -> None:
+    """Found by a hostile client: the worker's lean line was one line of series, so a one-row Forecast sent
+    after one of 2,000 short series waited for every batch of it (688 ms, against 5 ms in the main
+    process). Requests now take turns as in the batcher: the small one is answered while the big one runs."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
+    srv = RunningServer(server_settings(repo, forecast_workers=1, max_message_mb=64, max_series=4096))
+    try:
+        assert ready(srv)
+        values = taylor_values()
+        big = request("taylor", *[values[:432]] * 2000)  # 432 rows each: one piece, the lean path
+        small = request("taylor", values[:1])
+        expected_small = call(srv, small)
+        finished: list[str] = []
+
+        def run_big() -> None:
+            assert call(srv, big, 120)[0] == "OK"
+            finished.append("big")
+
+        before = path_count(srv, "worker")
+        t = threading.Thread(target=run_big)
+        t.start()
+        while pending(srv) == 0:  # the big one is in the worker
+            time.sleep(0.002)
+        assert call(srv, small, 120) == expected_small
+        big_still_in_the_worker = pending(srv)
+        t.join()
+        assert big_still_in_the_worker == 1 and finished == ["big"]
+        assert path_count(srv, "worker") == before + 2  # both ran in the worker
     finally:
         srv.stop()
 
@@ -581,9 +666,10 @@ class WorkerProcess:
 def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_its_batches(repo: Path) -> None:
     """Driven frame by frame: a request whose deadline has passed when its turn comes is answered
     DEADLINE_EXCEEDED with the batcher's words (run whole or in chunks); one cancelled in the same read is not
-    answered at all; the others are answered with the in-process bytes, their batches are forwarded (one
-    series per run here, counted once each), and the end of the input ends the worker with exit code 0."""
-    import time
+    run, and its cancel is acknowledged (CANCELLED: every request sent gets exactly one answer frame, which the
+    main process's stall watchdog counts on); the others are answered with the in-process bytes, their batches
+    are forwarded (one series per run here, counted once each), and the end of the input ends the worker with
+    exit code 0."""
 
     from gatecast.service.forecast_pool import ANSWER, BATCHES, CANCEL, FORECAST, LOAD, LOADED
 
@@ -592,7 +678,7 @@ def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_it
     worker = WorkerProcess(repo, **settings)
     try:
         manifest = Manifest.read(repo / "taylor" / "1")
-        spec = {"folder": str(repo / "taylor" / "1"), "name": "taylor", "version": 1, "sha256": manifest.onnx.sha256}
+        spec = {"folder": str(repo / "taylor" / "1"), "manifest": manifest.model_dump_json()}
         worker.send(LOAD, 0, 7, json.dumps(spec).encode())
         assert worker.read() == (LOADED, 1, 7, b"")
         series = taylor_values()
@@ -621,25 +707,26 @@ def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_it
                     assert arg == 7 and counts[0] == counts[2] == counts[3]  # one series per run here
                     batch_sizes.extend(values[counts[0] + counts[1] : counts[0] + counts[1] + counts[2]])
 
-        read_until(lambda: len(answers) == 3)
+        read_until(lambda: len(answers) == 4)
         words = b"the deadline passed while the request was queued"
         deadline = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert answers[1] == (deadline, words) and answers[2] == (deadline, words)
         assert answers[4] == (0, call(plain, small)[1])
-        assert 3 not in answers  # cancelled before it ran
+        cancelled = (grpc.StatusCode.CANCELLED.value[0], b"cancelled")
+        assert answers[3] == cancelled  # cancelled before it ran: acknowledged, not run
         worker.send(FORECAST, 5, 7, small)
         read_until(lambda: 5 in answers and len(batch_sizes) == 2)  # forwarded about twice a second
-        assert answers[5] == (0, call(plain, small)[1]) and 3 not in answers
+        assert answers[5] == (0, call(plain, small)[1])
         assert batch_sizes == [1.0, 1.0]  # id 4, then id 5: each ran alone
         # a chunked request of two series, past its deadline and cancelled in the same read: its series fail
-        # and its call has gone; nothing is answered, and nothing is left for asyncio to log as unread
+        # and its call has gone; only the cancel is answered, and nothing is left for asyncio to log as unread
         worker.sock.sendall(
             worker.frame(FORECAST, 6, 7, request("taylor", series[:200], series[:200]), past)
             + worker.frame(CANCEL, 6, 0)
         )
         worker.send(FORECAST, 7, 7, small)
         read_until(lambda: 7 in answers)
-        assert 6 not in answers
+        assert answers[6] == cancelled
         assert worker.close() == 0
         assert worker.proc.stderr is not None
         log = worker.proc.stderr.read()
@@ -647,6 +734,30 @@ def test_the_worker_drops_what_is_past_its_deadline_or_cancelled_and_forwards_it
     finally:
         worker.proc.kill()
         plain.stop()
+
+
+def test_a_worker_refuses_a_manifest_changed_since_the_main_process_loaded_it(repo: Path) -> None:
+    """Found by a hostile operator: a worker (re)started after the manifest was edited in place (quantile
+    levels changed, the graph the same) served the edited one from disk, so Forecast answered with other quantiles
+    than GetModel listed, and KServe failed INTERNAL. A worker now serves a version only with the manifest
+    the main process sent; otherwise its Forecasts stay in the main process."""
+    from gatecast.service.forecast_pool import LOAD, LOADED
+
+    worker = WorkerProcess(repo, forecast_workers=1, **LIMITS)
+    try:
+        folder = repo / "taylor" / "1"
+        served = Manifest.read(folder)
+        # what the main process loaded before the file was edited: another scaling of the values
+        edited = served.model_copy(update={"scaler": served.scaler.model_copy(update={"mean": [1.0]})})
+        worker.send(LOAD, 0, 3, json.dumps({"folder": str(folder), "manifest": edited.model_dump_json()}).encode())
+        kind, ok, key, error = worker.read()
+        assert (kind, ok, key) == (LOADED, 0, 3)
+        assert "differs from the one the main process serves" in error.decode() and "scaler" in error.decode()
+        worker.send(LOAD, 0, 4, json.dumps({"folder": str(folder), "manifest": served.model_dump_json()}).encode())
+        assert worker.read() == (LOADED, 1, 4, b"")
+        assert worker.close() == 0
+    finally:
+        worker.proc.kill()
 
 
 def test_the_workers_own_line_is_bounded_as_the_batchers_queue(repo: Path) -> None:
@@ -657,7 +768,7 @@ def test_the_workers_own_line_is_bounded_as_the_batchers_queue(repo: Path) -> No
     worker = WorkerProcess(repo, forecast_workers=1, max_queue_size=1, **LIMITS)
     try:
         manifest = Manifest.read(repo / "taylor" / "1")
-        spec = {"folder": str(repo / "taylor" / "1"), "name": "taylor", "version": 1, "sha256": manifest.onnx.sha256}
+        spec = {"folder": str(repo / "taylor" / "1"), "manifest": manifest.model_dump_json()}
         worker.send(LOAD, 0, 7, json.dumps(spec).encode())
         assert worker.read() == (LOADED, 1, 7, b"")
         small = request("taylor", taylor_values()[:40])
