@@ -835,8 +835,11 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
             mv = table.version(number)
             n_f = mv.runtime.manifest.n_features
             shaped = [i for i in idx if rows[i].cols == n_f and len(rows[i].values) == n_f]
-            x = np.array([v for i in shaped for v in rows[i].values], np.float32).reshape(-1, 1, n_f)
-            finite = np.isfinite(x).reshape(len(shaped), -1).all(axis=1)
+            if not shaped:  # each refused the way a single Observe refuses it, below
+                slow += idx
+                continue
+            x = np.array([v for i in shaped for v in rows[i].values], np.float32).reshape(len(shaped), 1, n_f)
+            finite = np.isfinite(x).reshape(len(shaped), n_f).all(axis=1)
             slots = np.array([codes[i] & SLOT_MASK for i in shaped], np.int64)
             seqs = np.array([seq_of[i] for i in shaped], np.uint64)
             claimed = np.zeros(len(shaped), np.bool_)

@@ -158,6 +158,25 @@ def test_each_step_has_its_own_error_and_the_others_succeed(stub: pb_grpc.Foreca
     assert reply.results[1].WhichOneof("result") == "forecast"
 
 
+def test_a_message_whose_only_one_row_steps_are_misshapen_answers_each_its_error(
+    stub: pb_grpc.ForecasterStub, srv: RunningServer
+) -> None:
+    """Found by a hostile client: when no one-row step of a version had the model's width (a row declared
+    1x1 with no values, or two values for one column), the whole message answered INTERNAL, and a step of
+    another version earlier in the same message was applied though nobody was told."""
+    (d, e), _ = _twins(stub, 2)
+    empty = pb.ObserveRequest(session_id=d, sequence=1, rows=pb.Matrix(rows=1, cols=1))
+    two = pb.ObserveRequest(session_id=e, sequence=1, rows=pb.Matrix(rows=1, cols=1, values=[1.0, 2.0]))
+    g = grpc.StatusCode
+    for steps in ([empty], [empty, two]):
+        reply = stub.ObserveBatch(pb.ObserveBatchRequest(steps=steps), timeout=30)
+        assert [r.error.code for r in reply.results] == [g.INVALID_ARGUMENT.value[0]] * len(steps), reply
+        streamed = list(stub.StreamBatch(iter([pb.ObserveBatchRequest(steps=steps)]), timeout=30))
+        assert [r.error.code for r in streamed[0].results] == [g.INVALID_ARGUMENT.value[0]] * len(steps)
+    assert last_sequences(srv, [d, e]) == [0, 0]  # nothing applied
+    assert stub.Observe(_step(d, 1, 0)).forecast.rows > 0  # and the sessions go on from sequence 1
+
+
 def test_limits_and_refused_messages(stub: pb_grpc.ForecasterStub, srv: RunningServer) -> None:
     (a,), _ = _twins(stub, 1)
     too_many = pb.ObserveBatchRequest(steps=[_step(a, 1, 0)] * (MAX_STEPS + 1))
