@@ -1109,6 +1109,8 @@ class ForecasterServicer(Front, pb_grpc.ForecasterServicer):
                     # a step still queued or running keeps the slot until it has finished (see sessions)
                     self.sessions.discard(session)
                     raise
+                if session.closed:  # by a client that knew the id it proposed: the slot may be another's now
+                    raise NotFound(f"session {session.id!r} was closed while its history was being applied")
                 session.steps += rows
                 _fill(response, out)
             await self.sessions.opened(session)  # issue 12: in the session store before the client has its id

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from gatecast import SESSION_HEADER
 from gatecast.graph import zero_states
 from gatecast.manifest import Manifest
 from gatecast.service.batcher import PREFETCH_MAX_RUN_S
@@ -132,6 +133,34 @@ def test_cancelled_open_session_keeps_its_slot_until_the_warmup_wrote_it(taylor_
         np.testing.assert_allclose(got, fresh, rtol=1e-5)  # from zero, not from the stranger's warm-up
         stub.CloseSession(pb.CloseSessionRequest(session_id=other))
         assert mv.pool.used == used
+
+
+def test_a_session_closed_while_its_history_runs_leaves_nothing_to_the_next_one(taylor_repo: Path) -> None:
+    """Found by a hostile client: OpenSession with a proposed id and a history, CloseSession of that id while
+    the history ran. The open went on to add the history's rows to the freed slot's step count and answered
+    OK; the next session to get the slot closed with 20,000 steps it never took. Now the open answers
+    NOT_FOUND and the next session starts from nothing."""
+    values = taylor_values()
+    sid = "ab" * 16
+    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.ForecasterStub(ch)
+        mv = version(srv)
+        with RuntimeDouble(mv) as rt:
+            rt.gate.clear()
+            rt.started.clear()
+            opening = stub.OpenSession.future(
+                pb.OpenSessionRequest(model="taylor", history=matrix(values[:2000])), metadata=((SESSION_HEADER, sid),)
+            )
+            assert rt.started.wait(10), "the history never ran"
+            closing = stub.CloseSession.future(pb.CloseSessionRequest(session_id=sid))  # waits for the history
+            time.sleep(0.2)
+            rt.gate.set()
+            assert closing.result(timeout=30).steps == 0  # the history had not been counted yet
+            with pytest.raises(grpc.RpcError) as e:
+                opening.result(timeout=30)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "closed while its history" in str(e.value.details())
+        other = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+        assert stub.CloseSession(pb.CloseSessionRequest(session_id=other)).steps == 0
 
 
 def test_a_commit_that_raises_still_answers_every_item(taylor_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
