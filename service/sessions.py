@@ -85,6 +85,24 @@ Known = tuple[ModelVersion, int, bytes, int, int, int]
 TRIM_CHURN = 65536  # opens, closes and steps after which a sweep trims the C heap (what serving them freed goes back)
 
 
+_U64 = (1 << 64) - 1
+_FMIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _fmix(z: int) -> int:
+    """splitmix64's finalizer on a 64-bit int: a bijection in which every input bit reaches every output bit."""
+    z = ((z ^ (z >> 30)) * _FMIX[0]) & _U64
+    z = ((z ^ (z >> 27)) * _FMIX[1]) & _U64
+    return z ^ (z >> 31)
+
+
+def _fmix_array(z: np.ndarray) -> np.ndarray:
+    """`_fmix` of uint64s (numpy's uint64 products wrap as the masked ones do)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_FMIX[0])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_FMIX[1])
+    return z ^ (z >> np.uint64(31))  # type: ignore[no-any-return]
+
+
 def rows_digest(x: np.ndarray) -> bytes:
     """What identifies a step's rows for retries, 8 bytes, from the rows as row-major float32 (a session's
     column count is fixed by its model, so the bytes also fix the row count): rows of at most 7 bytes are
@@ -351,6 +369,10 @@ class SessionTable:
         self._shift = 32
         self._index: np.ndarray = np.zeros(MIN_INDEX, np.uint32)
         self._count = 0
+        # an id's home in the index is a keyed hash of both its words (`_home`), the keys drawn per table: a
+        # client that proposes its ids (OpenSession's SESSION_HEADER) cannot pick ids that share a home, whose
+        # cluster every lookup would walk in Python on the event loop (the home was the id's second word)
+        self._keys = (secrets.randbits(64), secrets.randbits(64))
         self._churn = 0  # opens, closes and steps since the heap was last trimmed
         self._mvs: dict[int, ModelVersion] = {}  # number -> version, while it has slots in use
         self._numbers: dict[int, int] = {}  # id(version) -> number (the lowest free one: numbers stay small)
@@ -440,10 +462,24 @@ class SessionTable:
     def _id_words(self, code: int) -> np.ndarray:
         return self._mvs[code >> 32].pool.columns["id"][code & SLOT_MASK]
 
+    def _home(self, w0: int, w1: int) -> int:
+        """The keyed hash of an id's two words (the index position is its low bits): each word mixed in
+        through splitmix64's finalizer, so every bit of either word reaches every bit of the hash."""
+        k0, k1 = self._keys
+        return _fmix(_fmix(w0 ^ k0) ^ w1 ^ k1)
+
+    def _homes(self, words: np.ndarray) -> np.ndarray:
+        """`_home` of many ids ([n, 2] uint64 words): uint64."""
+        k0, k1 = (np.uint64(k) for k in self._keys)
+        return _fmix_array(_fmix_array(words[:, 0] ^ k0) ^ words[:, 1] ^ k1)
+
+    def _key_home(self, key: bytes) -> int:
+        return self._home(int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little"))
+
     def _find(self, key: bytes) -> tuple[int, int]:
         """(position in the index, code) of the live session with this id, or (-1, -1)."""
         index, mask = self._index, len(self._index) - 1
-        i = int.from_bytes(key[8:], "little") & mask
+        i = self._key_home(key) & mask
         while True:
             e = int(index[i])
             if e == 0:
@@ -456,7 +492,7 @@ class SessionTable:
     def _insert(self, key: bytes, code: int) -> None:
         """Adds an entry; room was made beforehand (`_make_room`, before the slot became live)."""
         index, mask = self._index, len(self._index) - 1
-        i = int.from_bytes(key[8:], "little") & mask
+        i = self._key_home(key) & mask
         while index[i]:
             i = (i + 1) & mask
         index[i] = self._entry(code)
@@ -475,7 +511,8 @@ class SessionTable:
             e = int(index[j])
             if e == 0:
                 break
-            home = int(self._id_words(self._code(e))[1]) & mask
+            w = self._id_words(self._code(e))
+            home = self._home(int(w[0]), int(w[1])) & mask
             if (j - home) & mask >= (j - i) & mask:  # i lies between its home and j: it may move back to i
                 index[i] = e
                 i = j
@@ -494,7 +531,7 @@ class SessionTable:
             cols = mv.pool.columns
             slots = np.flatnonzero(cols["flags"] & LIVE_MASK == USED)
             entries.append(((np.int64(number) << self._shift) | slots.astype(np.int64)) + 1)
-            homes.append(cols["id"][slots, 1])
+            homes.append(self._homes(cols["id"][slots]))
         index = np.zeros(size, dtype)
         mask = size - 1
         entry = np.concatenate(entries).astype(dtype) if entries else np.zeros(0, dtype)
@@ -724,7 +761,7 @@ class SessionTable:
         codes, -1 where no live session has that id."""
         n = len(words)
         mask = len(self._index) - 1
-        pos = (words[:, 1] & np.uint64(mask)).astype(np.int64)
+        pos = (self._homes(words) & np.uint64(mask)).astype(np.int64)
         found = np.full(n, -1, np.int64)
         todo = np.arange(n)
         only = next(iter(self._mvs)) if len(self._mvs) == 1 else None
