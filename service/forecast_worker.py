@@ -45,7 +45,6 @@ from typing import Any, cast
 
 import numpy as np
 
-from gatecast.manifest import Manifest
 from gatecast.v1 import forecaster_pb2 as pb
 
 from . import loops
@@ -194,9 +193,12 @@ class Worker:
         try:
             runtime = await asyncio.to_thread(ModelRuntime.load, Path(spec["folder"]), s)
             m = runtime.manifest
-            served = Manifest.model_validate_json(spec["manifest"])
-            if m != served:  # the graph's sha256 is in the manifest: a replaced graph differs too
-                changed = sorted(k for k in type(m).model_fields if getattr(m, k) != getattr(served, k))
+            # compared as the same serialisation (the graph's sha256 is in it: a replaced graph differs too); as
+            # JSON text, not parsed, since a score may be NaN or infinity (written as null) and NaN != NaN
+            ours, served = m.model_dump_json(), spec["manifest"]
+            if ours != served:
+                a, b = json.loads(ours), json.loads(served)
+                changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
                 raise RuntimeError(
                     f"{spec['folder']} holds a manifest for {m.name} v{m.version} that differs from the one the "
                     f"main process serves (changed on disk since it loaded: {', '.join(changed)})"

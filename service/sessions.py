@@ -61,7 +61,7 @@ ANSWERED = 8  # an answer to last_seq is stored
 LIVE_MASK = USED | CLOSING  # a session is live when (flags & LIVE_MASK) == USED
 # the per-session columns kept in each pool: name -> (dtype, shape per session); 39 bytes
 COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "id": ("<u8", (2,)),  # the 16 id bytes as two little-endian words; the second is the hash key
+    "id": ("<u8", (2,)),  # the 16 id bytes as two little-endian words; both are hashed, keyed (`_home`)
     "flags": ("u1", ()),  # USED, CLOSING, HELD, ANSWERED (the pool makes this column)
     "last_seq": ("u4", ()),  # SEQ_BIG: at least that; the table's big_seqs holds any larger one exactly
     "steps": ("u4", ()),  # rows applied, saturating at STEPS_MAX

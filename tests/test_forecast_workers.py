@@ -755,6 +755,18 @@ def test_a_worker_refuses_a_manifest_changed_since_the_main_process_loaded_it(re
         assert "differs from the one the main process serves" in error.decode() and "scaler" in error.decode()
         worker.send(LOAD, 0, 4, json.dumps({"folder": str(folder), "manifest": served.model_dump_json()}).encode())
         assert worker.read() == (LOADED, 1, 4, b"")
+        # found in review of that check: a score of infinity or NaN (serialised as null, and NaN != NaN) made
+        # every worker refuse an unchanged manifest
+        odd = repo / "odd" / "1"
+        shutil.copytree(folder, odd)
+        raw = json.loads((odd / "manifest.json").read_text())
+        raw["name"] = "odd"
+        raw["evaluation"]["scores"]["model"]["mase"] = float("inf")
+        raw["training"]["best_val_loss"] = float("nan")
+        (odd / "manifest.json").write_text(json.dumps(raw))  # Python writes Infinity and NaN, and reads them
+        loaded = Manifest.read(odd)  # what the main process holds
+        worker.send(LOAD, 0, 5, json.dumps({"folder": str(odd), "manifest": loaded.model_dump_json()}).encode())
+        assert worker.read() == (LOADED, 1, 5, b"")
         assert worker.close() == 0
     finally:
         worker.proc.kill()
