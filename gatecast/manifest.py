@@ -24,7 +24,9 @@ InputForm = Literal["level", "seasonal", "lookback"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a score may be infinite or NaN (MASE over a constant series, a diverged loss): written as Infinity and NaN,
+    # which json.loads reads back, not as null, which no float field takes
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class StateSpec(_Strict):

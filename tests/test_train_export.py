@@ -275,3 +275,19 @@ def test_seasonal_form_reaches_past_the_season_at_the_same_phase() -> None:
     y = model(x, *model.zero_state(1)).y.detach().numpy()
     expected = seasonal_naive(values, np.array([20]), 10, 1, 4)
     np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def test_a_manifest_with_an_infinite_or_nan_score_reads_back(tmp_path: Path) -> None:
+    """Found in review: a manifest was written with non-finite floats as null (pydantic's default), which no
+    float field takes, so a model whose MASE was infinite (a constant series) or whose loss was NaN could be
+    written but never loaded. They are written as Infinity and NaN now, which json.loads reads."""
+    from tests.conftest import DEFAULT_MODEL
+
+    raw = Manifest.read(DEFAULT_MODEL / "1").model_dump()
+    raw["evaluation"]["scores"]["model"]["mase"] = float("inf")
+    raw["training"]["best_val_loss"] = float("nan")
+    Manifest.model_validate(raw).write(tmp_path)
+    back = Manifest.read(tmp_path)
+    assert back.evaluation is not None and back.evaluation.scores["model"].mase == float("inf")
+    assert np.isnan(back.training["best_val_loss"])
+    assert "Infinity" in (tmp_path / "manifest.json").read_text()
