@@ -4,7 +4,8 @@ replica serving a session dies another one takes it over at the next sequence nu
 What is written: a session when it opens, after every step whose sequence number is a multiple of
 `session_store_every` (N), and a tombstone when it closes. The answer to a written step leaves only once
 Redis holds the session as of that step (or the write has failed: a Redis outage never fails a step; it is
-logged and counted in gatecast_session_store_errors_total, and the session carries on here). So with
+logged and counted in gatecast_session_store_errors_total, and the session carries on here). A write refused
+because another replica holds the session fails the step UNAVAILABLE instead: its answer never leaves. So with
 N = 1 the store holds every answered step: a replica taking a session over answers the next sequence
 number, and a resent last step with its stored answer. With N > 1 the store may lag by up to N - 1 steps:
 the replica taking over answers FAILED_PRECONDITION naming the sequence it expects, and the client resends
@@ -56,6 +57,16 @@ MAX_PIPELINE = 512  # sessions written in one Redis round trip
 PAUSE_AFTER_ERROR_S = 0.5  # after a failed write, writes fail at once for this long instead of waiting on Redis
 TIMEOUT_S = 1.0  # Redis connect and socket timeout
 WRITTEN, STALE, FENCED, CLOSED = 1, 0, -1, -2  # what the write script answers
+
+
+def _taken_over(ids: list[str]) -> str:
+    which = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return (
+        f"session {which} is held by another replica (taken over from the session store) or was closed there: "
+        "this replica's step was not kept; retry (the next call takes the session over again, from the store)"
+    )
+
+
 OUTCOMES = {WRITTEN: "written", STALE: "stale", FENCED: "fenced", CLOSED: "closed"}
 
 # KEYS[1] the session; ARGV holder, seq, blob, ttl ms
@@ -173,6 +184,12 @@ class SessionStore:
                     entry.record = r
             self._cond.notify()
 
+    def _waits_by_id(self, ids: list[str]) -> list[tuple[str, asyncio.Future[int | None]]]:
+        """(id, its write's outcome) for each of these sessions with a write pending or in flight."""
+        with self._cond:
+            found = ((i, self._pending.get(i) or self._inflight.get(i)) for i in ids)
+            return [(i, e.done) for i, e in found if e is not None]
+
     def _waits(self, ids: list[str]) -> list[asyncio.Future[int | None]]:
         with self._cond:
             entries = (self._pending.get(i) or self._inflight.get(i) for i in ids)
@@ -189,15 +206,23 @@ class SessionStore:
                 out.cancel()
             elif (e := f.exception()) is not None:
                 out.set_exception(e)
-            elif not (waits := self._waits(ids)):
+            elif not (waits := self._waits_by_id(ids)):
                 out.set_result(f.result())
             else:
 
                 def written(_: object) -> None:
-                    if not out.done():
+                    if out.done():
+                        return
+                    # refused because another replica holds the session (it took it over) or closed it: this
+                    # copy was stale and is forgotten here (`_finish`), so its answer must not leave either
+                    lost = [sid for sid, w in waits if w.result() in (FENCED, CLOSED)]
+                    if lost:
+                        out.set_exception(Unavailable(_taken_over(lost)))
+                    else:
                         out.set_result(f.result())
 
-                (waits[0] if len(waits) == 1 else asyncio.gather(*waits)).add_done_callback(written)
+                futures = [w for _, w in waits]
+                (futures[0] if len(futures) == 1 else asyncio.gather(*futures)).add_done_callback(written)
 
         step.add_done_callback(stepped)
         return out

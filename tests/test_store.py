@@ -158,7 +158,9 @@ def test_a_cut_off_replica_cannot_write_over_its_successor(
     repo: Path, redis_server: RedisServer, db: redis.Redis
 ) -> None:
     """B takes the session over at step 4 while A still has it: A's own step 4 is computed, but its write is
-    refused (B holds the session), so the store keeps B's state and A forgets its copy."""
+    refused (B holds the session), so the store keeps B's state, A forgets its copy and A's answer does not
+    leave (found by a hostile client: A answered from its stale state, with other rows than B had taken too,
+    so two replicas both advanced one session); a retry on A takes the session over and answers B's step."""
     a = replica(repo, redis_server.url)
     b = replica(repo, redis_server.url)
     try:
@@ -171,13 +173,20 @@ def test_a_cut_off_replica_cannot_write_over_its_successor(
             assert on_b[0].WhichOneof("result") == "forecast"
             holder = stored(db, sid)[b"holder"]
             assert holder == b.app.store.holder.encode()  # type: ignore[union-attr]
-            observe(stub_a, sid, 4)  # A did not see B take it: its answer is right, its write is refused
+            other = pb.ObserveRequest(session_id=sid, sequence=4, rows=matrix(VALUES[:1]))  # not B's rows
+            with pytest.raises(grpc.RpcError) as e:  # A did not see B take it: its write is refused, and so
+                stub_a.Observe(other)  # its answer, from the stale state, does not leave
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "held by another replica" in str(e.value.details())
             assert metric(a, "gatecast_session_store_writes_total", outcome="fenced") == 1
             assert a.app.sessions.locate(sid) < 0  # and A forgot its stale copy
             h = stored(db, sid)
             assert h[b"holder"] == holder and int(h[b"seq"]) == 4
             assert np.array_equal(decode_session(h[b"blob"]).forecast, array(on_b[0].forecast))  # type: ignore[arg-type]
-            observe(stub_b, sid, 5)
+            with pytest.raises(grpc.RpcError) as e:  # the retry on A: taken over from the store, B's step 4
+                stub_a.Observe(other)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # was applied there, with other rows
+            np.testing.assert_array_equal(observe(stub_a, sid, 4), array(on_b[0].forecast))  # B's rows: B's answer
+            observe(stub_a, sid, 5)  # A holds it now
             assert int(stored(db, sid)[b"seq"]) == 5
     finally:
         a.stop()
@@ -331,7 +340,9 @@ def test_a_session_closed_on_another_replica_stays_closed(
             closed = stub_b.CloseSession(pb.CloseSessionRequest(session_id=sid))  # taken over, then closed
             assert closed.steps == 480 + 1
             assert stored(db, sid) == {b"closed": b"1"}
-            observe(stub_a, sid, 2)  # A had not heard: its write meets the tombstone, and it forgets the session
+            with pytest.raises(grpc.RpcError) as e:  # A had not heard: its write meets the tombstone, so its answer
+                observe(stub_a, sid, 2)  # does not leave, and it forgets the session
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "closed there" in str(e.value.details())
             assert a.app.sessions.locate(sid) < 0
             with pytest.raises(grpc.RpcError) as e:
                 observe(stub_a, sid, 3)
