@@ -452,12 +452,25 @@ def restore_session(sessions: SessionTable, repo: Repository, r: SessionRecord) 
         states.append(a)
     if set(r.states) != {spec.input for spec in m.states}:
         raise SnapshotError(f"states {sorted(r.states)} do not match the model's")
+    # everything read before the session is put in the table: one that is refused must not be live either
+    # (found by a hostile test: a negative last_seq or a digest that is not hex was reported "not restored"
+    # while the session served, accepting sequence 1 on a state that was 6 steps in)
+    for name, value in (("last_seq", r.last_seq), ("steps", r.steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+            raise SnapshotError(f"{name} {value!r} is not a count from 0 to 2**64 - 1")
+    try:
+        digest = bytes.fromhex(r.last_digest) if r.last_digest else b""
+    except (TypeError, ValueError):
+        raise SnapshotError(f"last_digest {str(r.last_digest)[:40]!r} is not hex") from None
     session = sessions.restore(mv, r.id, states, r.owner)
-    session.last_seq = r.last_seq
-    session.steps = r.steps
-    session.forecast = r.forecast
-    session.quantile_forecast = r.quantile_forecast
-    digest = bytes.fromhex(r.last_digest) if r.last_digest else b""
-    # a 16-byte digest (blobs written before digests were 8 bytes) cannot be compared with today's: none is
-    # kept, so a retry of last_seq is answered from the stored forecast whatever rows it resends
-    session.last_digest = digest if len(digest) == DIGEST_BYTES else b""
+    try:
+        session.last_seq = r.last_seq
+        session.steps = r.steps
+        session.forecast = r.forecast
+        session.quantile_forecast = r.quantile_forecast
+        # a 16-byte digest (blobs written before digests were 8 bytes) cannot be compared with today's: none is
+        # kept, so a retry of last_seq is answered from the stored forecast whatever rows it resends
+        session.last_digest = digest if len(digest) == DIGEST_BYTES else b""
+    except Exception as e:
+        sessions.discard(session)
+        raise SnapshotError(f"session {r.id}: {e}") from e

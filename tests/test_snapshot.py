@@ -277,3 +277,42 @@ def test_one_session_moves_to_another_server_as_a_blob(tmp_path: Path) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_record_refused_on_restore_leaves_no_live_session(tmp_path: Path) -> None:
+    """Found by a hostile test: a blob with a valid checksum but a negative last_seq, or a digest that is not
+    hex, was reported "not restored" while the session had been put in the table first and served (with
+    last_seq -5 it accepted sequence 1 on a state 6 steps in) and went into the next snapshot."""
+    import dataclasses
+
+    from gatecast.service.snapshot import SnapshotError, export_session, restore_session
+
+    async def on_loop(f):  # type: ignore[no-untyped-def]
+        return f()
+
+    repo = _repo(tmp_path)
+    srv = RunningServer(server_settings(repo))
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ForecasterStub(ch)
+            sid = _open(stub)
+            _step(stub, sid, 1, ROWS[0])
+            good = decode_session(srv.call(on_loop(lambda: export_session(srv.app.sessions, sid))))
+            stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+            bad = [
+                dataclasses.replace(good, last_seq=-5),
+                dataclasses.replace(good, steps=-1),
+                dataclasses.replace(good, last_digest="zz"),
+                dataclasses.replace(good, forecast=np.zeros((3, 3, 3), np.float32)),  # not the model's shape
+            ]
+            for record in bad:
+                with pytest.raises(SnapshotError):
+                    srv.call(on_loop(lambda r=record: restore_session(srv.app.sessions, srv.app.repo, r)))
+                assert srv.app.sessions.locate(sid) < 0, record  # not live
+                with pytest.raises(grpc.RpcError) as e:
+                    _step(stub, sid, 1, ROWS[0])
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            srv.call(on_loop(lambda: restore_session(srv.app.sessions, srv.app.repo, good)))  # the good one comes back
+            _step(stub, sid, 2, ROWS[1])
+    finally:
+        srv.stop()
