@@ -181,9 +181,13 @@ def load_settings(file: Path | None = None, **overrides: Any) -> Settings:
         if not file.is_file():
             raise SettingsError(f"settings file {file}: no such file")
         try:
-            values = tomllib.loads(file.read_text())
+            values = tomllib.loads(file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"settings file {file}: {e}") from e
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise SettingsError(f"settings file {file}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from e
+        except OSError as e:
+            raise SettingsError(f"settings file {file}: cannot be read: {e.strerror or e}") from e
     try:
         env = Settings()  # reads GATECAST_*; validates them on their own
         merged = {**values, **env.model_dump(exclude_unset=True)}

@@ -269,6 +269,8 @@ def test_start_up_problems_are_one_line_and_a_non_zero_exit(
     repo = _taylor_repo(tmp_path)
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "bad.toml").write_text("max_batch_size = [\n")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")  # found by a hostile test: a traceback, exit 1
+    (tmp_path / "folder.toml").mkdir()
     cases: list[tuple[list[str], dict[str, str], str]] = [
         (["--repo", str(tmp_path / "missing")], {}, "no such folder"),
         (["--repo", str(tmp_path / "file")], {}, "not a folder"),
@@ -279,6 +281,8 @@ def test_start_up_problems_are_one_line_and_a_non_zero_exit(
         ),
         (["--repo", str(repo)], {"GATECAST_PROVIDERS": "CPUExecutionProvider"}, "providers"),
         (["--repo", str(repo), "--settings", str(tmp_path / "bad.toml")], {}, "bad.toml"),
+        (["--repo", str(repo), "--settings", str(tmp_path / "binary.toml")], {}, "binary.toml: not UTF-8 text"),
+        (["--repo", str(repo), "--settings", str(tmp_path / "folder.toml")], {}, "folder.toml: no such file"),
         (["--repo", str(repo), "--port", "99999"], {}, "GATECAST_PORT"),
         (["--repo", str(repo)], {"GATECAST_SNAPSHOT_PATH": str(tmp_path / "no" / "s.snap")}, "cannot be written"),
     ]
