@@ -189,12 +189,25 @@ class App:
 
     @staticmethod
     async def _every(seconds: float, job: Any) -> None:
+        """Runs `job` every `seconds`. A failure is logged with its traceback once; the same failure again
+        (a snapshot folder gone, say) is one line each time, and the first success after says so."""
+        name = getattr(job, "__name__", job)
+        last: str | None = None
         while True:
             await asyncio.sleep(seconds)
             try:
                 await job()
-            except Exception:
-                log.exception("background job %s failed", getattr(job, "__name__", job))
+            except Exception as e:
+                failure = f"{type(e).__name__}: {e}"
+                if failure == last:
+                    log.error("background job %s failed again: %s", name, failure)
+                else:
+                    log.exception("background job %s failed", name)
+                last = failure
+            else:
+                if last is not None:
+                    log.info("background job %s succeeded again", name)
+                last = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting, lets in-flight calls finish (up to the grace period), drains the batchers, then

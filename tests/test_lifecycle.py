@@ -478,3 +478,37 @@ def test_folders_that_only_loosely_read_as_versions_are_skipped_with_a_warning(
         assert sorted(Path(w.split(" is not")[0]).name for w in warned) == sorted(p.name for p in odd)  # once each
     finally:
         srv.stop()
+
+
+def test_a_background_job_failing_the_same_way_logs_its_traceback_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a hostile test: with the snapshot folder removed, every periodic snapshot logged a full
+    traceback (about 20 lines every snapshot_interval_s). Now the first failure has its traceback, the same
+    failure again one line, another failure its own traceback, and recovery one line."""
+    import asyncio
+
+    from gatecast.service.server import App
+
+    outcomes: list[Exception | None] = [OSError("gone"), OSError("gone"), OSError("gone"), ValueError("x"), None]
+
+    async def _snapshot() -> None:
+        outcome = outcomes.pop(0) if outcomes else None
+        if outcome is not None:
+            raise outcome
+
+    async def run() -> None:
+        task = asyncio.create_task(App._every(0.001, _snapshot))
+        while outcomes:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
+        task.cancel()
+
+    caplog.set_level("INFO", logger="gatecast.service.server")
+    asyncio.run(run())
+    records = [r for r in caplog.records if "background job _snapshot" in r.getMessage()]
+    assert [(r.getMessage().split(" _snapshot ")[1].split(":")[0], r.exc_info is not None) for r in records] == [
+        ("failed", True),
+        ("failed again", False),
+        ("failed again", False),
+        ("failed", True),
+        ("succeeded again", False),
+    ]
