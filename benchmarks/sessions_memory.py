@@ -38,6 +38,12 @@ from gatecast.v1 import forecaster_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 CLOSE = "/gatecast.v1.Forecaster/CloseSession"
 MIB = 1024 * 1024
+# each phase is read this long after it ends: longer than one sweep of the session table (the server's
+# default interval, set explicitly), which trims the C heap once many sessions have opened, closed or stepped
+# (sessions.TRIM_CHURN), so that the figure is the settled server's. It was 2 s, less than a sweep: whether
+# a trim came before the reading was chance
+SWEEP_S = 5.0
+SETTLE_S = SWEEP_S + 1.0
 
 
 def rss(pid: int) -> dict[str, int]:
@@ -131,7 +137,11 @@ def main() -> None:
     repo = bench_repo()
     m = Manifest.read(repo / MODEL / "1")
     state_bytes = sum(4 * s.dims[0] * s.dims[1] for s in m.states)
-    env = {"GATECAST_MAX_SESSIONS": str(a.sessions + 10), "GATECAST_SESSION_IDLE_S": "86400"}
+    env = {
+        "GATECAST_MAX_SESSIONS": str(a.sessions + 10),
+        "GATECAST_SESSION_IDLE_S": "86400",
+        "GATECAST_SESSION_SWEEP_S": str(SWEEP_S),
+    }
     proc, port = start_server(repo, env)
     address = f"127.0.0.1:{port}"
     row = pb.Matrix(rows=1, cols=1, values=[float(m.scaler.mean[0])]).SerializeToString()
@@ -149,7 +159,7 @@ def main() -> None:
             for c in conns:
                 done, failed = c.recv()
                 count, errors = count + done, errors + failed
-        time.sleep(2.0)  # let the server settle (a sweep, a snapshot of the heap)
+        time.sleep(SETTLE_S)  # let the server settle: at least one sweep has run since the phase ended
         phases.append(
             {
                 "phase": name,
