@@ -271,9 +271,11 @@ def test_a_full_worker_sends_the_rest_to_the_main_process_and_deadlines_cancel(
     assert worker_pid(pooled) == pid
 
 
-def test_a_worker_that_answers_nothing_is_killed_and_its_calls_answered(tmp_path: Path) -> None:
-    """A hung worker (here: stopped) holding a call without a deadline: the watchdog kills it after
-    forecast_worker_stall_s, the call is answered UNAVAILABLE instead of waiting for ever, a new worker serves."""
+@contextlib.contextmanager
+def _stopped_worker(tmp_path: Path) -> Iterator[tuple[RunningServer, bytes, int]]:
+    """A server whose worker is killed after 1 s without answers, with that worker stopped (SIGSTOP) and
+    continued again afterwards: the server, a Forecast request's bytes and the stopped worker's pid. The
+    server must have a new worker that serves by the end."""
     repo = tmp_path / "repo"
     shutil.copytree(DEFAULT_MODEL, repo / "taylor")
     srv = RunningServer(server_settings(repo, forecast_workers=1, forecast_worker_stall_s=1.0))
@@ -284,16 +286,23 @@ def test_a_worker_that_answers_nothing_is_killed_and_its_calls_answered(tmp_path
         pid = worker_pid(srv)
         os.kill(pid, signal.SIGSTOP)
         try:
-            code, details = call(srv, data, 20)  # far past the stall: the watchdog answers it, not the deadline
+            yield srv, data, pid
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        assert code == "UNAVAILABLE" and "ended while this request was in it" in details
-        assert ready(srv) and worker_pid(srv) != pid
+        assert ready(srv) and worker_pid(srv) != pid, "the stopped worker was never replaced"
         before = path_count(srv, "worker")
         assert call(srv, data)[0] == "OK" and path_count(srv, "worker") == before + 1
     finally:
         srv.stop()
+
+
+def test_a_worker_that_answers_nothing_is_killed_and_its_calls_answered(tmp_path: Path) -> None:
+    """A hung worker (here: stopped) holding a call without a deadline: the watchdog kills it after
+    forecast_worker_stall_s, the call is answered UNAVAILABLE instead of waiting for ever, a new worker serves."""
+    with _stopped_worker(tmp_path) as (srv, data, _):
+        code, details = call(srv, data, 20)  # far past the stall: the watchdog answers it, not the deadline
+        assert code == "UNAVAILABLE" and "ended while this request was in it" in details
 
 
 def test_a_hung_worker_is_found_out_when_every_caller_gives_up_first(tmp_path: Path) -> None:
@@ -301,29 +310,12 @@ def test_a_hung_worker_is_found_out_when_every_caller_gives_up_first(tmp_path: P
     request before the stall is reached, the worker's line looked empty again, and the next request started
     the count afresh: a stopped worker was never killed. Cancelled requests still count until the worker
     acknowledges them."""
-    repo = tmp_path / "repo"
-    shutil.copytree(DEFAULT_MODEL, repo / "taylor")
-    srv = RunningServer(server_settings(repo, forecast_workers=1, forecast_worker_stall_s=1.0))
-    try:
-        assert ready(srv)
-        data = request("taylor", taylor_values()[:432])
-        pid = worker_pid(srv)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            codes = []
-            deadline = time.monotonic() + 30
-            while worker_pid(srv) == pid and time.monotonic() < deadline:
-                codes.append(call(srv, data, 0.4)[0])  # each gives up well before the 1 s stall
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        assert worker_pid(srv) != pid, f"the stopped worker was never replaced ({len(codes)} calls: {set(codes)})"
+    with _stopped_worker(tmp_path) as (srv, data, pid):
+        codes = []
+        deadline = time.monotonic() + 30
+        while worker_pid(srv) == pid and time.monotonic() < deadline:
+            codes.append(call(srv, data, 0.4)[0])  # each gives up well before the 1 s stall
         assert codes.count("DEADLINE_EXCEEDED") >= 2  # callers gave up before the stall was reached
-        assert ready(srv)
-        before = path_count(srv, "worker")
-        assert call(srv, data)[0] == "OK" and path_count(srv, "worker") == before + 1
-    finally:
-        srv.stop()
 
 
 def test_request_ids_go_round_after_the_frames_32_bits(tmp_path: Path) -> None:

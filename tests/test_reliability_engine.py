@@ -104,6 +104,18 @@ def reference(folder: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(["y"], feed)[0][0]  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def gated(repo: Path) -> Iterator[tuple[RunningServer, pb_grpc.ForecasterStub, ModelVersion, RuntimeDouble]]:
+    """A server whose model runs wait at a closed gate until the test opens it (`rt.gate.set()`): the server,
+    a stub, the model version and its runtime double, `started` once a run has reached the gate."""
+    with serve(repo) as srv, grpc.insecure_channel(srv.address) as ch:
+        mv = version(srv)
+        with RuntimeDouble(mv) as rt:
+            rt.gate.clear()
+            rt.started.clear()
+            yield srv, pb_grpc.ForecasterStub(ch), mv, rt
+
+
 # --- one session's state must never reach another -------------------------------------------------------
 
 
@@ -111,22 +123,17 @@ def test_cancelled_open_session_keeps_its_slot_until_the_warmup_wrote_it(taylor_
     """OpenSession with a history is cancelled while its warm-up step runs; the next OpenSession must not
     get that slot and then start from the stranger's state the warm-up writes."""
     values = taylor_values()
-    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
-        stub = pb_grpc.ForecasterStub(ch)
-        mv = version(srv)
+    with gated(taylor_repo) as (srv, stub, mv, rt):
         used = mv.pool.used
-        with RuntimeDouble(mv) as rt:
-            rt.gate.clear()
-            rt.started.clear()
-            pending = stub.OpenSession.future(pb.OpenSessionRequest(model="taylor", history=matrix(values[:2000])))
-            assert rt.started.wait(10), "the warm-up step never ran"
-            pending.cancel()
-            wait_for(lambda: len(srv.app.sessions) == 0)  # the server has dropped the cancelled session
-            assert mv.pool.used == used + 1, "the slot was freed while the warm-up step could still write it"
-            other = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
-            rt.gate.set()  # the warm-up finishes (all its chunks) and writes its state
-            wait_for(lambda: mv.batcher.queued_rows == 0)
-            assert mv.pool.used == used + 1  # now the cancelled session's slot is free: only `other` holds one
+        pending = stub.OpenSession.future(pb.OpenSessionRequest(model="taylor", history=matrix(values[:2000])))
+        assert rt.started.wait(10), "the warm-up step never ran"
+        pending.cancel()
+        wait_for(lambda: len(srv.app.sessions) == 0)  # the server has dropped the cancelled session
+        assert mv.pool.used == used + 1, "the slot was freed while the warm-up step could still write it"
+        other = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
+        rt.gate.set()  # the warm-up finishes (all its chunks) and writes its state
+        wait_for(lambda: mv.batcher.queued_rows == 0)
+        assert mv.pool.used == used + 1  # now the cancelled session's slot is free: only `other` holds one
         row = values[3000:3001]
         got = array(stub.Observe(pb.ObserveRequest(session_id=other, sequence=1, rows=matrix(row))).forecast)
         fresh = array(stub.Forecast(pb.ForecastRequest(model="taylor", series=[matrix(row)])).forecasts[0])
@@ -142,23 +149,18 @@ def test_a_session_closed_while_its_history_runs_leaves_nothing_to_the_next_one(
     NOT_FOUND and the next session starts from nothing."""
     values = taylor_values()
     sid = "ab" * 16
-    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
-        stub = pb_grpc.ForecasterStub(ch)
-        mv = version(srv)
-        with RuntimeDouble(mv) as rt:
-            rt.gate.clear()
-            rt.started.clear()
-            opening = stub.OpenSession.future(
-                pb.OpenSessionRequest(model="taylor", history=matrix(values[:2000])), metadata=((SESSION_HEADER, sid),)
-            )
-            assert rt.started.wait(10), "the history never ran"
-            closing = stub.CloseSession.future(pb.CloseSessionRequest(session_id=sid))  # waits for the history
-            time.sleep(0.2)
-            rt.gate.set()
-            assert closing.result(timeout=30).steps == 0  # the history had not been counted yet
-            with pytest.raises(grpc.RpcError) as e:
-                opening.result(timeout=30)
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "closed while its history" in str(e.value.details())
+    with gated(taylor_repo) as (_, stub, _, rt):
+        opening = stub.OpenSession.future(
+            pb.OpenSessionRequest(model="taylor", history=matrix(values[:2000])), metadata=((SESSION_HEADER, sid),)
+        )
+        assert rt.started.wait(10), "the history never ran"
+        closing = stub.CloseSession.future(pb.CloseSessionRequest(session_id=sid))  # waits for the history
+        time.sleep(0.2)
+        rt.gate.set()
+        assert closing.result(timeout=30).steps == 0  # the history had not been counted yet
+        with pytest.raises(grpc.RpcError) as e:
+            opening.result(timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "closed while its history" in str(e.value.details())
         other = stub.OpenSession(pb.OpenSessionRequest(model="taylor")).session_id
         assert stub.CloseSession(pb.CloseSessionRequest(session_id=other)).steps == 0
 
@@ -297,19 +299,14 @@ def test_a_small_request_rides_in_the_next_run_behind_a_big_one(taylor_repo: Pat
     """Deterministic: the worker is held inside the big request's first run while a small request
     arrives; at most one more batch of the big request's pieces runs before the small one."""
     values = np.tile(taylor_values(), (2, 1))
-    with serve(taylor_repo) as srv, grpc.insecure_channel(srv.address) as ch:
-        stub = pb_grpc.ForecasterStub(ch)
-        mv = version(srv)
-        with RuntimeDouble(mv) as rt:
-            rt.gate.clear()
-            rt.started.clear()
-            big = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:2000])] * 8))
-            assert rt.started.wait(10)
-            small = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:432])]))
-            wait_for(lambda: mv.batcher.queued_rows == 16_000 + 432)
-            rt.gate.set()
-            small.result(timeout=30)
-            big.result(timeout=30)
+    with gated(taylor_repo) as (srv, stub, mv, rt):
+        big = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:2000])] * 8))
+        assert rt.started.wait(10)
+        small = stub.Forecast.future(pb.ForecastRequest(model="taylor", series=[matrix(values[:432])]))
+        wait_for(lambda: mv.batcher.queued_rows == 16_000 + 432)
+        rt.gate.set()
+        small.result(timeout=30)
+        big.result(timeout=30)
         first_small = next(i for i, (b, t) in enumerate(rt.runs) if (b, t) == (1, 432))
         before = sum(b * t for b, t in rt.runs[:first_small])
         assert before <= 2 * srv.app.settings.max_batch_rows, f"{before} rows of the big request ran first"
