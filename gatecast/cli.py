@@ -55,7 +55,7 @@ class ForecastArgs(BaseModel):
 
     data: Path = Field(description="CSV with a time column and the model's features")
     model: str = Field(description="model name in the server's repository")
-    version: int = Field(0, ge=0, description="model version; 0: the server's default (highest loaded)")
+    version: int = Field(0, ge=0, le=2**32 - 1, description="model version; 0: the server's default (highest loaded)")
     server: str = Field("localhost:8500", description="the server's host:port")
     time_column: str | None = Field(None, description="the time column (default: the first column)")
     rows: int | None = Field(None, ge=1, description="use the last N rows (default: the model's context length)")
@@ -224,6 +224,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     opts: ForecastArgs = parse_model(ForecastArgs, args)
     history = _read_time_csv(opts.data, opts.time_column)
     token = _read_token(opts.token_file) if opts.token_file else os.environ.get("GATECAST_TOKEN")
+    if token is not None and not opts.token_file:  # set but empty: no token, as unset
+        token = _check_token(token.strip(), "GATECAST_TOKEN") if token.strip() else None
     client = Client(
         opts.server,
         tls=opts.tls,
@@ -309,9 +311,21 @@ def _diagnose_flags(diag: argparse.ArgumentParser) -> None:
 
 def _read_token(path: Path) -> str:
     try:
-        return path.read_text().strip()
+        token = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise UserError(f"--token-file {path}: cannot read the token file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--token-file {path}: not UTF-8 text; a token is printable ASCII") from None
+    return _check_token(token, f"--token-file {path}")
+
+
+def _check_token(token: str, where: str) -> str:
+    """A bearer token as a header can carry it: printable ASCII, no spaces (as the server's tokens file)."""
+    if not token:
+        raise UserError(f"{where}: no token in it")
+    if not all(33 <= ord(ch) < 127 for ch in token):
+        raise UserError(f"{where}: a token is printable ASCII without spaces (it is sent as a header)")
+    return token
 
 
 def cmd_diagnose_gradients(args: argparse.Namespace) -> int:

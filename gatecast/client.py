@@ -268,6 +268,16 @@ def _values(info: pb.ModelInfo, forecast: pb.Matrix, quantiles: pb.Matrix | None
     return np.concatenate([y, _array(quantiles).reshape(y.shape[0], -1)], axis=1)  # target-major, as the frame
 
 
+MAX_VERSION = 2**32 - 1  # the API's version field is a uint32
+
+
+def _version(version: int) -> int:
+    """A model version as the API carries it, refused here with its range rather than by protobuf."""
+    if not 0 <= version <= MAX_VERSION:
+        raise ValueError(f"version {version}: expected 0 (the server's default) to {MAX_VERSION}")
+    return version
+
+
 def _forecast_request(model: str, version: int, series: Sequence[np.ndarray]) -> pb.ForecastRequest:
     return pb.ForecastRequest(model=model, version=version, series=[_matrix(x) for x in series])
 
@@ -330,6 +340,7 @@ class Client(_ClientBase):
 
     def model_info(self, model: str, version: int = 0, *, refresh: bool = False) -> pb.ModelInfo:
         """GetModel, remembered per (model, version) until `refresh`."""
+        _version(version)
         if refresh or (model, version) not in self._info:
             self._info[model, version] = self._call("GetModel", pb.GetModelRequest(name=model, version=version))
         return self._info[model, version]
@@ -407,7 +418,7 @@ class _SessionState(Generic[S]):
     def __init__(self, client: S, model: str, version: int, history: Any) -> None:
         self.client = client
         self.model = model
-        self.version = version
+        self.version = _version(version)
         self.history = history
         self.id = ""
         # proposed on OpenSession and sent with every call, so a proxy routes them all to one replica
@@ -882,6 +893,7 @@ class AsyncClient(_ClientBase):
             raise _error(self._conf.target, e) from None
 
     async def model_info(self, model: str, version: int = 0, *, refresh: bool = False) -> pb.ModelInfo:
+        _version(version)
         if refresh or (model, version) not in self._info:
             self._info[model, version] = await self._call("GetModel", pb.GetModelRequest(name=model, version=version))
         return self._info[model, version]

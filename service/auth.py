@@ -57,9 +57,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     ca = None
     if settings.tls_client_ca_file is not None:
         ca = _read(settings.tls_client_ca_file, "GATECAST_TLS_CLIENT_CA_FILE")
-        try:
-            check.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError) as e:
+        try:  # from the file: PEM text around the certificates (a bundle's UTF-8 comments) is skipped
+            check.load_verify_locations(cafile=str(settings.tls_client_ca_file))
+        except (ssl.SSLError, ValueError, TypeError) as e:
             raise SettingsError(
                 f"GATECAST_TLS_CLIENT_CA_FILE {settings.tls_client_ca_file} holds no usable certificate "
                 f"({getattr(e, 'reason', None) or e}); expected PEM CA certificates"
@@ -88,7 +88,9 @@ def parse_tokens(text: str, where: str) -> list[str]:
     """One token per line; blank lines and lines starting with # are skipped. Errors name the line, never
     the token."""
     tokens = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # lines end at \n only (\r stripped below): str.splitlines would also break at U+2028 and the like, and
+    # so take a line that is not printable ASCII for two tokens
+    for n, line in enumerate(text.split("\n"), start=1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue

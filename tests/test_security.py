@@ -542,8 +542,10 @@ def test_tls_files_are_checked_at_start(pki: Pki, repo: Path) -> None:
         ("# only a comment\n\n", "holds no token"),
         ("short-secret\n", "line 1: a token of 12 characters is too easy to guess"),
         (f"{TOKEN_A}\n{TOKEN_B} with a space\n", "line 2: a token is printable ASCII"),
+        # found by a hostile test: str.splitlines took U+2028 for a line break, so this started with two tokens
+        (f"{TOKEN_A}\u2028{TOKEN_B}\n", "line 1: a token is printable ASCII"),
     ],
-    ids=["missing", "empty", "comments only", "short", "space"],
+    ids=["missing", "empty", "comments only", "short", "space", "line separator"],
 )
 def test_a_bad_token_file_stops_the_server(tmp_path: Path, repo: Path, text: str | None, says: str) -> None:
     path = tmp_path / "tokens"
@@ -585,3 +587,58 @@ def test_the_clients_token_variable_does_not_stop_the_server(repo: Path, monkeyp
     monkeypatch.setenv("GATECAST_TOKENS_FILE", "tokens")  # a real typo is still refused, with the setting meant
     with pytest.raises(SettingsError, match="did you mean GATECAST_AUTH_TOKENS_FILE"):
         server_settings(repo)
+
+
+def test_a_client_ca_bundle_with_utf8_comments_serves_mutual_tls(pki: Pki, repo: Path) -> None:
+    """Found by a hostile test: a CA bundle with a UTF-8 comment line (as Mozilla/certifi bundles have) or
+    a binary CA file stopped the start with a TypeError traceback. The bundle is read as a file, so text
+    around its certificates is skipped; a file with no certificate stops the start with one line."""
+    bundle = pki.write("bundle.pem", "# Issuer: CN=gc CA Főtanúsítvány\n".encode() + pki.ca_pem)
+    binary = pki.write("binary.pem", b"\xff\xfe\x00\x01" * 64)
+    with pytest.raises(SettingsError, match=r"GATECAST_TLS_CLIENT_CA_FILE .* no usable certificate"):
+        server_credentials(server_settings(repo, **_tls(pki, tls_client_ca_file=binary)))
+    srv = RunningServer(server_settings(repo, **_tls(pki, tls_client_ca_file=bundle)))
+    try:
+        with _channel(srv, pki.client("client-a")) as ch:
+            assert pb_grpc.ForecasterStub(ch).ListModels(pb.ListModelsRequest(), timeout=10).models
+        with _channel(srv, pki.client("rogue", rogue=True)) as ch, pytest.raises(grpc.RpcError) as e:
+            pb_grpc.ForecasterStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # a certificate from another CA: no handshake
+    finally:
+        srv.stop()
+
+
+def test_the_forecast_command_refuses_a_token_no_header_can_carry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a hostile test: a token file that is not UTF-8 was a UnicodeDecodeError traceback; a token
+    with a non-ASCII character (or GATECAST_TOKEN with one) reached grpc as INTERNAL 'Invalid metadata'; an
+    empty file sent no token at all; a version above 2**32 - 1 was a protobuf ValueError traceback."""
+    from gatecast.cli import main
+    from gatecast.client import Client
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("time,y\n2024-01-01 00:00,1.0\n")
+    cases = {
+        "latin1": (b"caf\xe9-token-0123456789abcdef", "not UTF-8"),
+        "unicode": ("café-token-0123456789abcdef".encode(), "printable ASCII"),
+        "empty": (b"\n", "no token in it"),
+    }
+
+    def refused(args: list[str]) -> str:
+        """The one line `gatecast forecast` ends with, having exited 2."""
+        try:
+            code = main(["forecast", "--data", str(csv), "--model", "taylor", "--server", "127.0.0.1:1", *args])
+        except SystemExit as e:
+            code = e.code  # type: ignore[assignment]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err and "Traceback" not in "".join(err), (args, code, err)
+        return err[-1]
+
+    for name, (data, says) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert says in refused(["--token-file", str(path)]), name
+    assert "version" in refused(["--version", str(2**32)])
+    with pytest.raises(ValueError, match=r"version 4294967296: expected 0 .* to 4294967295"):
+        Client("127.0.0.1:1").model_info("taylor", 2**32)
