@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from gatecast import is_header_token
 from gatecast.errors import UserError
 
 # Flags whose name is not the field's, kept as they were: field -> flag.
@@ -223,9 +224,12 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
     opts: ForecastArgs = parse_model(ForecastArgs, args)
     history = _read_time_csv(opts.data, opts.time_column)
-    token = _read_token(opts.token_file) if opts.token_file else os.environ.get("GATECAST_TOKEN")
-    if token is not None and not opts.token_file:  # set but empty: no token, as unset
-        token = _check_token(token.strip(), "GATECAST_TOKEN") if token.strip() else None
+    if opts.token_file:
+        token: str | None = _read_token(opts.token_file)
+    else:  # set but empty: no token, as unset
+        token = os.environ.get("GATECAST_TOKEN", "").strip() or None
+        if token is not None:
+            _check_token(token, "GATECAST_TOKEN")
     client = Client(
         opts.server,
         tls=opts.tls,
@@ -323,7 +327,7 @@ def _check_token(token: str, where: str) -> str:
     """A bearer token as a header can carry it: printable ASCII, no spaces (as the server's tokens file)."""
     if not token:
         raise UserError(f"{where}: no token in it")
-    if not all(33 <= ord(ch) < 127 for ch in token):
+    if not is_header_token(token):
         raise UserError(f"{where}: a token is printable ASCII without spaces (it is sent as a header)")
     return token
 

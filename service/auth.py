@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from gatecast import is_header_token
+
 from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def parse_tokens(text: str, where: str) -> list[str]:
         token = line.strip()
         if not token or token.startswith("#"):
             continue
-        if not all(33 <= ord(ch) < 127 for ch in token):
+        if not is_header_token(token):
             raise SettingsError(f"{where}, line {n}: a token is printable ASCII without spaces (sent as a header)")
         if len(token) < MIN_TOKEN_CHARS:
             raise SettingsError(

@@ -346,6 +346,12 @@ class Batcher:
                 # milliseconds (one under half a millisecond runs at once) and may run up to one early
                 await asyncio.wait_for(self._full.wait(), math.ceil(remaining * 1000) / 1000)
 
+    @property
+    def fair_share(self) -> tuple[int, int]:
+        """Rows and items one request may take of a batch in its first pass, while others wait: half of each
+        (at least a chunk and an item). The forecast worker's lean line shares its batches the same way."""
+        return max(self.chunk_rows, self.max_batch_rows // 2), max(1, self.max_batch_size // 2)
+
     def _take(self, batch: list[WorkItem]) -> None:
         """Moves runnable pieces from the queue into the batch, round robin over requests: not cancelled,
         not past their deadline, at most one step per session slot, at most `max_batch_rows` rows and
@@ -361,8 +367,7 @@ class Batcher:
             if it.slot is not None and not isinstance(it.slot, np.ndarray)
         }
         now = time.monotonic()
-        quota_rows = max(self.chunk_rows, self.max_batch_rows // 2)
-        quota_items = max(1, self.max_batch_size // 2)
+        quota_rows, quota_items = self.fair_share
         for quota in (True, False):
             rotated: list[Flow] = []
             for _ in range(len(self._flows)):

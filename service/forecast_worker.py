@@ -303,8 +303,7 @@ class Worker:
         batch: list[tuple[_Lean, int, Any]] = []
         rows = 0
         now = time.monotonic()
-        quota_rows = max(b.chunk_rows, b.max_batch_rows // 2)
-        quota_items = max(1, b.max_batch_size // 2)
+        quota_rows, quota_items = b.fair_share
         for quota in (True, False):
             rotated: list[_Lean] = []
             for _ in range(len(held)):

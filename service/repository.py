@@ -63,6 +63,9 @@ def check_repo(repo: Path) -> None:
         raise SettingsError(f"model repository {repo}: cannot be read: {e.strerror or e}") from e
 
 
+_odd_warned: set[Path] = set()  # folders `scan` has warned about as not versions (each once per process)
+
+
 def scan(repo: Path) -> list[tuple[str, int, Path]]:
     """(name, version, folder) for every complete version folder; staging folders are skipped. Raises
     OSError when the repository itself cannot be listed; a model folder that cannot be listed is skipped."""
@@ -86,9 +89,6 @@ def scan(repo: Path) -> list[tuple[str, int, Path]]:
                     p,
                 )
     return found
-
-
-_odd_warned: set[Path] = set()
 
 
 def folder_signature(folder: Path) -> tuple[tuple[str, int, int, int], ...] | None:

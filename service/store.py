@@ -57,17 +57,17 @@ MAX_PIPELINE = 512  # sessions written in one Redis round trip
 PAUSE_AFTER_ERROR_S = 0.5  # after a failed write, writes fail at once for this long instead of waiting on Redis
 TIMEOUT_S = 1.0  # Redis connect and socket timeout
 WRITTEN, STALE, FENCED, CLOSED = 1, 0, -1, -2  # what the write script answers
+OUTCOMES = {WRITTEN: "written", STALE: "stale", FENCED: "fenced", CLOSED: "closed"}
 
 
 def _taken_over(ids: list[str]) -> str:
+    """What a step whose write was fenced (or met a tombstone) is answered, UNAVAILABLE."""
     which = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
     return (
         f"session {which} is held by another replica (taken over from the session store) or was closed there: "
         "this replica's step was not kept; retry (the next call takes the session over again, from the store)"
     )
 
-
-OUTCOMES = {WRITTEN: "written", STALE: "stale", FENCED: "fenced", CLOSED: "closed"}
 
 # KEYS[1] the session; ARGV holder, seq, blob, ttl ms
 _WRITE = """
@@ -184,16 +184,11 @@ class SessionStore:
                     entry.record = r
             self._cond.notify()
 
-    def _waits_by_id(self, ids: list[str]) -> list[tuple[str, asyncio.Future[int | None]]]:
+    def _waits(self, ids: list[str]) -> list[tuple[str, asyncio.Future[int | None]]]:
         """(id, its write's outcome) for each of these sessions with a write pending or in flight."""
         with self._cond:
             found = ((i, self._pending.get(i) or self._inflight.get(i)) for i in ids)
             return [(i, e.done) for i, e in found if e is not None]
-
-    def _waits(self, ids: list[str]) -> list[asyncio.Future[int | None]]:
-        with self._cond:
-            entries = (self._pending.get(i) or self._inflight.get(i) for i in ids)
-            return [e.done for e in entries if e is not None]
 
     def after(self, step: asyncio.Future[Output], ids: list[str]) -> asyncio.Future[Output]:
         """A future that resolves as `step` does, once what the step recorded for these sessions is written
@@ -206,7 +201,7 @@ class SessionStore:
                 out.cancel()
             elif (e := f.exception()) is not None:
                 out.set_exception(e)
-            elif not (waits := self._waits_by_id(ids)):
+            elif not (waits := self._waits(ids)):
                 out.set_result(f.result())
             else:
 
@@ -231,7 +226,7 @@ class SessionStore:
         """Writes a new session; False when its id is already in the store (held, or closed, elsewhere)."""
         self.save(session.mv, [session])
         waits = self._waits([session.id])
-        outcome = await waits[0] if waits else WRITTEN
+        outcome = await waits[0][1] if waits else WRITTEN
         return outcome in (WRITTEN, None)  # a failed write does not refuse the session
 
     def _run(self) -> None:
